@@ -1,0 +1,115 @@
+"""The exceptions lightclient raises.
+
+Every error is a :class:`LightClientError`; where the meaning matches a built-in, the class inherits it
+too, so ``except ValueError`` keeps working for callers who do not know lightclient::
+
+    LightClientError
+    ├── ConfigError (ValueError)            the caller passed something unusable
+    │   └── MessageTooLargeError            a message the hub would refuse for its size
+    ├── ProtocolError (ValueError)          the hub (or a broker) sent something malformed
+    ├── CertificateError (ValueError)       a certificate file is missing, unreadable or unusable
+    │   └── KeyMismatchError                the certificate does not belong to the private key
+    ├── KeyLoadError                        the private key could not be loaded (carries OpenSSL's errors)
+    │   ├── PinError                        the PIN was wrong, missing or locked
+    │   ├── TokenNotFoundError (LookupError) no token matches the key reference
+    │   ├── KeyNotFoundError (LookupError)   the token (or store) holds no such private key
+    │   ├── ModuleLoadError                 the PKCS#11 module could not be loaded
+    │   └── BackendUnavailableError (ImportError) the ENGINE or provider is not installed
+    ├── OpenSSLMismatchError (ImportError)  Python's ssl module and the shim use different OpenSSL copies
+    ├── NativeError                         any other failure inside OpenSSL (carries OpenSSL's errors)
+    ├── ServiceError                        the hub answered a request with an error status
+    └── OperationTimeout (TimeoutError)     a request got no answer in time
+
+Exceptions carrying OpenSSL errors expose them as ``openssl_errors`` (a tuple of strings, oldest first).
+No exception text ever contains a PIN.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+
+class LightClientError(Exception):
+    """Root of every error lightclient raises."""
+
+
+class ConfigError(LightClientError, ValueError):
+    """An argument or setting is unusable; the message says which and how to fix it."""
+
+
+class MessageTooLargeError(ConfigError):
+    """A message is larger than IoT Hub accepts (counted the way the hub counts it)."""
+
+
+class ProtocolError(LightClientError, ValueError):
+    """The hub (or a broker playing it) sent a topic or payload that breaks the IoT Hub protocol."""
+
+
+class _WithOpenSSLErrors(LightClientError):
+    """Mixin base: keeps the drained OpenSSL error queue beside a plain-words message."""
+
+    def __init__(self, message: str, openssl_errors: Iterable[str] = ()):
+        self.openssl_errors: Tuple[str, ...] = tuple(openssl_errors)
+        self.message = message
+        text = message
+        if self.openssl_errors:
+            text += "\n  OpenSSL said: " + "\n  OpenSSL said: ".join(self.openssl_errors)
+        super().__init__(text)
+
+
+class CertificateError(_WithOpenSSLErrors, ValueError):
+    """A certificate (chain) file is missing, unreadable, not PEM, or unusable."""
+
+
+class KeyMismatchError(CertificateError):
+    """The certificate's public key does not match the private key it was paired with."""
+
+
+class KeyLoadError(_WithOpenSSLErrors):
+    """The private key could not be loaded from its token, store or file."""
+
+
+class PinError(KeyLoadError):
+    """The PIN (or pass phrase) was wrong, missing, or the token refused the login."""
+
+
+class TokenNotFoundError(KeyLoadError, LookupError):
+    """No PKCS#11 token matches the key reference (check the token label or serial)."""
+
+
+class KeyNotFoundError(KeyLoadError, LookupError):
+    """The token or store holds no private key matching the reference (or several)."""
+
+
+class ModuleLoadError(KeyLoadError):
+    """The PKCS#11 module named by the key reference could not be loaded."""
+
+
+class BackendUnavailableError(KeyLoadError, ImportError):
+    """The OpenSSL ENGINE or provider the key reference needs is not installed or not usable."""
+
+
+class OpenSSLMismatchError(LightClientError, ImportError):
+    """Python's ssl module and lightclient's shim do not share one libssl/libcrypto copy."""
+
+
+class NativeError(_WithOpenSSLErrors):
+    """An OpenSSL operation in the shim failed for a reason not covered by a more specific class."""
+
+
+class ServiceError(LightClientError):
+    """The hub or DPS answered a request with an error status (``status``; ``retryable`` for 429/5xx)."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        return self.status is not None and (self.status == 429 or self.status >= 500)
+
+
+class OperationTimeout(LightClientError, TimeoutError):
+    """A request (connect, twin, method, provisioning) got no answer within its timeout."""
+
+
+__all__ = [name for name in dir() if name.endswith("Error") or name in ("OperationTimeout",)]

@@ -1,0 +1,754 @@
+/* lightclient native shim: put a hardware-backed private key into Python's ssl.SSLContext.
+ *
+ * Kept tiny and boring on purpose: every OpenSSL return value is checked, the error queue is
+ * cleared before each operation and left filled on failure for lc_err_next(), and nothing here
+ * prints, prompts or aborts. The ENGINE API is deprecated in OpenSSL 3 and gone in OpenSSL 4;
+ * its deprecation warnings are silenced in this one file, and all ENGINE code is compiled out
+ * when OPENSSL_NO_ENGINE is defined.
+ */
+#define OPENSSL_SUPPRESS_DEPRECATED 1
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1 /* dladdr, RTLD_NOLOAD */
+#endif
+
+#include <Python.h>
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/opensslv.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/ui.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+#include <openssl/store.h>
+#ifndef OPENSSL_NO_ENGINE
+#include <openssl/engine.h>
+#endif
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+#include <openssl/provider.h>
+#define LC_HAVE_PROVIDERS 1
+#endif
+
+#include "lc_shim.h"
+
+struct lc_key {
+    EVP_PKEY *pkey;
+};
+
+/* One lock for the process-wide caches (engines, providers, UI method) and for the
+ * set-PIN-then-load sequence on a shared engine. */
+static pthread_mutex_t lc_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* ------------------------------------------------------------------ versions and linkage */
+
+unsigned long lc_openssl_version_num(void) { return OpenSSL_version_num(); }
+
+const char *lc_openssl_version_text(void) { return OpenSSL_version(OPENSSL_VERSION); }
+
+int lc_engine_support(void)
+{
+#ifndef OPENSSL_NO_ENGINE
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int lc_provider_support(void)
+{
+#ifdef LC_HAVE_PROVIDERS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static void lc_copy(char *out, size_t out_len, const char *src)
+{
+    if (out == NULL || out_len == 0)
+        return;
+    if (src == NULL)
+        src = "";
+    strncpy(out, src, out_len - 1);
+    out[out_len - 1] = '\0';
+}
+
+int lc_symbol_origin(const char *object_path, const char *symbol, char *out, size_t out_len)
+{
+    void *handle, *sym;
+    Dl_info info;
+    int rc = 0;
+
+    lc_copy(out, out_len, "");
+    if (symbol == NULL)
+        return 0;
+    /* RTLD_NOLOAD: only look at what this process already has; never load a second copy. */
+    handle = object_path ? dlopen(object_path, RTLD_LAZY | RTLD_NOLOAD) : dlopen(NULL, RTLD_LAZY);
+    if (handle == NULL)
+        return -1;
+    /* dlsym on a handle searches that object and its own dependencies, i.e. exactly the
+     * definition that object's calls bind to. */
+    sym = dlsym(handle, symbol);
+    if (sym != NULL && dladdr(sym, &info) != 0 && info.dli_fname != NULL) {
+        lc_copy(out, out_len, info.dli_fname);
+        rc = 1;
+    }
+    dlclose(handle);
+    return rc;
+}
+
+/* ------------------------------------------------------------------ errors */
+
+unsigned long lc_err_next(char *out, size_t out_len)
+{
+    const char *data = NULL;
+    int flags = 0;
+    unsigned long e;
+    size_t used;
+
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags);
+#else
+    e = ERR_get_error_line_data(NULL, NULL, &data, &flags);
+#endif
+    if (e == 0) {
+        lc_copy(out, out_len, "");
+        return 0;
+    }
+    ERR_error_string_n(e, out, out_len);
+    used = strlen(out);
+    if ((flags & ERR_TXT_STRING) && data != NULL && *data != '\0' && used + 3 < out_len) {
+        strncat(out, " (", out_len - used - 1);
+        strncat(out, data, out_len - strlen(out) - 1);
+        if (strlen(out) + 1 < out_len)
+            strcat(out, ")");
+    }
+    return e;
+}
+
+void lc_err_clear(void) { ERR_clear_error(); }
+
+/* ------------------------------------------------------------------ PIN supply */
+
+/* Whoever asks for a PIN (libp11 through its UI, a store loader, a PEM reader) gets it from
+ * here, at most once per load: giving a wrong PIN again and again would lock real tokens.
+ * Without a PIN we fail instead of prompting: a device client must never block on a tty. */
+struct lc_pin_req {
+    const char *pin;
+    int asked;
+};
+
+static int lc_pin_status(const struct lc_pin_req *req)
+{
+    if (req->asked == 0)
+        return LC_PIN_NOT_ASKED;
+    return req->pin != NULL ? LC_PIN_SUPPLIED : LC_PIN_MISSING;
+}
+
+static int lc_ui_read(UI *ui, UI_STRING *uis)
+{
+    struct lc_pin_req *req = (struct lc_pin_req *)UI_get0_user_data(ui);
+
+    switch (UI_get_string_type(uis)) {
+    case UIT_PROMPT:
+    case UIT_VERIFY:
+        if (req == NULL)
+            return 0;
+        req->asked++;
+        if (req->pin == NULL || req->asked > 1)
+            return 0;
+        return UI_set_result(ui, uis, req->pin) == 0 ? 1 : 0;
+    default:
+        return 1; /* info and error strings: nothing to show, nothing to read */
+    }
+}
+
+static int lc_ui_write(UI *ui, UI_STRING *uis)
+{
+    (void)ui;
+    (void)uis;
+    return 1; /* never print prompts or messages */
+}
+
+static UI_METHOD *lc_ui_method(void)
+{
+    static UI_METHOD *method = NULL; /* created once under lc_lock, never freed */
+
+    if (method == NULL) {
+        UI_METHOD *m = UI_create_method("lightclient");
+        if (m == NULL)
+            return NULL;
+        if (UI_method_set_reader(m, lc_ui_read) != 0 || UI_method_set_writer(m, lc_ui_write) != 0) {
+            UI_destroy_method(m);
+            return NULL;
+        }
+        method = m;
+    }
+    return method;
+}
+
+static int lc_pem_pin_cb(char *buf, int size, int rwflag, void *u)
+{
+    struct lc_pin_req *req = (struct lc_pin_req *)u;
+    size_t len;
+
+    (void)rwflag;
+    req->asked++;
+    if (req->pin == NULL || req->asked > 1)
+        return -1;
+    len = strlen(req->pin);
+    if (len > (size_t)size)
+        return -1;
+    memcpy(buf, req->pin, len);
+    return (int)len;
+}
+
+static int lc_wrap_key(EVP_PKEY *pkey, lc_key **out)
+{
+    lc_key *k = (lc_key *)calloc(1, sizeof(*k));
+
+    if (k == NULL) {
+        EVP_PKEY_free(pkey);
+        return LC_E_NOMEM;
+    }
+    k->pkey = pkey;
+    *out = k;
+    return LC_OK;
+}
+
+/* ------------------------------------------------------------------ ENGINE backend */
+
+#ifndef OPENSSL_NO_ENGINE
+/* Initialised engines are cached per (id, SO_PATH, MODULE_PATH) and never finished: keys loaded
+ * through an engine keep using its PKCS#11 session for as long as any SSL_CTX holds them, and
+ * finishing the engine would unload the module under their feet. */
+struct lc_engine_slot {
+    char *id, *so_path, *module_path;
+    ENGINE *e;
+    struct lc_engine_slot *next;
+};
+static struct lc_engine_slot *lc_engines = NULL;
+
+static int lc_streq(const char *a, const char *b)
+{
+    if (a == NULL || b == NULL)
+        return a == b;
+    return strcmp(a, b) == 0;
+}
+
+static char *lc_strdup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+/* Called with lc_lock held. */
+static int lc_engine_get(const char *id, const char *so_path, const char *module_path, ENGINE **out)
+{
+    struct lc_engine_slot *slot;
+    ENGINE *e = NULL;
+
+    for (slot = lc_engines; slot != NULL; slot = slot->next) {
+        if (lc_streq(slot->id, id) && lc_streq(slot->so_path, so_path) &&
+            lc_streq(slot->module_path, module_path)) {
+            *out = slot->e;
+            return LC_OK;
+        }
+    }
+    if (so_path != NULL) {
+        e = ENGINE_by_id("dynamic");
+        if (e == NULL)
+            return LC_E_ENGINE_UNAVAILABLE;
+        if (!ENGINE_ctrl_cmd_string(e, "SO_PATH", so_path, 0) ||
+            !ENGINE_ctrl_cmd_string(e, "ID", id, 0) ||
+            !ENGINE_ctrl_cmd_string(e, "LOAD", NULL, 0)) {
+            ENGINE_free(e);
+            return LC_E_ENGINE_UNAVAILABLE;
+        }
+    } else {
+        e = ENGINE_by_id(id);
+        if (e == NULL)
+            return LC_E_ENGINE_UNAVAILABLE;
+    }
+    /* libp11 prints "object not found" style messages (with the URI, which may carry the PIN) to
+     * stderr unless told to be quiet; the error queue tells us what we need. Optional command. */
+    if (!ENGINE_ctrl_cmd(e, "QUIET", 0, NULL, NULL, 0))
+        ERR_clear_error();
+    /* MODULE_PATH must be set before ENGINE_init. Without it libp11 falls back to p11-kit-proxy
+     * and every registered module, so callers are expected to pass it. */
+    if (module_path != NULL && !ENGINE_ctrl_cmd_string(e, "MODULE_PATH", module_path, 0)) {
+        ENGINE_free(e);
+        return LC_E_ENGINE_CTRL;
+    }
+    if (!ENGINE_init(e)) {
+        ENGINE_free(e);
+        return LC_E_ENGINE_INIT;
+    }
+    /* No ENGINE_set_default(): it makes libp11 the default RSA/EC implementation for the whole
+     * process, which breaks tpm2-pkcs11's own use of OpenSSL during C_Login. */
+    slot = (struct lc_engine_slot *)calloc(1, sizeof(*slot));
+    if (slot == NULL) {
+        ENGINE_finish(e);
+        ENGINE_free(e);
+        return LC_E_NOMEM;
+    }
+    slot->id = lc_strdup_or_null(id);
+    slot->so_path = lc_strdup_or_null(so_path);
+    slot->module_path = lc_strdup_or_null(module_path);
+    slot->e = e;
+    slot->next = lc_engines;
+    lc_engines = slot;
+    *out = e;
+    return LC_OK;
+}
+#endif
+
+int lc_key_from_engine(const char *engine_id, const char *so_path, const char *module_path,
+                       const char *pin, const char *key_id, lc_key **out, int *pin_status)
+{
+#ifdef OPENSSL_NO_ENGINE
+    (void)engine_id; (void)so_path; (void)module_path; (void)pin; (void)key_id;
+    *out = NULL;
+    *pin_status = LC_PIN_NOT_ASKED;
+    return LC_E_NO_ENGINE_SUPPORT;
+#else
+    struct lc_pin_req req = {pin, 0};
+    ENGINE *e = NULL;
+    EVP_PKEY *pkey;
+    UI_METHOD *ui;
+    int rc;
+
+    *out = NULL;
+    *pin_status = LC_PIN_NOT_ASKED;
+    if (engine_id == NULL || *engine_id == '\0' || key_id == NULL || *key_id == '\0')
+        return LC_E_ARG;
+    ERR_clear_error();
+    pthread_mutex_lock(&lc_lock);
+    rc = lc_engine_get(engine_id, so_path, module_path, &e);
+    ui = lc_ui_method();
+    if (rc == LC_OK && ui == NULL)
+        rc = LC_E_NOMEM;
+    if (rc == LC_OK) {
+        /* The engine is shared, so its PIN is set for this load only: a PIN meant for one token
+         * must never be offered to another. A NULL PIN clears it (libp11 then reports an error
+         * for the NULL argument, which is expected and dropped; an engine without a PIN
+         * command reports one too). */
+        if (pin != NULL) {
+            if (!ENGINE_ctrl_cmd_string(e, "PIN", pin, 0))
+                rc = LC_E_ENGINE_CTRL;
+        } else {
+            /* ENGINE_ctrl_cmd_string refuses a NULL argument before the engine sees it. */
+            (void)ENGINE_ctrl_cmd(e, "PIN", 0, NULL, NULL, 0);
+            ERR_clear_error();
+        }
+    }
+    if (rc == LC_OK) {
+        pkey = ENGINE_load_private_key(e, key_id, ui, &req);
+        if (pkey == NULL)
+            rc = LC_E_KEY_LOAD;
+        else
+            rc = lc_wrap_key(pkey, out);
+        /* libp11 takes the PIN from the ctrl without asking; record that it was used. */
+        if (pin != NULL && req.asked == 0)
+            req.asked = 1;
+    }
+    pthread_mutex_unlock(&lc_lock);
+    *pin_status = lc_pin_status(&req);
+    return rc;
+#endif
+}
+
+/* ------------------------------------------------------------------ OSSL_STORE backend */
+
+#ifdef LC_HAVE_PROVIDERS
+struct lc_provider_slot {
+    char *name;
+    OSSL_PROVIDER *prov;
+    struct lc_provider_slot *next;
+};
+static struct lc_provider_slot *lc_providers = NULL;
+
+/* Called with lc_lock held. Providers stay loaded for the life of the process: keys and
+ * contexts made through them keep pointing into them. */
+static int lc_provider_load(const char *name)
+{
+    struct lc_provider_slot *slot;
+    OSSL_PROVIDER *prov;
+
+    for (slot = lc_providers; slot != NULL; slot = slot->next)
+        if (strcmp(slot->name, name) == 0)
+            return LC_OK;
+    prov = OSSL_PROVIDER_load(NULL, name);
+    if (prov == NULL)
+        return LC_E_PROVIDER;
+    slot = (struct lc_provider_slot *)calloc(1, sizeof(*slot));
+    if (slot == NULL || (slot->name = strdup(name)) == NULL) {
+        free(slot);
+        return LC_E_NOMEM;
+    }
+    slot->prov = prov;
+    slot->next = lc_providers;
+    lc_providers = slot;
+    return LC_OK;
+}
+
+/* Load a comma-separated provider list in order, then make sure "default" is still there:
+ * explicitly loading any provider switches off OpenSSL's implicit fallback to the default one. */
+static int lc_providers_load(const char *list)
+{
+    char *copy, *name, *save = NULL;
+    int rc = LC_OK;
+
+    if (list == NULL || *list == '\0')
+        return LC_OK;
+    copy = strdup(list);
+    if (copy == NULL)
+        return LC_E_NOMEM;
+    for (name = strtok_r(copy, ",", &save); name != NULL && rc == LC_OK; name = strtok_r(NULL, ",", &save))
+        if (*name != '\0')
+            rc = lc_provider_load(name);
+    free(copy);
+    if (rc == LC_OK)
+        rc = lc_provider_load("default");
+    return rc;
+}
+#endif
+
+int lc_key_from_store(const char *uri, const char *providers, const char *propq,
+                      const char *pin, lc_key **out, int *pin_status)
+{
+    struct lc_pin_req req = {pin, 0};
+    OSSL_STORE_CTX *store = NULL;
+    EVP_PKEY *found = NULL;
+    UI_METHOD *ui;
+    int rc = LC_OK, count = 0;
+
+    *out = NULL;
+    *pin_status = LC_PIN_NOT_ASKED;
+    if (uri == NULL || *uri == '\0')
+        return LC_E_ARG;
+    ERR_clear_error();
+    pthread_mutex_lock(&lc_lock);
+#ifdef LC_HAVE_PROVIDERS
+    rc = lc_providers_load(providers);
+    if (rc == LC_OK && propq != NULL && *propq != '\0' && !EVP_set_default_properties(NULL, propq))
+        rc = LC_E_PROPQ;
+#else
+    if ((providers != NULL && *providers != '\0') || (propq != NULL && *propq != '\0'))
+        rc = LC_E_NO_PROVIDER_SUPPORT;
+#endif
+    ui = lc_ui_method();
+    pthread_mutex_unlock(&lc_lock);
+    if (rc != LC_OK)
+        return rc;
+    if (ui == NULL)
+        return LC_E_NOMEM;
+
+    store = OSSL_STORE_open(uri, ui, &req, NULL, NULL);
+    if (store == NULL) {
+        *pin_status = lc_pin_status(&req);
+        return LC_E_STORE_OPEN;
+    }
+    /* Not every loader supports expect(); when it does, it saves decoding certificates. */
+    if (!OSSL_STORE_expect(store, OSSL_STORE_INFO_PKEY))
+        ERR_clear_error();
+    while (!OSSL_STORE_eof(store)) {
+        OSSL_STORE_INFO *info = OSSL_STORE_load(store);
+        if (info == NULL) {
+            if (OSSL_STORE_error(store))
+                break;
+            continue;
+        }
+        if (OSSL_STORE_INFO_get_type(info) == OSSL_STORE_INFO_PKEY) {
+            count++;
+            if (found == NULL)
+                found = OSSL_STORE_INFO_get1_PKEY(info);
+        }
+        OSSL_STORE_INFO_free(info);
+    }
+    OSSL_STORE_close(store);
+    *pin_status = lc_pin_status(&req);
+    if (count == 0 || found == NULL) {
+        EVP_PKEY_free(found);
+        return LC_E_STORE_NO_KEY;
+    }
+    if (count > 1) {
+        /* Refuse to guess which key the user meant. */
+        EVP_PKEY_free(found);
+        return LC_E_STORE_MANY;
+    }
+    ERR_clear_error(); /* loaders leave harmless "not this format" errors behind */
+    return lc_wrap_key(found, out);
+}
+
+/* ------------------------------------------------------------------ PEM backend */
+
+int lc_key_from_pem(const char *pem, size_t pem_len, const char *pin, lc_key **out, int *pin_status)
+{
+    struct lc_pin_req req = {pin, 0};
+    EVP_PKEY *pkey;
+    BIO *bio;
+
+    *out = NULL;
+    *pin_status = LC_PIN_NOT_ASKED;
+    if (pem == NULL || pem_len == 0 || pem_len > INT32_MAX)
+        return LC_E_ARG;
+    ERR_clear_error();
+    bio = BIO_new_mem_buf(pem, (int)pem_len);
+    if (bio == NULL)
+        return LC_E_NOMEM;
+    pkey = PEM_read_bio_PrivateKey(bio, NULL, lc_pem_pin_cb, &req);
+    BIO_free(bio);
+    *pin_status = lc_pin_status(&req);
+    if (pkey == NULL)
+        return LC_E_KEY_LOAD;
+    return lc_wrap_key(pkey, out);
+}
+
+void lc_key_free(lc_key *key)
+{
+    if (key == NULL)
+        return;
+    EVP_PKEY_free(key->pkey);
+    free(key);
+}
+
+const char *lc_key_type(const lc_key *key)
+{
+    if (key == NULL || key->pkey == NULL)
+        return "";
+    switch (EVP_PKEY_base_id(key->pkey)) {
+    case EVP_PKEY_RSA:
+    case EVP_PKEY_RSA_PSS:
+        return "RSA";
+    case EVP_PKEY_EC:
+        return "EC";
+    case EVP_PKEY_ED25519:
+        return "ED25519";
+    case EVP_PKEY_ED448:
+        return "ED448";
+    default:
+        break;
+    }
+#if OPENSSL_VERSION_NUMBER >= 0x30000000L
+    /* Provider keys (tpm2) have no legacy id; ask the provider for its name. */
+    if (EVP_PKEY_is_a(key->pkey, "RSA"))
+        return "RSA";
+    if (EVP_PKEY_is_a(key->pkey, "EC"))
+        return "EC";
+#endif
+    return "unknown";
+}
+
+int lc_key_bits(const lc_key *key) { return (key && key->pkey) ? EVP_PKEY_bits(key->pkey) : 0; }
+
+/* ------------------------------------------------------------------ ssl.SSLContext access */
+
+/* CPython's _ssl.c: typedef struct { PyObject_HEAD SSL_CTX *ctx; ... } PySSLContext; unchanged
+ * from 3.6 to 3.13. Compiling the head with this interpreter's own headers keeps the offset
+ * right for debug and free-threaded builds too. */
+typedef struct {
+    PyObject_HEAD
+    SSL_CTX *ctx;
+} lc_PySSLContext;
+
+static int lc_ctx_get(void *pyobj, uint64_t expected_options, SSL_CTX **out)
+{
+    PyGILState_STATE gil;
+    PyObject *mod, *type;
+    SSL_CTX *ctx = NULL;
+    int ok = 0;
+
+    *out = NULL;
+    if (pyobj == NULL)
+        return LC_E_TYPE;
+    /* cffi released the GIL for this call; the type check touches Python objects. */
+    gil = PyGILState_Ensure();
+    mod = PyImport_ImportModule("_ssl");
+    if (mod != NULL) {
+        type = PyObject_GetAttrString(mod, "_SSLContext");
+        if (type != NULL && PyType_Check(type) &&
+            PyObject_TypeCheck((PyObject *)pyobj, (PyTypeObject *)type)) {
+            ctx = ((lc_PySSLContext *)pyobj)->ctx;
+            ok = 1;
+        }
+        Py_XDECREF(type);
+        Py_DECREF(mod);
+    }
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    PyGILState_Release(gil);
+    if (!ok)
+        return LC_E_TYPE;
+    /* The pointer must prove itself before it is used: its options must be the ones Python
+     * reports for the same object. */
+    if (ctx == NULL || (uint64_t)SSL_CTX_get_options(ctx) != expected_options)
+        return LC_E_CTX_CHECK;
+    *out = ctx;
+    return LC_OK;
+}
+
+int lc_ctx_check(void *pyobj, uint64_t expected_options)
+{
+    SSL_CTX *ctx;
+    return lc_ctx_get(pyobj, expected_options, &ctx);
+}
+
+/* Reads every certificate in a PEM buffer; the caller owns the stack. */
+static STACK_OF(X509) *lc_read_certs(const char *pem, size_t pem_len)
+{
+    STACK_OF(X509) *certs;
+    BIO *bio;
+    X509 *x;
+
+    if (pem == NULL || pem_len == 0 || pem_len > INT32_MAX)
+        return NULL;
+    bio = BIO_new_mem_buf(pem, (int)pem_len);
+    certs = sk_X509_new_null();
+    if (bio == NULL || certs == NULL) {
+        BIO_free(bio);
+        sk_X509_free(certs);
+        return NULL;
+    }
+    while ((x = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+        if (!sk_X509_push(certs, x)) {
+            X509_free(x);
+            break;
+        }
+    }
+    BIO_free(bio);
+    if (sk_X509_num(certs) == 0) {
+        sk_X509_free(certs);
+        return NULL;
+    }
+    ERR_clear_error(); /* the reader ends with "no start line" at the end of the buffer */
+    return certs;
+}
+
+int lc_cert_matches_key(const char *pem, size_t pem_len, const lc_key *key)
+{
+    STACK_OF(X509) *certs;
+    int ok;
+
+    if (key == NULL || key->pkey == NULL)
+        return -LC_E_ARG;
+    ERR_clear_error();
+    certs = lc_read_certs(pem, pem_len);
+    if (certs == NULL)
+        return -LC_E_CERT_PARSE;
+    ok = X509_check_private_key(sk_X509_value(certs, 0), key->pkey) == 1;
+    sk_X509_pop_free(certs, X509_free);
+    return ok;
+}
+
+int lc_ctx_install(void *pyobj, uint64_t expected_options, const lc_key *key,
+                   const char *chain_pem, size_t chain_len)
+{
+    STACK_OF(X509) *certs;
+    SSL_CTX *ctx;
+    X509 *leaf;
+    int rc, i;
+
+    if (key == NULL || key->pkey == NULL)
+        return LC_E_ARG;
+    rc = lc_ctx_get(pyobj, expected_options, &ctx);
+    if (rc != LC_OK)
+        return rc;
+    ERR_clear_error();
+    certs = lc_read_certs(chain_pem, chain_len);
+    if (certs == NULL)
+        return LC_E_CERT_PARSE;
+    leaf = sk_X509_value(certs, 0);
+    /* Check the pair before touching the context, so a mismatch leaves it as it was. */
+    if (X509_check_private_key(leaf, key->pkey) != 1) {
+        sk_X509_pop_free(certs, X509_free);
+        return LC_E_MISMATCH;
+    }
+    rc = LC_OK;
+    if (SSL_CTX_use_certificate(ctx, leaf) != 1 || SSL_CTX_clear_chain_certs(ctx) != 1)
+        rc = LC_E_USE_CERT;
+    for (i = 1; rc == LC_OK && i < sk_X509_num(certs); i++)
+        if (SSL_CTX_add1_chain_cert(ctx, sk_X509_value(certs, i)) != 1)
+            rc = LC_E_USE_CERT;
+    sk_X509_pop_free(certs, X509_free);
+    if (rc == LC_OK && SSL_CTX_use_PrivateKey(ctx, key->pkey) != 1)
+        rc = LC_E_USE_KEY;
+    if (rc == LC_OK && SSL_CTX_check_private_key(ctx) != 1)
+        rc = LC_E_MISMATCH;
+    return rc;
+}
+
+/* ------------------------------------------------------------------ CSR */
+
+int lc_csr_sign(const lc_key *key, const char **fields, const char **values, int n,
+                const char *san, const char *digest, unsigned char **der, size_t *der_len)
+{
+    X509_REQ *req = NULL;
+    X509_NAME *name;
+    const EVP_MD *md;
+    unsigned char *buf = NULL, *p;
+    int rc = LC_OK, i, len;
+
+    *der = NULL;
+    *der_len = 0;
+    if (key == NULL || key->pkey == NULL || n < 0 || (n > 0 && (fields == NULL || values == NULL)))
+        return LC_E_ARG;
+    ERR_clear_error();
+    md = EVP_get_digestbyname(digest ? digest : "sha256");
+    if (md == NULL)
+        return LC_E_CSR_DIGEST;
+    req = X509_REQ_new();
+    if (req == NULL || !X509_REQ_set_version(req, 0)) {
+        X509_REQ_free(req);
+        return LC_E_NOMEM;
+    }
+    name = X509_REQ_get_subject_name(req);
+    for (i = 0; rc == LC_OK && i < n; i++) {
+        if (fields[i] == NULL || values[i] == NULL ||
+            !X509_NAME_add_entry_by_txt(name, fields[i], MBSTRING_UTF8,
+                                        (const unsigned char *)values[i], -1, -1, 0))
+            rc = LC_E_CSR_SUBJECT;
+    }
+    if (rc == LC_OK && !X509_REQ_set_pubkey(req, key->pkey))
+        rc = LC_E_SIGN;
+    if (rc == LC_OK && san != NULL && *san != '\0') {
+        STACK_OF(X509_EXTENSION) *exts = sk_X509_EXTENSION_new_null();
+        X509_EXTENSION *ext = NULL;
+        X509V3_CTX v3;
+
+        X509V3_set_ctx(&v3, NULL, NULL, req, NULL, 0);
+        if (exts != NULL)
+            ext = X509V3_EXT_conf_nid(NULL, &v3, NID_subject_alt_name, san);
+        if (ext == NULL || !sk_X509_EXTENSION_push(exts, ext)) {
+            X509_EXTENSION_free(ext);
+            rc = LC_E_CSR_SAN;
+        } else if (!X509_REQ_add_extensions(req, exts)) {
+            rc = LC_E_CSR_SAN;
+        }
+        sk_X509_EXTENSION_pop_free(exts, X509_EXTENSION_free);
+    }
+    if (rc == LC_OK && X509_REQ_sign(req, key->pkey, md) <= 0)
+        rc = LC_E_SIGN;
+    if (rc == LC_OK) {
+        len = i2d_X509_REQ(req, NULL);
+        if (len <= 0 || (buf = (unsigned char *)malloc((size_t)len)) == NULL) {
+            rc = LC_E_NOMEM;
+        } else {
+            p = buf;
+            if (i2d_X509_REQ(req, &p) != len) {
+                free(buf);
+                rc = LC_E_SIGN;
+            } else {
+                *der = buf;
+                *der_len = (size_t)len;
+            }
+        }
+    }
+    X509_REQ_free(req);
+    return rc;
+}
+
+void lc_free(void *p) { free(p); }
