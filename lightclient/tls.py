@@ -1,0 +1,180 @@
+"""``ssl.SSLContext`` objects whose client key lives in a hardware token.
+
+``client_context()`` is for MQTT (hand it to paho's ``tls_set_context``); ``https_context()`` and
+``https_session()`` are for DPS over HTTPS with requests. Both verify the server: TLS 1.2 at
+least, ``CERT_REQUIRED``, hostname checking, and by default trust only the roots that Azure IoT
+Hub and DPS chain to (DigiCert Global Root G2 and G3, Microsoft RSA and ECC Root CA 2017), shipped
+with the package. There is deliberately no switch that turns server verification off.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+from importlib import resources
+from typing import Optional, Sequence, Union
+
+from . import _native
+from .exceptions import CertificateError, ConfigError
+from .keys import KeyRef, PinCallback, load_key
+
+PathOrPem = Union[str, bytes, os.PathLike]
+
+#: The bundled IoT Hub / DPS trust roots, as one PEM file path.
+def iothub_roots_path() -> str:
+    return str(resources.files("lightclient") / "roots" / "iothub-roots.pem")
+
+
+_PEM_CERT = b"-----BEGIN CERTIFICATE-----"
+
+
+def _read_chain(cert: PathOrPem) -> "tuple[bytes, str]":
+    """Certificate chain PEM bytes and a name for messages; accepts a path or PEM text."""
+    if isinstance(cert, bytes) or (isinstance(cert, str) and _PEM_CERT.decode() in cert):
+        data = cert if isinstance(cert, bytes) else cert.encode()
+        name = "the certificate PEM data"
+    elif isinstance(cert, (str, os.PathLike)):
+        path = os.fspath(cert)
+        name = f"the certificate file {path!r}"
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise CertificateError(
+                f"cannot read {name}: {exc.strerror}. Give the PEM certificate (chain) issued for "
+                "this device's key.") from None
+    else:
+        raise ConfigError(f"cert must be a file path or PEM data, got {type(cert).__name__}")
+    if _PEM_CERT not in data:
+        raise CertificateError(
+            f"{name} holds no PEM certificate (expected \"-----BEGIN CERTIFICATE-----\"); "
+            "convert a DER file with `openssl x509 -inform der -in cert.der -out cert.pem`.")
+    return data, name
+
+
+def _load_trust(ctx: ssl.SSLContext, ca: Optional[PathOrPem]) -> None:
+    try:
+        if ca is None:
+            ctx.load_verify_locations(cafile=iothub_roots_path())
+        elif isinstance(ca, bytes) or (isinstance(ca, str) and _PEM_CERT.decode() in ca):
+            ctx.load_verify_locations(cadata=ca.decode() if isinstance(ca, bytes) else ca)
+        else:
+            path = os.fspath(ca)
+            if os.path.isdir(path):
+                ctx.load_verify_locations(capath=path)
+            else:
+                ctx.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(f"cannot load the trusted CA certificates from {ca!r}: {exc}") from None
+
+
+def _base_context(ca: Optional[PathOrPem], minimum_version: ssl.TLSVersion,
+                  maximum_version: Optional[ssl.TLSVersion]) -> ssl.SSLContext:
+    if minimum_version < ssl.TLSVersion.TLSv1_2:
+        raise ConfigError("IoT Hub and DPS require TLS 1.2 or newer; minimum_version cannot be lower")
+    # PROTOCOL_TLS_CLIENT turns on CERT_REQUIRED and check_hostname.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = minimum_version
+    if maximum_version is not None:
+        ctx.maximum_version = maximum_version
+    _load_trust(ctx, ca)
+    return ctx
+
+
+def attach_key(ctx: ssl.SSLContext, *, cert: PathOrPem, key: Union[str, os.PathLike, KeyRef, "_native.NativeKey"],
+               pin: Optional[str] = None, pin_file: Optional[str] = None,
+               pin_callback: Optional[PinCallback] = None, module_path: Optional[str] = None,
+               providers: Sequence[str] = (), propq: Optional[str] = None) -> "_native.NativeKey":
+    """Install ``cert`` and the hardware-backed ``key`` into an existing ``ssl.SSLContext``.
+
+    For people who build their own context: everything else about ``ctx`` is left as it is.
+    Returns the loaded key (keep it if you will sign CSRs with it).
+    """
+    _native._require_sslcontext(ctx)
+    chain, name = _read_chain(cert)
+    native_key = key if isinstance(key, _native.NativeKey) else load_key(
+        key, pin=pin, pin_file=pin_file, pin_callback=pin_callback, module_path=module_path,
+        providers=providers, propq=propq)
+    _native.install(ctx, native_key, chain, name)
+    return native_key
+
+
+def client_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, pin: Optional[str] = None,
+                   pin_file: Optional[str] = None, pin_callback: Optional[PinCallback] = None,
+                   module_path: Optional[str] = None, providers: Sequence[str] = (),
+                   propq: Optional[str] = None, minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+                   maximum_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
+    """An ``ssl.SSLContext`` for MQTT with IoT Hub whose client key stays in its token.
+
+    ``key`` is a key reference (see :mod:`lightclient.keys`) or an already loaded key; ``cert``
+    the device certificate chain (path or PEM), leaf first; ``ca`` overrides the bundled IoT Hub
+    roots (a file, a directory or PEM data), e.g. for a local emulator or broker.
+    """
+    # The context is made before any provider is loaded: libssl takes its TLS group list from the
+    # providers present at that moment, and the tpm2 provider declares none (EC over TLS 1.2).
+    ctx = _base_context(ca, minimum_version, maximum_version)
+    attach_key(ctx, cert=cert, key=key, pin=pin, pin_file=pin_file, pin_callback=pin_callback,
+               module_path=module_path, providers=providers, propq=propq)
+    return ctx
+
+
+def https_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, **kwargs) -> ssl.SSLContext:
+    """Like :func:`client_context`, for HTTPS (DPS): offers ALPN ``http/1.1``.
+
+    Use it through :func:`https_session`, never by giving requests ``cert=``: urllib3 would load
+    that certificate's key from a file and replace the hardware key.
+    """
+    ctx = client_context(cert=cert, key=key, ca=ca, **kwargs)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def https_session(ctx: ssl.SSLContext):
+    """A ``requests.Session`` whose HTTPS connections all use ``ctx`` (and its hardware key)."""
+    import requests
+
+    session = requests.Session()
+    session.mount("https://", ContextAdapter(ctx))
+    return session
+
+
+def _adapter_class():
+    from requests.adapters import HTTPAdapter
+
+    class _ContextAdapter(HTTPAdapter):
+        """Sends every request through one SSLContext; refuses settings that would undo it.
+
+        requests >= 2.32.3 no longer loads CA certificates into a context it is given, so the
+        context carries its own trust roots (``client_context`` loads them).
+        """
+
+        def __init__(self, ctx: ssl.SSLContext, **kwargs):
+            _native._require_sslcontext(ctx)
+            self._lc_ctx = ctx
+            super().__init__(**kwargs)
+
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["ssl_context"] = self._lc_ctx
+            return super().init_poolmanager(*args, **kwargs)
+
+        def proxy_manager_for(self, proxy, **kwargs):
+            kwargs["ssl_context"] = self._lc_ctx
+            return super().proxy_manager_for(proxy, **kwargs)
+
+        def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+            if verify is not True:
+                raise ConfigError(
+                    "verify must stay True with a lightclient context: the context carries the trusted "
+                    "roots (pass ca=... to https_context to trust another CA)")
+            if cert is not None:
+                raise ConfigError(
+                    "do not pass cert= to requests with a lightclient context: urllib3 would load a key "
+                    "file and replace the hardware key")
+            return super().send(request, stream=stream, timeout=timeout, verify=True, cert=None,
+                                proxies=proxies)
+
+    return _ContextAdapter
+
+
+def ContextAdapter(ctx: ssl.SSLContext, **kwargs):
+    """A requests ``HTTPAdapter`` bound to ``ctx`` (built lazily so requests stays optional here)."""
+    return _adapter_class()(ctx, **kwargs)
