@@ -361,9 +361,17 @@ def load_engine_key(key_id: str, *, engine_id: str = "pkcs11", so_path: Optional
     out = ffi.new("lc_key **")
     pin_status = ffi.new("int *")
     ctx = LoadContext("engine", description or key_id, module_path=module_path, engine_id=engine_id)
+    bound = ffi.new("char[]", 4096)
     rc = lib.lc_key_from_engine(engine_id.encode(), _b(so_path), _b(module_path), _b(pin),
-                                key_id.encode(), out, pin_status)
-    return _finish_load(rc, out, pin_status, pin, ctx, secrets=(key_id,) if pin and pin in key_id else ())
+                                key_id.encode(), out, pin_status, bound, 4096)
+    if rc == lib.LC_E_ENGINE_MODULE:
+        raise ModuleLoadError(
+            f"cannot load {ctx.reference} from the PKCS#11 module {module_path!r}: the {engine_id!r} engine "
+            f"in this process already serves {ffi.string(bound).decode(errors='replace')!r}, and OpenSSL "
+            "allows one instance of an engine per process. Use one PKCS#11 module per process, or load "
+            "the second key through an OpenSSL 3 provider (store: or provider: key reference).",
+            drain_errors())
+    return _finish_load(rc, out, pin_status, pin, ctx)
 
 
 def load_store_key(uri: str, *, providers: Sequence[str] = (), propq: Optional[str] = None,

@@ -242,6 +242,12 @@ def load_key(ref: Union[str, os.PathLike, KeyRef], *, pin: Optional[str] = None,
     kr = parse_key_ref(ref).with_options(module_path=module_path, providers=providers, propq=propq)
     secret = kr.resolve_pin(pin, pin_file, pin_callback)
     if kr.backend == "engine":
+        if kr.original.startswith("pkcs11:") and not kr.module_path:
+            raise ConfigError(
+                f"no PKCS#11 module given for {kr}: add ?module-path=/path/to/module.so to the URI or "
+                "pass module_path= (SoftHSM: /usr/lib/softhsm/libsofthsm2.so; TPM: "
+                "/usr/lib/<arch>/pkcs11/libtpm2_pkcs11.so). To use the engine as configured in "
+                "OPENSSL_CONF instead, write engine:pkcs11:<pkcs11-uri>.")
         try:
             return _native.load_engine_key(kr.target, engine_id=kr.engine_id or "pkcs11",
                                            module_path=kr.module_path, pin=secret, description=str(kr))

@@ -161,7 +161,9 @@ def _adapter_class():
             return super().proxy_manager_for(proxy, **kwargs)
 
         def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
-            if verify is not True:
+            # A str is a CA bundle path, often from REQUESTS_CA_BUNDLE in the environment; the
+            # context already carries its roots, and urllib3 would load that file into it.
+            if verify is False:
                 raise ConfigError(
                     "verify must stay True with a lightclient context: the context carries the trusted "
                     "roots (pass ca=... to https_context to trust another CA)")

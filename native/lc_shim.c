@@ -226,12 +226,18 @@ static int lc_wrap_key(EVP_PKEY *pkey, lc_key **out)
 /* ------------------------------------------------------------------ ENGINE backend */
 
 #ifndef OPENSSL_NO_ENGINE
-/* Initialised engines are cached per (id, SO_PATH, MODULE_PATH) and never finished: keys loaded
- * through an engine keep using its PKCS#11 session for as long as any SSL_CTX holds them, and
- * finishing the engine would unload the module under their feet. */
+/* Initialised engines are cached per (id, SO_PATH) and never finished: keys loaded through an
+ * engine keep using its PKCS#11 session for as long as any SSL_CTX holds them, and finishing the
+ * engine would unload the module under their feet.
+ *
+ * OpenSSL 3 allows one live instance per engine shared object (engine_add_dynamic_id refuses a
+ * second), and libp11 binds its instance to the first MODULE_PATH it is initialised with. So one
+ * process can use one PKCS#11 module through the libp11 engine; asking for another one is an
+ * error (LC_E_ENGINE_MODULE), never a silent fallback to the first module. */
 struct lc_engine_slot {
     char *id, *so_path, *module_path;
     ENGINE *e;
+    int proven; /* a key was loaded through it: from then on it stays bound to its module */
     struct lc_engine_slot *next;
 };
 static struct lc_engine_slot *lc_engines = NULL;
@@ -246,15 +252,19 @@ static int lc_streq(const char *a, const char *b)
 static char *lc_strdup_or_null(const char *s) { return s ? strdup(s) : NULL; }
 
 /* Called with lc_lock held. */
-static int lc_engine_get(const char *id, const char *so_path, const char *module_path, ENGINE **out)
+static int lc_engine_get(const char *id, const char *so_path, const char *module_path,
+                         struct lc_engine_slot **out, char *bound_module, size_t bound_len)
 {
     struct lc_engine_slot *slot;
     ENGINE *e = NULL;
 
     for (slot = lc_engines; slot != NULL; slot = slot->next) {
-        if (lc_streq(slot->id, id) && lc_streq(slot->so_path, so_path) &&
-            lc_streq(slot->module_path, module_path)) {
-            *out = slot->e;
+        if (lc_streq(slot->id, id) && lc_streq(slot->so_path, so_path)) {
+            if (module_path != NULL && !lc_streq(slot->module_path, module_path)) {
+                lc_copy(bound_module, bound_len, slot->module_path ? slot->module_path : "(engine default)");
+                return LC_E_ENGINE_MODULE;
+            }
+            *out = slot;
             return LC_OK;
         }
     }
@@ -301,21 +311,47 @@ static int lc_engine_get(const char *id, const char *so_path, const char *module
     slot->e = e;
     slot->next = lc_engines;
     lc_engines = slot;
-    *out = e;
+    *out = slot;
     return LC_OK;
+}
+
+/* Called with lc_lock held. An engine that never served a key is released after a failed load
+ * (a mistyped module path must not pin the process to that module); it is re-initialised on the
+ * next load. Nothing can reference it: no key came out of it. */
+static void lc_engine_drop_unproven(struct lc_engine_slot *slot)
+{
+    struct lc_engine_slot **link;
+
+    if (slot == NULL || slot->proven)
+        return;
+    for (link = &lc_engines; *link != NULL; link = &(*link)->next) {
+        if (*link == slot) {
+            *link = slot->next;
+            break;
+        }
+    }
+    ENGINE_finish(slot->e);
+    ENGINE_free(slot->e);
+    free(slot->id);
+    free(slot->so_path);
+    free(slot->module_path);
+    free(slot);
 }
 #endif
 
 int lc_key_from_engine(const char *engine_id, const char *so_path, const char *module_path,
-                       const char *pin, const char *key_id, lc_key **out, int *pin_status)
+                       const char *pin, const char *key_id, lc_key **out, int *pin_status,
+                       char *bound_module, size_t bound_len)
 {
 #ifdef OPENSSL_NO_ENGINE
     (void)engine_id; (void)so_path; (void)module_path; (void)pin; (void)key_id;
+    (void)bound_module; (void)bound_len;
     *out = NULL;
     *pin_status = LC_PIN_NOT_ASKED;
     return LC_E_NO_ENGINE_SUPPORT;
 #else
     struct lc_pin_req req = {pin, 0};
+    struct lc_engine_slot *slot = NULL;
     ENGINE *e = NULL;
     EVP_PKEY *pkey;
     UI_METHOD *ui;
@@ -323,11 +359,14 @@ int lc_key_from_engine(const char *engine_id, const char *so_path, const char *m
 
     *out = NULL;
     *pin_status = LC_PIN_NOT_ASKED;
+    lc_copy(bound_module, bound_len, "");
     if (engine_id == NULL || *engine_id == '\0' || key_id == NULL || *key_id == '\0')
         return LC_E_ARG;
     ERR_clear_error();
     pthread_mutex_lock(&lc_lock);
-    rc = lc_engine_get(engine_id, so_path, module_path, &e);
+    rc = lc_engine_get(engine_id, so_path, module_path, &slot, bound_module, bound_len);
+    if (rc == LC_OK)
+        e = slot->e;
     ui = lc_ui_method();
     if (rc == LC_OK && ui == NULL)
         rc = LC_E_NOMEM;
@@ -354,6 +393,16 @@ int lc_key_from_engine(const char *engine_id, const char *so_path, const char *m
         /* libp11 takes the PIN from the ctrl without asking; record that it was used. */
         if (pin != NULL && req.asked == 0)
             req.asked = 1;
+    }
+    if (slot != NULL) {
+        if (rc == LC_OK) {
+            slot->proven = 1;
+        } else {
+            /* Keep the load's errors: releasing the engine may add unrelated ones. */
+            ERR_set_mark();
+            lc_engine_drop_unproven(slot);
+            ERR_pop_to_mark();
+        }
     }
     pthread_mutex_unlock(&lc_lock);
     *pin_status = lc_pin_status(&req);

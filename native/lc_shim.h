@@ -31,6 +31,7 @@ typedef struct lc_key lc_key;
 #define LC_E_CSR_DIGEST 21       /* unknown digest name */
 #define LC_E_SIGN 22             /* signing failed */
 #define LC_E_ARG 23              /* a required argument was NULL or empty */
+#define LC_E_ENGINE_MODULE 24    /* the engine already serves another PKCS#11 module */
 
 /* PIN status reported by the loaders: whether a PIN was asked for, and whether one was available. */
 #define LC_PIN_NOT_ASKED 0
@@ -52,8 +53,10 @@ unsigned long lc_err_next(char *out, size_t out_len);
 void lc_err_clear(void);
 
 /* Key loaders. `pin` may be NULL. `pin_status` receives an LC_PIN_* value. */
+/* `bound_module` receives the module the engine already serves when LC_E_ENGINE_MODULE is returned. */
 int lc_key_from_engine(const char *engine_id, const char *so_path, const char *module_path,
-                       const char *pin, const char *key_id, lc_key **out, int *pin_status);
+                       const char *pin, const char *key_id, lc_key **out, int *pin_status,
+                       char *bound_module, size_t bound_len);
 int lc_key_from_store(const char *uri, const char *providers, const char *propq,
                       const char *pin, lc_key **out, int *pin_status);
 int lc_key_from_pem(const char *pem, size_t pem_len, const char *pin, lc_key **out, int *pin_status);

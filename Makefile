@@ -1,0 +1,50 @@
+# lightclient: `make demo` and `make test` do all set-up on a fresh Debian 12 / Raspberry Pi OS machine.
+# System packages are installed only when missing (as root, or through sudo).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# Build: compiler + OpenSSL headers. Lab and tests: SoftHSM2, the libp11 engine, OpenSC tools,
+# mosquitto, the openssl CLI.
+APT_PACKAGES := gcc libc6-dev libssl-dev libffi-dev openssl ca-certificates \
+                softhsm2 libengine-pkcs11-openssl opensc mosquitto mosquitto-clients
+
+.PHONY: all demo test unit system-deps venv shim clean
+
+all: venv
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { \
+	  echo ">> installing python3-venv"; DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; }
+
+# The stamp is redone when packaging or the C shim changes, so the shim is always rebuilt.
+$(VENV)/.installed: setup.cfg setup.py pyproject.toml native/lc_shim.c native/lc_shim.h native/build_shim.py | system-deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@rm -f lightclient/_shim*.so
+	$(PY) -m pip install -q -e '.[test,token]'
+	@touch $@
+
+venv: system-deps $(VENV)/.installed
+
+demo: venv
+	$(PY) examples/demo.py
+
+test: venv
+	$(PY) -m pytest -q
+
+unit: venv
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info lightclient/_shim*.so .pytest_cache
