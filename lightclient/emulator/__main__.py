@@ -1,0 +1,107 @@
+"""``python -m lightclient.emulator``: run the strict local IoT Hub until interrupted.
+
+    python -m lightclient.emulator --state-dir .emulator --port 8883 --device d1 --device d1/m1 \\
+        --http-port 8080 --verbose
+
+Every ``--device`` is registered CA-signed and gets a key and certificate from the emulator's CA in
+``{state-dir}/devices/`` (kept across runs).  ``--self-signed ID=CERT.pem`` registers a self-signed
+certificate by thumbprint.  ``--sign-csr CSR --out CERT`` only issues a certificate and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import EmulatorError
+from .service import Emulator
+
+
+def _split(identity: str):
+    device_id, _, module_id = identity.partition("/")
+    return device_id, module_id or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lightclient.emulator",
+                                     description="A strict local Azure IoT Hub (MQTT 3.1.1 over TLS with "
+                                                 "X.509 client certificates).")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8883, help="MQTT/TLS port; 0 picks a free one")
+    parser.add_argument("--hostname", default="localhost",
+                        help="the hub's host name: in the server certificate and the expected username")
+    parser.add_argument("--state-dir", default=".iothub-emulator", type=Path,
+                        help="where the CA, server and device certificates live (default .iothub-emulator)")
+    parser.add_argument("--device", action="append", default=[], metavar="ID[/MODULE]",
+                        help="register a CA-signed identity and issue its certificate (repeatable)")
+    parser.add_argument("--self-signed", action="append", default=[], metavar="ID[/MODULE]=CERT",
+                        help="register an identity by the thumbprint of a self-signed certificate")
+    parser.add_argument("--http-port", type=int, default=None,
+                        help="serve the service REST API on this loopback port (0 picks a free one)")
+    parser.add_argument("--ca-cert", type=Path, help="use this CA certificate instead of creating one")
+    parser.add_argument("--ca-key", type=Path, help="the key of --ca-cert (needed to issue certificates)")
+    parser.add_argument("--server-cert", type=Path, help="use this server certificate")
+    parser.add_argument("--server-key", type=Path, help="the key of --server-cert")
+    parser.add_argument("--sign-csr", type=Path, metavar="CSR", help="issue a certificate for CSR and exit")
+    parser.add_argument("--out", type=Path, help="where --sign-csr writes the certificate")
+    parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    emulator = Emulator(args.state_dir, host=args.host, port=args.port, hostname=args.hostname,
+                        http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
+                        ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key)
+    try:
+        if args.sign_csr:
+            if not args.out:
+                raise EmulatorError("--sign-csr needs --out CERT")
+            from . import certs
+            ca = certs.CertificateAuthority(args.ca_cert, args.ca_key) if args.ca_cert else \
+                certs.ensure_ca(args.state_dir)
+            print(certs.sign_csr(ca, args.sign_csr, args.out))
+            return 0
+        emulator.start()
+        lines = [f"IoT Hub emulator '{args.hostname}' listening on mqtts://{args.host}:{emulator.port}",
+                 f"  devices must trust the CA: {emulator.ca_path.resolve()}",
+                 f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
+        if emulator.http_port is not None:
+            lines.append(f"  service API: http://{args.host}:{emulator.http_port}")
+        for spec in args.device:
+            device_id, module_id = _split(spec)
+            emulator.register_device(device_id, module_id)
+            stem = spec.replace("/", "__")
+            cert = args.state_dir / "devices" / f"{stem}.pem"
+            key = args.state_dir / "devices" / f"{stem}.key"
+            if not (cert.exists() and key.exists()):
+                cert, key = emulator.issue_certificate(device_id, module_id)
+            lines.append(f"  device {spec}: CA-signed, cert {cert.resolve()} key {key.resolve()}")
+        for spec in args.self_signed:
+            name, sep, path = spec.partition("=")
+            if not sep:
+                raise EmulatorError(f"--self-signed expects ID[/MODULE]=CERT, got {spec!r}")
+            identity = emulator.register_device(*_split(name), certificate=Path(path))
+            lines.append(f"  device {identity.describe()}")
+        if not args.device and not args.self_signed:
+            lines.append("  no devices registered (use --device ID or the service API)")
+        lines.append("ready")
+        print("\n".join(lines), flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        while not stop.wait(0.5):  # a timed wait keeps signal delivery prompt on every platform
+            pass
+        return 0
+    except EmulatorError as exc:
+        print(f"emulator: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        emulator.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""One device connection: TLS handshake, CONNECT, then the hub's rules for every packet.
+
+A connection that breaks a rule the hub enforces by disconnecting (malformed packet, QoS 2, a topic the
+identity may not use, a message over 256 KB, keep-alive expiry) is closed; nothing it did can affect
+another connection, because all per-device state is keyed by the authenticated identity.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from typing import Optional
+
+from . import codec, namespace
+from .codec import MalformedPacket, PacketTooLarge
+from .events import Event
+from .registry import Identity, PeerCertificate, authorize
+
+#: IoT Hub's telemetry limit, counted as body + system property values + application names and values.
+D2C_MAX_BYTES = 262_144
+#: The Azure load balancer's idle timeout caps the keep-alive window whatever the client asks for.
+MAX_KEEPALIVE_WINDOW = 1767.0
+
+
+class _Close(Exception):
+    """Raised inside the packet loop to end the connection after a rule violation was recorded."""
+
+
+class Connection:
+    def __init__(self, hub, transport: asyncio.Transport):
+        self.hub = hub
+        self.transport = transport  # the plain TCP transport until the TLS handshake replaces it
+        self.reader: Optional[asyncio.StreamReader] = None
+        self.writer: Optional[asyncio.StreamWriter] = None
+        host, port = transport.get_extra_info("peername")[:2]
+        self.peer = f"{host}:{port}"
+        self.identity: Optional[Identity] = None
+        self.session = None
+        self.decoder = codec.Decoder(hub.max_packet_size)
+        self.will: Optional[codec.Will] = None
+        self.closed = False
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def name(self) -> Optional[str]:
+        return self.identity.name if self.identity else None
+
+    def diag(self, rule: str, message: str, received: str = "") -> None:
+        self.hub.diag(rule, message, received, self.name, self.peer)
+
+    def send(self, packet) -> None:
+        if not self.closed:
+            self.transport.write(codec.encode(packet))
+
+    def abort(self) -> None:
+        """Drop the connection at once (no TLS close_notify), as the hub does on a violation."""
+        self.closed = True
+        self.transport.abort()
+
+    async def _close_gracefully(self) -> None:
+        """Flush what was written (a refusing CONNACK must reach the device), then close."""
+        self.closed = True
+        self.writer.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
+        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
+            self.transport.abort()
+
+    async def _next_packet(self, timeout: float) -> Optional[codec.Packet]:
+        """The next packet, or None at end of stream; raises TimeoutError, MalformedPacket."""
+        while True:
+            packet = self.decoder.next_packet()
+            if packet is not None:
+                return packet
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                return None
+            self.decoder.feed(data)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        clean_exit = False
+        try:
+            if not await self._handshake():
+                return
+            if not await self._connect():
+                return
+            clean_exit = await self._serve()
+        except PacketTooLarge as exc:
+            self.diag("mqtt.packet-too-large", f"{exc}; refused from its header, connection closed")
+        except MalformedPacket as exc:
+            self.diag("mqtt.malformed", f"malformed packet, connection closed: {exc}")
+        except asyncio.TimeoutError:
+            pass  # recorded where the timeout is known
+        except _Close:
+            pass
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass  # the device went away; nothing to report
+        finally:
+            if self.session is not None and not clean_exit:
+                self._publish_will()
+            self.hub.detach(self)
+            if not self.closed:
+                self.abort()
+
+    async def _handshake(self) -> bool:
+        loop = asyncio.get_running_loop()
+        self.reader = asyncio.StreamReader(limit=2 ** 16)
+        protocol = asyncio.StreamReaderProtocol(self.reader)
+        try:
+            tls = await loop.start_tls(self.transport, protocol, self.hub.ssl_context, server_side=True,
+                                       ssl_handshake_timeout=self.hub.connect_timeout)
+        except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            self.diag("tls.handshake", "TLS handshake failed; the hub requires TLS 1.2+ and a client "
+                      "certificate issued by the emulator's CA or registered as self-signed",
+                      f"{reason}: {exc}")
+            self.abort()
+            return False
+        # start_tls does not call connection_made on the application protocol; the stream needs it.
+        protocol.connection_made(tls)
+        self.transport = tls
+        self.writer = asyncio.StreamWriter(tls, protocol, self.reader, loop)
+        return True
+
+    async def _connect(self) -> bool:
+        try:
+            packet = await self._next_packet(self.hub.connect_timeout)
+        except asyncio.TimeoutError:
+            self.diag("connect.timeout", f"no CONNECT within {self.hub.connect_timeout:g} s of the TLS "
+                      f"handshake")
+            raise
+        if packet is None:
+            return False
+        if not isinstance(packet, codec.Connect):
+            self.diag("connect.first-packet", "the first packet must be CONNECT [MQTT-3.1.0-1]",
+                      codec.describe(packet))
+            return False
+        ssl_object = self.writer.get_extra_info("ssl_object")
+        peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
+        result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
+        received = f"client id {packet.client_id!r}, username {packet.username!r}"
+        if result.return_code == codec.CONNACK_ACCEPTED and packet.will is not None:
+            prefix = namespace.events_prefix(result.identity.device_id, result.identity.module_id)
+            if not (packet.will.topic == prefix or packet.will.topic.startswith(prefix + "/")):
+                result.return_code = codec.CONNACK_NOT_AUTHORIZED
+                result.refusal = ("connect.will", f"the will topic must be this identity's telemetry "
+                                  f"topic {prefix + '/'!r}, got {packet.will.topic!r}")
+        for rule, message in result.warnings:
+            self.hub.diag(rule, message, received, packet.client_id or None, self.peer)
+        if result.return_code != codec.CONNACK_ACCEPTED:
+            rule, message = result.refusal
+            self.hub.diag(rule, f"CONNACK {result.return_code}: {message}", received,
+                          packet.client_id or None, self.peer)
+            self.send(codec.Connack(False, result.return_code))
+            await self._close_gracefully()
+            return False
+        self.identity = result.identity
+        self.will = packet.will
+        self.keepalive_window = (min(1.5 * packet.keep_alive, MAX_KEEPALIVE_WINDOW) if packet.keep_alive
+                                 else MAX_KEEPALIVE_WINDOW)
+        self.session, present = self.hub.attach(self, self.identity.name, packet.clean_session)
+        self.send(codec.Connack(present, codec.CONNACK_ACCEPTED))
+        self.hub.resume(self.session)
+        return True
+
+    async def _serve(self) -> bool:
+        """Handle packets until DISCONNECT (returns True) or the stream ends (False)."""
+        while True:
+            try:
+                packet = await self._next_packet(self.keepalive_window)
+            except asyncio.TimeoutError:
+                self.diag("mqtt.keep-alive", f"no packet within {self.keepalive_window:g} s (1.5 × the "
+                          f"CONNECT keep-alive); the hub closes the connection")
+                raise
+            if packet is None:
+                return False
+            if isinstance(packet, codec.Disconnect):
+                self.will = None
+                return True
+            self._dispatch(packet)
+            await self.writer.drain()
+
+    def _dispatch(self, packet) -> None:
+        if isinstance(packet, codec.Publish):
+            self._on_publish(packet)
+        elif isinstance(packet, codec.Puback):
+            if not self.hub.acknowledge(self.session, packet.packet_id):
+                self.diag("mqtt.puback", f"PUBACK for packet id {packet.packet_id}, which is not in flight")
+        elif isinstance(packet, codec.Subscribe):
+            self._on_subscribe(packet)
+        elif isinstance(packet, codec.Unsubscribe):
+            for topic_filter in packet.filters:
+                self.session.subscriptions.pop(topic_filter, None)
+            self.send(codec.Unsuback(packet.packet_id))
+        elif isinstance(packet, codec.Pingreq):
+            self.send(codec.Pingresp())
+        elif isinstance(packet, codec.Connect):
+            self.diag("mqtt.second-connect", "a second CONNECT on one connection is a protocol violation "
+                      "[MQTT-3.1.0-2]; connection closed")
+            raise _Close()
+        elif isinstance(packet, (codec.Pubrec, codec.Pubrel, codec.Pubcomp)):
+            self.diag("publish.qos2", "IoT Hub does not support QoS 2; connection closed",
+                      codec.describe(packet))
+            raise _Close()
+        else:
+            self.diag("mqtt.unexpected-packet", "devices never send this packet; connection closed",
+                      codec.describe(packet))
+            raise _Close()
+
+    # ------------------------------------------------------------------ subscribe
+
+    def _on_subscribe(self, packet: codec.Subscribe) -> None:
+        codes = []
+        device_id, module_id = self.identity.device_id, self.identity.module_id
+        for topic_filter, qos in packet.requests:
+            reason = namespace.refuse_subscription(topic_filter, device_id, module_id)
+            subs = self.session.subscriptions
+            if reason is None and topic_filter not in subs and len(subs) >= self.hub.max_subscriptions:
+                reason = (f"a device can only subscribe to {self.hub.max_subscriptions} topics at a time; "
+                          f"already subscribed to {', '.join(subs)}")
+                self.diag("subscribe.limit", f"SUBACK 0x80: {reason}", f"SUBSCRIBE {topic_filter!r}")
+                codes.append(codec.SUBACK_FAILURE)
+                continue
+            if reason is not None:
+                self.diag("subscribe.filter", f"SUBACK 0x80: {reason}", f"SUBSCRIBE {topic_filter!r}")
+                codes.append(codec.SUBACK_FAILURE)
+                continue
+            if qos == 2:
+                self.diag("subscribe.qos2", "QoS 2 requested; the hub grants QoS 1",
+                          f"SUBSCRIBE {topic_filter!r} qos=2")
+            granted = min(qos, 1)
+            subs[topic_filter] = granted
+            codes.append(granted)
+        self.send(codec.Suback(packet.packet_id, tuple(codes)))
+        self.hub.pump_c2d(self.identity.name)
+
+    # ------------------------------------------------------------------ publish
+
+    def _on_publish(self, packet: codec.Publish) -> None:
+        if packet.qos == 2:
+            self.diag("publish.qos2", "IoT Hub does not support QoS 2 publishes; the hub closes the "
+                      "connection", codec.describe(packet))
+            raise _Close()
+        kind = namespace.classify_publish(packet.topic, self.identity.device_id, self.identity.module_id)
+        if isinstance(kind, namespace.Forbidden):
+            self.diag("publish.topic", f"{kind.reason}; the hub closes the connection",
+                      codec.describe(packet))
+            raise _Close()
+        if isinstance(kind, namespace.Telemetry):
+            self._on_telemetry(packet, kind)
+        else:
+            if packet.retain:
+                self.diag("publish.retain", "RETAIN is meaningless on $iothub topics and is ignored",
+                          codec.describe(packet))
+            if packet.qos:
+                self.send(codec.Puback(packet.packet_id))
+            if isinstance(kind, namespace.TwinGet):
+                self._on_twin_get(packet, kind)
+            elif isinstance(kind, namespace.TwinReported):
+                self._on_twin_reported(packet, kind)
+            else:
+                self._on_method_response(packet, kind)
+            return
+        if packet.qos:
+            self.send(codec.Puback(packet.packet_id))
+
+    def _on_telemetry(self, packet: codec.Publish, kind: namespace.Telemetry) -> None:
+        bag = namespace.decode_property_bag(kind.bag)
+        size = (len(packet.payload) + sum(len((v or "").encode()) for v in bag.system.values())
+                + sum(len(k.encode()) + len((v or "").encode()) for k, v in bag.application.items()))
+        if size > D2C_MAX_BYTES:
+            self.diag("publish.size", f"message of {size} bytes (body + properties) exceeds the hub's "
+                      f"{D2C_MAX_BYTES}-byte limit; the hub closes the connection", codec.describe(packet))
+            raise _Close()
+        for rule, message in bag.problems:
+            self.diag(rule, message, f"topic {packet.topic!r}")
+        application = dict(bag.application)
+        if packet.retain:
+            # The hub stores nothing; it marks the message so routing can see RETAIN was set.
+            application["mqtt-retain"] = "true"
+        self.hub.events.add(Event(self.identity.device_id, self.identity.module_id, packet.payload,
+                                  bag.system, application, packet.topic, packet.retain))
+
+    def _check_rid(self, kind, packet: codec.Publish) -> Optional[str]:
+        if not kind.raw_rid:
+            self.diag("twin.rid" if not isinstance(kind, namespace.MethodResponse) else "method.rid",
+                      "request has no '$rid' (expected '…/?$rid={request id}'); the hub cannot correlate "
+                      "a response, so the request is ignored", f"topic {packet.topic!r}")
+            return None
+        return kind.raw_rid
+
+    def _respond_twin(self, status: int, rid: str, body: bytes = b"", extra: str = "") -> None:
+        topic = f"$iothub/twin/res/{status}/?$rid={rid}{extra}"
+        if not self.hub.deliver(self.session, topic, body, 0):
+            self.diag("twin.not-subscribed", f"twin response {status} dropped: the device is not "
+                      f"subscribed to {namespace.TWIN_RESPONSE_FILTER!r}", f"response topic {topic!r}")
+
+    def _on_twin_get(self, packet: codec.Publish, kind: namespace.TwinGet) -> None:
+        rid = self._check_rid(kind, packet)
+        if rid is None:
+            return
+        document = self.hub.twin(self.identity.name).document()
+        self._respond_twin(200, rid, json.dumps(document).encode())
+
+    def _on_twin_reported(self, packet: codec.Publish, kind: namespace.TwinReported) -> None:
+        rid = self._check_rid(kind, packet)
+        if rid is None:
+            return
+        try:
+            patch = json.loads(packet.payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            self.diag("twin.reported-json", f"reported patch is not valid JSON ({exc}); hub answers 400",
+                      f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
+        if not isinstance(patch, dict):
+            self.diag("twin.reported-json", "reported patch must be a JSON object; hub answers 400",
+                      f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
+        version = self.hub.twin(self.identity.name).patch_reported(patch)
+        self._respond_twin(204, rid, extra=f"&$version={version}")
+
+    def _on_method_response(self, packet: codec.Publish, kind: namespace.MethodResponse) -> None:
+        rid = self._check_rid(kind, packet)
+        if rid is None:
+            return
+        try:
+            status = int(kind.status)
+        except ValueError:
+            self.diag("method.status", f"method response status must be an integer, got {kind.status!r}; "
+                      f"response ignored", f"topic {packet.topic!r}")
+            return
+        payload = None
+        if packet.payload:
+            try:
+                payload = json.loads(packet.payload)
+            except (ValueError, UnicodeDecodeError):
+                self.diag("method.payload", "method response body must be JSON (or empty); passed on "
+                          "as text", f"body {packet.payload[:80]!r}")
+                payload = packet.payload.decode("utf-8", "replace")
+        if not self.hub.complete_method(self.identity.name, rid, status, payload):
+            self.diag("method.rid", f"no pending method call with $rid {rid!r} for this identity (it "
+                      f"timed out, was already answered, or the rid was altered)", f"topic {packet.topic!r}")
+
+    def _publish_will(self) -> None:
+        if self.will is None or self.identity is None:
+            return
+        prefix = namespace.events_prefix(self.identity.device_id, self.identity.module_id)
+        bag = namespace.decode_property_bag(self.will.topic[len(prefix) + 1:].rstrip("/"))
+        self.hub.events.add(Event(self.identity.device_id, self.identity.module_id, self.will.payload,
+                                  bag.system, {**bag.application, "iothub-MessageType": "Will"},
+                                  self.will.topic, self.will.retain))

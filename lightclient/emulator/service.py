@@ -1,0 +1,267 @@
+"""The in-process service API: run the emulator on a background thread and drive it like a hub's
+service side (register identities, invoke methods, update desired properties, send C2D, read telemetry
+and diagnostics).
+
+    with Emulator(state_dir) as hub:          # picks free ports on 127.0.0.1
+        hub.register_device("d1")
+        cert, key = hub.issue_certificate("d1")
+        ...                                   # connect a device to hub.host:hub.port, trusting hub.ca_path
+        hub.wait_for_events(1, "d1")
+        result = hub.invoke_method("d1", "reboot", {"delay": 1}, timeout=5)
+
+Every method is thread-safe; hub state itself lives on the emulator's own asyncio loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple
+
+from . import certs, codec
+from .diagnostics import Diagnostic, DiagnosticLog
+from .errors import EmulatorError
+from .events import Event, EventLog
+from .hub import Hub, MAX_SUBSCRIPTIONS
+from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    status: int
+    """The status the device put in ``$iothub/methods/res/{status}/``."""
+    payload: Any
+    """The device's JSON response body, decoded (None for an empty body)."""
+
+
+def _identity_name(device_id: str, module_id: Optional[str]) -> str:
+    return f"{device_id}/{module_id}" if module_id else device_id
+
+
+class Emulator:
+    """A strict local IoT Hub.  ``port=0`` / ``http_port=0`` pick free ports; ``http_port=None`` turns
+    the HTTP service API off.  Pass ``ca_cert``/``ca_key`` to use an existing CA instead of creating one
+    in ``state_dir``, and ``server_cert``/``server_key`` to use an existing server certificate."""
+
+    def __init__(self, state_dir, *, host: str = "127.0.0.1", port: int = 0, hostname: str = "localhost",
+                 http_port: Optional[int] = None, verbose: bool = False, output: Optional[TextIO] = None,
+                 ca_cert=None, ca_key=None, server_cert=None, server_key=None,
+                 max_subscriptions: int = MAX_SUBSCRIPTIONS, connect_timeout: float = 10.0,
+                 max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE):
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.hostname = hostname
+        self.port = port
+        self.http_port = http_port
+        self.registry = Registry()
+        self.diagnostic_log = DiagnosticLog()
+        self.event_log = EventLog()
+        self._output = output
+        if verbose:
+            self.diagnostic_log.listeners.append(self._print_diagnostic)
+        self._ca_paths = (ca_cert, ca_key)
+        self._server_paths = (server_cert, server_key)
+        self._options = dict(max_subscriptions=max_subscriptions, connect_timeout=connect_timeout,
+                             max_packet_size=max_packet_size)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._hub: Optional[Hub] = None
+        self._http = None
+        self.ca: Optional[certs.CertificateAuthority] = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def ca_path(self) -> Path:
+        """The CA certificate devices must trust (and that issues CA-signed device certificates)."""
+        return self._require_started().cert_path
+
+    def _require_started(self) -> certs.CertificateAuthority:
+        if self.ca is None:
+            raise EmulatorError("the emulator is not started; call start() or use it as a context manager")
+        return self.ca
+
+    def start(self) -> "Emulator":
+        if self._thread is not None:
+            raise EmulatorError("the emulator is already running")
+        ca_cert, ca_key = self._ca_paths
+        if ca_cert:
+            self.ca = certs.CertificateAuthority(Path(ca_cert), Path(ca_key) if ca_key else Path())
+        else:
+            self.ca = certs.ensure_ca(self.state_dir)
+        server_cert, server_key = self._server_paths
+        if not server_cert:
+            names = {self.hostname, "localhost", "127.0.0.1", "::1"}
+            if self.host not in ("0.0.0.0", "::", ""):
+                names.add(self.host)
+            server_cert, server_key = certs.ensure_server_certificate(self.state_dir, self.ca, names)
+        self._ssl_context = self._server_context(Path(server_cert), Path(server_key))
+        self._loop = asyncio.new_event_loop()
+        self._hub = Hub(hostname=self.hostname, registry=self.registry, diagnostics=self.diagnostic_log,
+                        events=self.event_log, ssl_context=self._ssl_context,
+                        ca_subject=self._ca_subject(), **self._options)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="iothub-emulator", daemon=True)
+        self._thread.start()
+        try:
+            self.port = self._call(self._hub.start(self.host, self.port))
+            if self.http_port is not None:
+                from .http_api import HttpApi
+                self._http = HttpApi(self, self.host, self.http_port)
+                self.http_port = self._http.port
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Close every connection and the listeners, and join the threads.  Safe to call twice."""
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        if self._thread is None:
+            return
+        try:
+            self._call(self._hub.stop(), timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+            self._thread = None
+
+    def __enter__(self) -> "Emulator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _server_context(self, cert: Path, key: Path) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2  # the hub refuses TLS 1.0/1.1
+        context.load_cert_chain(cert, key)
+        # The hub asks for the client certificate in the handshake; Python's ssl cannot defer chain
+        # verification to CONNECT, so self-signed device certificates are added as trust anchors when
+        # their identity is registered (see register_device).
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(self.ca.cert_path))
+        return context
+
+    def _ca_subject(self) -> Dict[str, str]:
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        probe.load_verify_locations(cafile=str(self.ca.cert_path))
+        (ca,) = probe.get_ca_certs()
+        return {key: value for rdn in ca["subject"] for key, value in rdn}
+
+    def _call(self, coroutine, timeout: Optional[float] = 30.0):
+        if self._loop is None or not self._loop.is_running():
+            coroutine.close()
+            raise EmulatorError("the emulator is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def _print_diagnostic(self, diagnostic: Diagnostic) -> None:
+        print(f"emulator: {diagnostic}", file=self._output or sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ registry and certificates
+
+    def register_device(self, device_id: str, module_id: Optional[str] = None, *,
+                        certificate=None, thumbprints: Iterable[str] = (), enabled: bool = True) -> Identity:
+        """Register a device (or module) identity.
+
+        Without ``certificate``/``thumbprints`` it is CA-signed: its certificate must come from this
+        emulator's CA with ``CN={device_id}`` (or ``CN={device_id}/{module_id}``).  With a self-signed
+        ``certificate`` file its SHA-1 and SHA-256 thumbprints are registered and the certificate is
+        trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness, but the
+        handshake then fails unless that certificate is trusted some other way."""
+        prints = tuple(t.replace(":", "").upper() for t in thumbprints)
+        if certificate is not None:
+            prints += certs.thumbprints(Path(certificate))
+            self._trust(Path(certificate))
+        auth = SELF_SIGNED if prints else CA_SIGNED
+        return self.registry.add(Identity(device_id, module_id, auth, prints, enabled))
+
+    def _trust(self, certificate: Path) -> None:
+        der = certs.certificate_der(certificate)
+        if self._thread is None:
+            raise EmulatorError("start() the emulator before registering self-signed identities")
+        self._ssl_context.load_verify_locations(cadata=der)
+
+    def unregister(self, device_id: str, module_id: Optional[str] = None) -> None:
+        self.registry.remove(_identity_name(device_id, module_id))
+
+    def identities(self) -> List[Identity]:
+        return self.registry.all()
+
+    def issue_certificate(self, device_id: str, module_id: Optional[str] = None,
+                          out_dir=None, days: int = 365) -> Tuple[Path, Path]:
+        """Create a key and a certificate from this emulator's CA with CN = the identity.
+        Returns (cert_path, key_path); files go to ``out_dir`` (default ``{state_dir}/devices``)."""
+        ca = self._require_started()
+        target = Path(out_dir) if out_dir else self.state_dir / "devices"
+        return certs.issue_device_certificate(ca, _identity_name(device_id, module_id), target, days)
+
+    def sign_csr(self, csr_path, out_path, days: int = 365) -> Path:
+        """Issue a client certificate for a PEM CSR from this emulator's CA."""
+        return certs.sign_csr(self._require_started(), Path(csr_path), Path(out_path), days)
+
+    # ------------------------------------------------------------------ service operations
+
+    def invoke_method(self, device_id: str, method_name: str, payload: Any = None, *,
+                      module_id: Optional[str] = None, timeout: float = 30.0) -> MethodResult:
+        """Invoke a direct method and wait for the device's answer.
+        Raises HubError 404 (404103) if the device is offline or not subscribed to methods, 504 (504101)
+        if it does not answer within ``timeout`` seconds."""
+        status, body = self._call(self._hub.invoke_method(_identity_name(device_id, module_id), method_name,
+                                                          payload, timeout), timeout=timeout + 10)
+        return MethodResult(status, body)
+
+    def get_twin(self, device_id: str, module_id: Optional[str] = None) -> Dict[str, Any]:
+        """``{"desired": {…, "$version": n}, "reported": {…, "$version": m}}``."""
+        return self._call(self._hub.get_twin(_identity_name(device_id, module_id)))
+
+    def update_desired(self, device_id: str, patch: Dict[str, Any], module_id: Optional[str] = None) -> int:
+        """Merge ``patch`` into the desired properties (null deletes), push it to the device if it is
+        connected and subscribed, and return the new desired ``$version``."""
+        return self._call(self._hub.update_desired(_identity_name(device_id, module_id), patch))
+
+    def send_c2d(self, device_id: str, body, *, message_id: Optional[str] = None,
+                 correlation_id: Optional[str] = None, user_id: Optional[str] = None,
+                 content_type: Optional[str] = None, content_encoding: Optional[str] = None,
+                 expiry: Optional[str] = None, ack: Optional[str] = None,
+                 properties: Optional[Dict[str, Optional[str]]] = None) -> str:
+        """Queue a cloud-to-device message; return its message id.  It is delivered at once if the device
+        is subscribed to ``devices/{id}/messages/devicebound/#``, else when it next is."""
+        data = body.encode() if isinstance(body, str) else bytes(body)
+        return self._call(self._hub.send_c2d(
+            device_id, data, message_id=message_id, correlation_id=correlation_id, user_id=user_id,
+            content_type=content_type, content_encoding=content_encoding, expiry=expiry, ack=ack,
+            properties=properties))
+
+    def queued_c2d(self, device_id: str) -> int:
+        return self._call(self._async(self._hub.queued_c2d, device_id))
+
+    def is_connected(self, device_id: str, module_id: Optional[str] = None) -> bool:
+        return self._call(self._async(self._hub.is_connected, _identity_name(device_id, module_id)))
+
+    @staticmethod
+    async def _async(function, *args):
+        return function(*args)
+
+    # ------------------------------------------------------------------ telemetry and diagnostics
+
+    def events(self, device_id: Optional[str] = None, module_id: Optional[str] = None) -> List[Event]:
+        """Telemetry accepted so far, oldest first, optionally for one device (and module)."""
+        return self.event_log.items(device_id, module_id)
+
+    def wait_for_events(self, count: int, device_id: Optional[str] = None,
+                        module_id: Optional[str] = None, timeout: float = 5.0) -> List[Event]:
+        return self.event_log.wait_for(count, device_id, module_id, timeout)
+
+    def diagnostics(self, identity: Optional[str] = None, rule: Optional[str] = None) -> List[Diagnostic]:
+        """Protocol deviations recorded so far; ``rule`` matches a prefix (``"connect."``)."""
+        return self.diagnostic_log.items(identity, rule)
+
+    def wait_for_diagnostic(self, rule: str, identity: Optional[str] = None,
+                            timeout: float = 5.0) -> Diagnostic:
+        return self.diagnostic_log.wait_for(rule, identity, timeout)
