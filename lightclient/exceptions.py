@@ -18,6 +18,7 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     ├── OpenSSLMismatchError (ImportError)  Python's ssl module and the shim use different OpenSSL copies
     ├── NativeError                         any other failure inside OpenSSL (carries OpenSSL's errors)
     ├── ServiceError                        the hub answered a request with an error status
+    │   └── ProvisioningError               DPS refused or failed a registration
     └── OperationTimeout (TimeoutError)     a request got no answer in time
 
 Exceptions carrying OpenSSL errors expose them as ``openssl_errors`` (a tuple of strings, oldest first).
@@ -106,6 +107,16 @@ class ServiceError(LightClientError):
     @property
     def retryable(self) -> bool:
         return self.status is not None and (self.status == 429 or self.status >= 500)
+
+
+class ProvisioningError(ServiceError):
+    """DPS refused or failed a registration (``status``, ``error_code``, ``tracking_id`` when known)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, error_code: Optional[int] = None,
+                 tracking_id: Optional[str] = None):
+        super().__init__(message, status)
+        self.error_code = error_code
+        self.tracking_id = tracking_id
 
 
 class OperationTimeout(LightClientError, TimeoutError):
