@@ -184,13 +184,17 @@ def _opt_str(obj: Mapping, key: str) -> Optional[str]:
 def parse_operation(body: Union[bytes, str, Mapping]) -> RegistrationResult:
     """Parse a register / operation-status response body (200 or 202)."""
     data = _json(body)
-    state = data.get("registrationState") or {}
+    state = data.get("registrationState")
+    if state is None:
+        state = {}
     if not isinstance(state, dict):
         raise ProtocolError("DPS sent a registrationState that is not an object")
     status = data.get("status") or state.get("status")
     if not isinstance(status, str) or not status:
         raise ProtocolError(f"DPS response has no status: {sorted(data)}")
-    chain = state.get("issuedCertificateChain") or ()
+    chain = state.get("issuedCertificateChain")
+    if chain is None:
+        chain = ()
     if not isinstance(chain, (list, tuple)):
         raise ProtocolError("DPS sent issuedCertificateChain that is not a list")
     try:
