@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server-key", type=Path, help="the key of --server-cert")
     parser.add_argument("--sign-csr", type=Path, metavar="CSR", help="issue a certificate for CSR and exit")
     parser.add_argument("--out", type=Path, help="where --sign-csr writes the certificate")
+    parser.add_argument("--dps-port", type=int, default=None,
+                        help="also serve a Device Provisioning Service over HTTPS on this port (0: free port)")
+    parser.add_argument("--id-scope", default="0ne00000001", help="the DPS ID scope (default 0ne00000001)")
+    parser.add_argument("--dps-polls", type=int, default=1,
+                        help="DPS answers 'assigning' this many times before assigning (default 1)")
+    parser.add_argument("--dps-retry-after", type=int, default=1, help="DPS Retry-After seconds (default 1)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
     return parser
 
@@ -71,6 +77,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
         if emulator.http_port is not None:
             lines.append(f"  service API: http://{args.host}:{emulator.http_port}")
+        if args.dps_port is not None:
+            dps = emulator.start_dps(args.dps_port, id_scope=args.id_scope, retry_after=args.dps_retry_after,
+                                     polls=args.dps_polls)
+            lines.append(f"  DPS: https://{args.host}:{dps.port}  id scope {args.id_scope}; group enrollment "
+                         "'lab-devices' accepts every certificate issued by the emulator's CA")
         for spec in args.device:
             device_id, module_id = _split(spec)
             emulator.register_device(device_id, module_id)

@@ -151,3 +151,17 @@ def certificate_der(cert_pem_path: Path) -> bytes:
     if end not in text:
         raise EmulatorError(f"{cert_pem_path} holds no PEM certificate")
     return ssl.PEM_cert_to_DER_cert(text[:text.index(end) + len(end)][text.index("-----BEGIN"):])
+
+
+def issued_by(cert_der: bytes, ca: CertificateAuthority) -> bool:
+    """Does ``ca`` verify this certificate (directly)?"""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as fh:
+        fh.write(ssl.DER_cert_to_PEM_cert(cert_der))
+        fh.flush()
+        exe = shutil.which("openssl")
+        if exe is None:
+            return False
+        proc = subprocess.run([exe, "verify", "-CAfile", str(ca.cert_path), fh.name], capture_output=True)
+        return proc.returncode == 0

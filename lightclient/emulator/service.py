@@ -60,6 +60,8 @@ class Emulator:
         self.diagnostic_log = DiagnosticLog()
         self.event_log = EventLog()
         self._output = output
+        self.verbose = verbose
+        self.dps = None
         if verbose:
             self.diagnostic_log.listeners.append(self._print_diagnostic)
         self._ca_paths = (ca_cert, ca_key)
@@ -98,6 +100,7 @@ class Emulator:
             if self.host not in ("0.0.0.0", "::", ""):
                 names.add(self.host)
             server_cert, server_key = certs.ensure_server_certificate(self.state_dir, self.ca, names)
+        self._server_files = (Path(server_cert), Path(server_key))
         self._ssl_context = self._server_context(Path(server_cert), Path(server_key))
         self._loop = asyncio.new_event_loop()
         self._hub = Hub(hostname=self.hostname, registry=self.registry, diagnostics=self.diagnostic_log,
@@ -116,8 +119,43 @@ class Emulator:
             raise
         return self
 
+    def start_dps(self, port: int = 0, *, id_scope: str = "0ne00000001", retry_after: int = 1,
+                  group: Optional[str] = "lab-devices", polls: int = 1):
+        """Serve a DPS beside the hub (HTTPS, same CA and server certificate); returns the DpsEmulator.
+
+        With ``group``, every device whose certificate comes from this emulator's CA may register
+        (a group enrollment by CA). Assigned devices are registered in this hub, so they can
+        connect right after provisioning."""
+        from .dps import DpsEmulator
+
+        ca = self._require_started()
+        if self.dps is not None:
+            raise EmulatorError("the DPS emulator is already running")
+        cert, key = self._server_files
+        self.dps = DpsEmulator(ca=ca, server_cert=cert, server_key=key, host=self.host, port=port,
+                               id_scope=id_scope, retry_after=retry_after, on_assigned=self._dps_assigned,
+                               log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
+                                                       flush=True)) if self.verbose else None)
+        if group:
+            self.dps.add_group(group, ca.cert_path.read_bytes(), assigned_hub=self.hostname, polls=polls)
+        return self.dps.start()
+
+    def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
+        if self.registry.get(device_id) is not None:
+            return
+        if cert_der is None or certs.issued_by(cert_der, self.ca):
+            self.register_device(device_id)
+        else:
+            path = self.state_dir / "devices" / f"{device_id}.dps.pem"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(ssl.DER_cert_to_PEM_cert(cert_der))
+            self.register_device(device_id, certificate=path)
+
     def stop(self) -> None:
         """Close every connection and the listeners, and join the threads.  Safe to call twice."""
+        if self.dps is not None:
+            self.dps.stop()
+            self.dps = None
         if self._http is not None:
             self._http.close()
             self._http = None
