@@ -22,6 +22,17 @@ def _connect(ctx, port, client_id):
     return client
 
 
+def _publish_once(ctx, port, client_id, topic):
+    """Connect through ``ctx``, publish at QoS 1, and require the PUBACK."""
+    client = _connect(ctx, port, client_id)
+    try:
+        info = client.publish(topic, b"x", qos=1)
+        info.wait_for_publish(timeout=5)
+        assert info.is_published()
+    finally:
+        client.disconnect(); client.loop_stop()
+
+
 def _subscriber(service_context, port, topic):
     got = queue.Queue()
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"svc-{uuid.uuid4().hex[:8]}")
@@ -178,13 +189,7 @@ def test_store_backend_with_default_provider(test_ca, tmp_path, broker):
     subprocess.run(["openssl", "pkey", "-in", str(key), "-out", str(enc), "-aes256", "-passout", "stdin"],
                    input=b"store-secret\n", check=True)
     ctx = tls.client_context(cert=cert, key=f"store:file:{enc}", pin="store-secret", ca=test_ca.cert)
-    client = _connect(ctx, broker.port, "store-device")
-    try:
-        info = client.publish("lab/store", b"x", qos=1)
-        info.wait_for_publish(timeout=5)
-        assert info.is_published()
-    finally:
-        client.disconnect(); client.loop_stop()
+    _publish_once(ctx, broker.port, "store-device", "lab/store")
     plain = keys.load_key(f"provider:default:{key}")
     assert (plain.key_type, plain.bits) == ("EC", 256)
 
@@ -203,13 +208,7 @@ def test_store_refuses_several_keys(test_ca, tmp_path):
 def test_pem_file_backend(test_ca, tmp_path, broker):
     cert, key = test_ca.issue_file_key("file-device", tmp_path, key_type="rsa")
     ctx = tls.client_context(cert=cert, key=str(key), ca=test_ca.cert)
-    client = _connect(ctx, broker.port, "file-device")
-    try:
-        info = client.publish("lab/file", b"x", qos=1)
-        info.wait_for_publish(timeout=5)
-        assert info.is_published()
-    finally:
-        client.disconnect(); client.loop_stop()
+    _publish_once(ctx, broker.port, "file-device", "lab/file")
 
 
 def test_attach_key_to_users_own_context(device, test_ca):
