@@ -14,7 +14,7 @@ APT_PACKAGES := gcc libc6-dev libssl-dev libffi-dev openssl ca-certificates curl
                 swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
                 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-openssl
 
-.PHONY: all demo test unit system-deps venv shim clean
+.PHONY: all demo test unit bench system-deps venv shim clean
 
 all: venv
 
@@ -45,6 +45,9 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) benchmarks/telemetry.py
 
 unit: venv
 	$(PY) -m pytest -q tests/unit

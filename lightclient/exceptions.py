@@ -18,7 +18,8 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     ├── OpenSSLMismatchError (ImportError)  Python's ssl module and the shim use different OpenSSL copies
     ├── NativeError                         any other failure inside OpenSSL (carries OpenSSL's errors)
     ├── ServiceError                        the hub answered a request with an error status
-    │   └── ProvisioningError               DPS refused or failed a registration
+    │   ├── ProvisioningError               DPS refused or failed a registration
+    │   └── ConnectRefusedError             the hub refused the MQTT CONNECT (CONNACK 1-5)
     └── OperationTimeout (TimeoutError)     a request got no answer in time
 
 Exceptions carrying OpenSSL errors expose them as ``openssl_errors`` (a tuple of strings, oldest first).
@@ -117,6 +118,21 @@ class ProvisioningError(ServiceError):
         super().__init__(message, status)
         self.error_code = error_code
         self.tracking_id = tracking_id
+
+
+class ConnectRefusedError(ServiceError):
+    """The hub refused the MQTT CONNECT (``return_code`` 1–5; IoT Hub mostly sends 5, not authorized)."""
+
+    #: CONNACK 3 (server unavailable) is worth retrying soon; 1, 2, 4, 5 need a configuration change.
+    RETRYABLE_CODES = frozenset({3})
+
+    def __init__(self, message: str, return_code: int):
+        super().__init__(message, status=None)
+        self.return_code = return_code
+
+    @property
+    def retryable(self) -> bool:
+        return self.return_code in self.RETRYABLE_CODES
 
 
 class OperationTimeout(LightClientError, TimeoutError):
