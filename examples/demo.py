@@ -1,31 +1,42 @@
-"""The `make demo` walk-through: a key that never leaves a (software) token, used for mutual TLS.
+"""The `make demo` walk-through: a device whose key never leaves a (software) token, end to end.
 
-1. create a SoftHSM2 token and an EC P-256 key pair on it (sensitive, non-extractable);
-2. have lightclient sign a CSR with the token key, and a local test CA issue the certificate;
-3. start a local mosquitto that requires client certificates;
-4. connect with paho through lightclient's hardware-backed ssl.SSLContext and publish.
+1. start the local IoT Hub emulator with its Device Provisioning Service (no cloud account);
+2. create a SoftHSM2 token and an EC P-256 key on it (sensitive, non-extractable);
+3. sign CSRs inside the token: one for a bootstrap certificate, one that DPS turns into the device
+   certificate while provisioning over HTTPS with the same key;
+4. connect to the assigned hub with lightclient's Device, send telemetry, receive a desired-property
+   change, answer a direct method invoked from the service side;
+5. print what the hub received.
 
 Everything lives in a temporary directory (removed afterwards; set DEMO_DIR to keep it) and every
-process is stopped at the end.
+process and thread is stopped at the end.
 """
 import base64
+import json
 import os
-import queue
-import ssl
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
-from lightclient import keys, lab, tls
+from lightclient import dps, keys, lab, tls
 from lightclient._native import sign_csr
+from lightclient.device import Device
+from lightclient.emulator.service import Emulator
+from lightclient.identity import Identity
 
 PIN = os.environ.get("DEMO_PIN", "1234")
+DEVICE_ID = "demo-device"
+ID_SCOPE = "0ne00000001"
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+def csr_pem(der: bytes) -> bytes:
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE REQUEST-----\n"
 
 
 def main() -> int:
@@ -36,66 +47,83 @@ def main() -> int:
 
 
 def run(root: Path) -> int:
-    step(f"SoftHSM2 token in {root / 'softhsm'}")
-    hsm = lab.SoftHSM(root / "softhsm")
-    hsm.init_token("demo", PIN, "so-" + PIN)
-    info = hsm.keygen("demo", PIN, "device-key", "ec-p256")
-    hsm.activate()
-    uri = f"{info['uri']}?module-path={hsm.module_path}"
-    print(f"key pair created on the token: {info['key_type']}, private key sensitive + non-extractable")
-    print(f"key reference: {uri}")
+    started = time.monotonic()
+    step("IoT Hub emulator + DPS on loopback")
+    with Emulator(root / "emulator", hostname="localhost") as hub:
+        hub.start_dps(0, id_scope=ID_SCOPE, polls=1, retry_after=1)
+        print(f"hub  mqtts://127.0.0.1:{hub.port}  (trust {hub.ca_path})")
+        print(f"DPS  https://{hub.dps.endpoint}  id scope {ID_SCOPE}, group enrollment by the emulator's CA")
 
-    step("CSR signed inside the token, certificate from a local test CA")
-    key = keys.load_key(uri, pin=PIN)
-    print(f"loaded {key!r} through the libp11 pkcs11 engine (the private key stays in the token)")
-    der = sign_csr(key, [("CN", "demo-device")])
-    ca = lab.TestCA(root / "ca")
-    cert = ca.sign_csr(b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der)
-                       + b"-----END CERTIFICATE REQUEST-----\n", root / "demo-device.pem")
-    print(f"certificate for CN=demo-device: {cert}")
+        step(f"SoftHSM2 token in {root / 'softhsm'}")
+        hsm = lab.SoftHSM(root / "softhsm")
+        hsm.init_token("demo", PIN, "so-" + PIN)
+        info = hsm.keygen("demo", PIN, "device-key", "ec-p256")
+        hsm.activate()
+        uri = f"{info['uri']}?module-path={hsm.module_path}"
+        key = keys.load_key(uri, pin=PIN)
+        print(f"key pair on the token, private key sensitive + non-extractable: {key!r}")
 
-    step("mosquitto on loopback, require_certificate true")
-    with lab.Mosquitto(root / "mosquitto", ca) as broker:
-        print(f"broker listening on 127.0.0.1:{broker.port}")
+        step("bootstrap certificate from a CSR signed inside the token")
+        (root / "bootstrap.csr").write_bytes(csr_pem(sign_csr(key, [("CN", DEVICE_ID)])))
+        bootstrap = hub.sign_csr(root / "bootstrap.csr", root / "bootstrap.pem")
+        print(f"bootstrap certificate CN={DEVICE_ID}: {bootstrap}")
 
-        # The 'cloud side' watches the topic with its own (file-key) certificate.
-        svc_cert, svc_key = ca.issue_file_key("demo-service", root)
-        svc_ctx = ssl.create_default_context(cafile=str(ca.cert))
-        svc_ctx.load_cert_chain(str(svc_cert), str(svc_key))
-        got: "queue.Queue" = queue.Queue()
-        ready: "queue.Queue" = queue.Queue()
-        svc = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-service")
-        svc.tls_set_context(svc_ctx)
-        svc.on_message = lambda c, u, m: got.put(m)
-        svc.on_subscribe = lambda *a: ready.put(True)
-        svc.connect("127.0.0.1", broker.port)
-        svc.loop_start()
-        svc.subscribe("devices/demo-device/#", qos=1)
-        ready.get(timeout=10)
+        step("provision over HTTPS with the same key; DPS issues the device certificate from a CSR")
+        https = tls.https_context(cert=bootstrap, key=key, ca=hub.ca_path)
+        issued = root / "device.pem"
+        result = dps.provision(ID_SCOPE, DEVICE_ID, ssl_context=https, endpoint=hub.dps.endpoint,
+                               csr=sign_csr(key, [("CN", DEVICE_ID)]), cert_out=str(issued),
+                               poll_interval=(0.2, 2.0), timeout=30)
+        print(f"assigned to hub {result.assigned_hub!r} as device {result.device_id!r} "
+              f"({result.substatus}); certificate chain of {len(result.issued_certificate_chain)} written to {issued}")
+        print(f"TLS handshakes DPS saw for the whole provisioning: {hub.dps.handshakes.get(DEVICE_ID)}")
 
-        step("paho connects through the hardware-backed context and publishes")
-        ctx = tls.client_context(cert=cert, key=key, ca=ca.cert)
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-device", protocol=mqtt.MQTTv311)
-        client.tls_set_context(ctx)
-        client.connect("127.0.0.1", broker.port)
-        client.loop_start()
-        try:
+        step("connect to the assigned hub with lightclient's Device (same key, issued certificate)")
+        identity = Identity(result.assigned_hub, result.device_id)
+        ctx = tls.client_context(cert=issued, key=key, ca=hub.ca_path)
+        desired_seen = threading.Event()
+        desired_log = []
+
+        def on_desired(patch, version):
+            desired_log.append((version, patch))
+            if "interval" in patch:
+                desired_seen.set()
+
+        device = Device(identity, ctx, host="127.0.0.1", port=hub.port, on_desired=on_desired)
+
+        @device.method("reboot")
+        def reboot(payload):
+            return {"rebooting": True, "delay": (payload or {}).get("delay", 0)}
+
+        with device:
+            print(f"connected as {identity.client_id} (username {identity.username()})")
             for i in range(3):
-                msg = f'{{"temperature": {21.5 + i}}}'.encode()
-                pub = client.publish("devices/demo-device/messages/events/", msg, qos=1)
-                pub.wait_for_publish(timeout=10)
-                received = got.get(timeout=10)
-                print(f"published #{i + 1} over {client.socket().version()} {client.socket().cipher()[0]}: "
-                      f"PUBACK received; service side got {received.payload.decode()}")
-        finally:
-            client.disconnect()
-            client.loop_stop()
-            svc.disconnect()
-            svc.loop_stop()
-        seen = [line for line in broker.log().splitlines() if "as demo-device" in line]
-        print(f"broker authenticated the client by its certificate: {seen[0].split(': ', 1)[1] if seen else '?'}")
-    step("done: the device authenticated with a key that never left the token")
-    return 0
+                device.send_and_wait(json.dumps({"temperature": 21.5 + i}).encode(),
+                                     {"sensor": "demo"}, content_type="application/json",
+                                     content_encoding="utf-8", timeout=10)
+            print("sent 3 telemetry messages, each acknowledged (QoS 1)")
+            version = device.patch_reported({"firmware": "1.0.0"}, timeout=10)
+            print(f"reported properties patched (reported $version {version})")
+
+            hub.update_desired(DEVICE_ID, {"interval": 30})
+            if not desired_seen.wait(10):
+                raise SystemExit("the desired-property change did not arrive")
+            print(f"desired-property change received: {desired_log[-1][1]} (version {desired_log[-1][0]})")
+
+            answer = hub.invoke_method(DEVICE_ID, "reboot", {"delay": 5}, timeout=10)
+            print(f"direct method 'reboot' invoked from the service side -> {answer.status} {answer.payload}")
+
+        step("what the hub received")
+        for event in hub.events(DEVICE_ID):
+            print(f"  telemetry {event.body.decode()}  properties={dict(event.properties)} "
+                  f"system={dict(event.system_properties)}")
+        print(f"  twin reported: {hub.get_twin(DEVICE_ID)['reported']}")
+        problems = hub.diagnostics(DEVICE_ID)
+        print(f"  protocol diagnostics for {DEVICE_ID}: {len(problems) or 'none'}")
+        for problem in problems:
+            print(f"    {problem}")
+    step(f"done in {time.monotonic() - started:.1f} s: the key never left the token")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":
