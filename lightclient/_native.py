@@ -374,6 +374,24 @@ def load_engine_key(key_id: str, *, engine_id: str = "pkcs11", so_path: Optional
     return _finish_load(rc, out, pin_status, pin, ctx)
 
 
+#: The default property query applied when a key comes through the tpm2 provider (pass
+#: ``propq=""`` to leave the process's properties alone, or another query to override it).
+#: It prefers tpm2 only for *signatures* (its algorithms there carry ``tpm2.signature``): a key
+#: that lives in the TPM must be signed with by the TPM, and nothing else changes. Hashing,
+#: random numbers, AES, key management and ECDH stay with the "default" provider (the shim
+#: makes "default" win every tie), so a handshake costs ~30 ms instead of the 190-330 ms that
+#: ``?provider=tpm2`` costs here, and EC keys keep the NIST curves for TLS 1.2. Its price:
+#: verifying the server's signatures also runs through the tpm2 provider, and in such a
+#: process a *software* private key can no longer sign.
+TPM2_PROPQ = "?tpm2.signature"
+
+
+def tls_prepare() -> None:
+    """Call before creating an SSL context: keeps its TLS group list on the default provider."""
+    if _shim is not None:
+        _shim.lib.lc_tls_prepare()
+
+
 def load_store_key(uri: str, *, providers: Sequence[str] = (), propq: Optional[str] = None,
                    pin: Optional[str] = None, description: Optional[str] = None) -> NativeKey:
     """Load exactly one private key through ``OSSL_STORE`` (OpenSSL 3 providers)."""
@@ -382,12 +400,39 @@ def load_store_key(uri: str, *, providers: Sequence[str] = (), propq: Optional[s
     for name in providers:
         if not name or "," in name:
             raise ConfigError(f"invalid provider name {name!r}: give names like 'tpm2' or 'default'.")
+    if propq is None and "tpm2" in providers:
+        propq = TPM2_PROPQ
     out = ffi.new("lc_key **")
     pin_status = ffi.new("int *")
     plist = ",".join(providers) if providers else None
     ctx = LoadContext("store", description or uri, providers=plist)
+    shared = uri.startswith("handle:")
+    if shared:
+        # tpm2-openssl gives every load of one persistent handle the same ESYS handle and closes
+        # it when any of those keys is freed, which breaks the others ("Esys handle does not
+        # exist", then "EVP lib" in the handshake). So a persistent key is loaded once per process
+        # and shared; it stays loaded, like the provider that serves it.
+        import hashlib
+
+        cache_key = (uri, plist, propq, hashlib.sha256((pin or "").encode()).hexdigest() if pin else None)
+        with _handle_keys_lock:
+            cached = _handle_keys.get(cache_key)
+            if cached is not None:
+                # Still apply the providers and properties, as a fresh load would.
+                rc = lib.lc_providers_apply(_b(plist), _b(propq))
+                if rc != lib.LC_OK:
+                    raise key_load_error(rc, lib.LC_PIN_NOT_ASKED, drain_errors(), ctx)
+                return cached
+            rc = lib.lc_key_from_store(uri.encode(), _b(plist), _b(propq), _b(pin), out, pin_status)
+            key = _finish_load(rc, out, pin_status, pin, ctx)
+            _handle_keys[cache_key] = key
+            return key
     rc = lib.lc_key_from_store(uri.encode(), _b(plist), _b(propq), _b(pin), out, pin_status)
     return _finish_load(rc, out, pin_status, pin, ctx)
+
+
+_handle_keys: dict = {}
+_handle_keys_lock = threading.Lock()
 
 
 def load_pem_key(pem: bytes, *, pin: Optional[str] = None, description: str = "PEM data") -> NativeKey:

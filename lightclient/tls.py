@@ -71,6 +71,10 @@ def _base_context(ca: Optional[PathOrPem], minimum_version: ssl.TLSVersion,
                   maximum_version: Optional[ssl.TLSVersion]) -> ssl.SSLContext:
     if minimum_version < ssl.TLSVersion.TLSv1_2:
         raise ConfigError("IoT Hub and DPS require TLS 1.2 or newer; minimum_version cannot be lower")
+    # libssl builds the context's TLS group list now, from the key management the current
+    # property query selects; make sure that is the default provider's even after a tpm2 key
+    # was used (otherwise EC keys fail TLS 1.2 with "wrong curve").
+    _native.tls_prepare()
     # PROTOCOL_TLS_CLIENT turns on CERT_REQUIRED and check_hostname.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = minimum_version

@@ -136,12 +136,18 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
     if not key_label:
         raise ConfigError("key_label must not be empty: it is how the key is found again")
     pkcs11 = _pkcs11()
-    from pkcs11 import Attribute, KeyType
+    from pkcs11 import DEFAULT, Attribute, KeyType, MechanismFlag
 
     lib = _open_lib(module_path)
     tok = _get_token(lib, module_path, token_label)
     priv_template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.PRIVATE: True,
                      Attribute.SIGN: True}
+    # EC: the public half's usage flags are left to the module. tpm2-pkcs11 derives them from the
+    # TPM object and refuses a template that sets them otherwise ("User specified and TPM specified
+    # attr mismatch: 0x10a" for CKA_VERIFY). RSA keeps python-pkcs11's defaults: tpm2-pkcs11 signs
+    # PKCS#1 v1.5 with the TPM's raw RSA decryption, so the key must be able to decrypt.
+    ec_public = {Attribute.VERIFY: DEFAULT, Attribute.ENCRYPT: DEFAULT, Attribute.WRAP: DEFAULT}
+    ec_caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
     with _login(tok, pin, rw=True) as session:
         existing = list(session.get_objects({Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
                                              Attribute.LABEL: key_label}))
@@ -156,8 +162,8 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
 
             params = session.create_domain_parameters(
                 KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVES[key_type])}, local=True)
-            _, priv = params.generate_keypair(store=True, label=key_label, id=key_id,
-                                              private_template=priv_template)
+            _, priv = params.generate_keypair(store=True, label=key_label, id=key_id, capabilities=ec_caps,
+                                              public_template=ec_public, private_template=priv_template)
         else:
             bits = int(key_type.split("-")[1])
             _, priv = session.generate_keypair(KeyType.RSA, bits, store=True, label=key_label, id=key_id,

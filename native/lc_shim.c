@@ -23,6 +23,7 @@
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/pem.h>
+#include <openssl/rand.h>
 #include <openssl/ssl.h>
 #include <openssl/ui.h>
 #include <openssl/x509.h>
@@ -444,6 +445,53 @@ static int lc_provider_load(const char *name)
     return LC_OK;
 }
 
+/* Called with lc_lock held, before the first provider other than "default" is loaded.
+ *
+ * When two providers offer the same algorithm and the property query does not prefer either,
+ * OpenSSL takes the implementation that entered its method store first. A hardware provider
+ * (tpm2) also offers digests, a DRBG, AES and EC/RSA key management; if it got there first,
+ * every TLS handshake in the process would hash and draw random numbers in the TPM (75+ ms per
+ * handshake) and libssl would drop the NIST curves from its TLS 1.2 group list (tpm2's EC key
+ * management declares no TLS groups), so EC keys fail TLS 1.2. Making "default" the first
+ * provider and fetching, through it, everything a TLS client uses - an SSL_CTX builds its
+ * cipher, digest, group and signature-algorithm tables - settles every such tie on "default".
+ * Only what a property query explicitly prefers (see lc_providers_apply) goes elsewhere. */
+static int lc_provider_load(const char *name);
+static int lc_prime_default(void)
+{
+    static int primed = 0;
+    static const char *mds[] = {"SHA1", "SHA2-224", "SHA2-256", "SHA2-384", "SHA2-512", "MD5-SHA1", NULL};
+    static const char *kms[] = {"RSA", "RSA-PSS", "EC", "X25519", "X448", "DH", NULL};
+    static const char *kxs[] = {"ECDH", "X25519", "X448", "DH", NULL};
+    static const char *ciphers[] = {"AES-128-CBC", "AES-192-CBC", "AES-256-CBC", "AES-128-GCM",
+                                    "AES-256-GCM", NULL};
+    unsigned char buf[16];
+    SSL_CTX *ssl_ctx;
+    int rc, i;
+
+    if (primed)
+        return LC_OK;
+    rc = lc_provider_load("default");
+    if (rc != LC_OK)
+        return rc;
+    ERR_set_mark();
+    for (i = 0; mds[i] != NULL; i++)
+        EVP_MD_free(EVP_MD_fetch(NULL, mds[i], "provider=default"));
+    for (i = 0; kms[i] != NULL; i++)
+        EVP_KEYMGMT_free(EVP_KEYMGMT_fetch(NULL, kms[i], "provider=default"));
+    for (i = 0; kxs[i] != NULL; i++)
+        EVP_KEYEXCH_free(EVP_KEYEXCH_fetch(NULL, kxs[i], "provider=default"));
+    for (i = 0; ciphers[i] != NULL; i++)
+        EVP_CIPHER_free(EVP_CIPHER_fetch(NULL, ciphers[i], "provider=default"));
+    EVP_RAND_free(EVP_RAND_fetch(NULL, "CTR-DRBG", "provider=default"));
+    (void)RAND_bytes(buf, sizeof(buf)); /* instantiates the process's DRBGs from "default" */
+    ssl_ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_free(ssl_ctx);
+    ERR_pop_to_mark(); /* algorithms this OpenSSL lacks are not an error here */
+    primed = 1;
+    return LC_OK;
+}
+
 /* Load a comma-separated provider list in order, then make sure "default" is still there:
  * explicitly loading any provider switches off OpenSSL's implicit fallback to the default one. */
 static int lc_providers_load(const char *list)
@@ -453,6 +501,9 @@ static int lc_providers_load(const char *list)
 
     if (list == NULL || *list == '\0')
         return LC_OK;
+    rc = lc_prime_default();
+    if (rc != LC_OK)
+        return rc;
     copy = strdup(list);
     if (copy == NULL)
         return LC_E_NOMEM;
@@ -465,6 +516,67 @@ static int lc_providers_load(const char *list)
     return rc;
 }
 #endif
+
+#ifdef LC_HAVE_PROVIDERS
+static char *lc_propq = NULL; /* the default property query this shim set, under lc_lock */
+
+/* Called with lc_lock held. OpenSSL caches fetch results per (algorithm, property query), and a
+ * provider-specific fetch made while using a tpm2 key (key management "EC" from tpm2) can end up
+ * as the cached answer for the plain query that libssl's SSL_CTX_new asks when it builds its
+ * TLS group list. That context then offers no NIST curves and EC keys fail TLS 1.2 ("wrong
+ * curve"). Re-setting the default properties empties the cache; fetching the key managements
+ * libssl asks for right away puts the answers the property query really selects ("default",
+ * see lc_prime_default) back into it. */
+static void lc_reseed_fetch_cache(void)
+{
+    static const char *kms[] = {"EC", "RSA", "RSA-PSS", "X25519", "X448", "DH", NULL};
+    int i;
+
+    /* Only when this shim set the default properties itself: re-setting them must not replace
+     * properties that came from OPENSSL_CONF or the application. */
+    if (lc_providers == NULL || lc_propq == NULL)
+        return;
+    ERR_set_mark();
+    if (EVP_set_default_properties(NULL, lc_propq))
+        for (i = 0; kms[i] != NULL; i++)
+            EVP_KEYMGMT_free(EVP_KEYMGMT_fetch(NULL, kms[i], NULL));
+    ERR_pop_to_mark();
+}
+#endif
+
+void lc_tls_prepare(void)
+{
+#ifdef LC_HAVE_PROVIDERS
+    pthread_mutex_lock(&lc_lock);
+    lc_reseed_fetch_cache();
+    pthread_mutex_unlock(&lc_lock);
+#endif
+}
+
+int lc_providers_apply(const char *providers, const char *propq)
+{
+    int rc = LC_OK;
+
+    pthread_mutex_lock(&lc_lock);
+#ifdef LC_HAVE_PROVIDERS
+    rc = lc_providers_load(providers);
+    if (rc == LC_OK && propq != NULL && *propq != '\0') {
+        if (!EVP_set_default_properties(NULL, propq)) {
+            rc = LC_E_PROPQ;
+        } else if (lc_propq == NULL || strcmp(lc_propq, propq) != 0) {
+            free(lc_propq);
+            lc_propq = strdup(propq);
+        }
+    }
+    if (rc == LC_OK)
+        lc_reseed_fetch_cache();
+#else
+    if ((providers != NULL && *providers != '\0') || (propq != NULL && *propq != '\0'))
+        rc = LC_E_NO_PROVIDER_SUPPORT;
+#endif
+    pthread_mutex_unlock(&lc_lock);
+    return rc;
+}
 
 int lc_key_from_store(const char *uri, const char *providers, const char *propq,
                       const char *pin, lc_key **out, int *pin_status)
@@ -480,19 +592,12 @@ int lc_key_from_store(const char *uri, const char *providers, const char *propq,
     if (uri == NULL || *uri == '\0')
         return LC_E_ARG;
     ERR_clear_error();
-    pthread_mutex_lock(&lc_lock);
-#ifdef LC_HAVE_PROVIDERS
-    rc = lc_providers_load(providers);
-    if (rc == LC_OK && propq != NULL && *propq != '\0' && !EVP_set_default_properties(NULL, propq))
-        rc = LC_E_PROPQ;
-#else
-    if ((providers != NULL && *providers != '\0') || (propq != NULL && *propq != '\0'))
-        rc = LC_E_NO_PROVIDER_SUPPORT;
-#endif
-    ui = lc_ui_method();
-    pthread_mutex_unlock(&lc_lock);
+    rc = lc_providers_apply(providers, propq);
     if (rc != LC_OK)
         return rc;
+    pthread_mutex_lock(&lc_lock);
+    ui = lc_ui_method();
+    pthread_mutex_unlock(&lc_lock);
     if (ui == NULL)
         return LC_E_NOMEM;
 
@@ -530,6 +635,7 @@ int lc_key_from_store(const char *uri, const char *providers, const char *propq,
         return LC_E_STORE_MANY;
     }
     ERR_clear_error(); /* loaders leave harmless "not this format" errors behind */
+    lc_tls_prepare();
     return lc_wrap_key(found, out);
 }
 

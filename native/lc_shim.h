@@ -57,6 +57,13 @@ void lc_err_clear(void);
 int lc_key_from_engine(const char *engine_id, const char *so_path, const char *module_path,
                        const char *pin, const char *key_id, lc_key **out, int *pin_status,
                        char *bound_module, size_t bound_len);
+/* Load `providers` (comma-separated, in order; "default" is always loaded too, and first) and set
+ * the process's default property query to `propq` when given. lc_key_from_store does this itself;
+ * this is for a key that is already loaded and reused. */
+int lc_providers_apply(const char *providers, const char *propq);
+/* Call right before creating an SSL context in a process that loaded providers through this shim:
+ * makes sure the context's TLS group list comes from the "default" provider (no-op otherwise). */
+void lc_tls_prepare(void);
 int lc_key_from_store(const char *uri, const char *providers, const char *propq,
                       const char *pin, lc_key **out, int *pin_status);
 int lc_key_from_pem(const char *pem, size_t pem_len, const char *pin, lc_key **out, int *pin_status);
