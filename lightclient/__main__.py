@@ -1,0 +1,7 @@
+"""``python -m lightclient``: the same as the ``lightclient`` console script."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

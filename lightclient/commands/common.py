@@ -1,0 +1,225 @@
+"""What the subcommands share: settings from flags or the environment, PINs, keys, exit codes.
+
+Settings come from a flag, else from the first environment variable set among its names. The names
+the original Azure IoT samples use are accepted, so existing set-ups work unchanged::
+
+    --hub          IOT_HUB_HOSTNAME, LIGHTCLIENT_HUB
+    --device-id    DEVICE_ID, LIGHTCLIENT_DEVICE_ID
+    --cert         PATH_TO_CERTIFICATE_FILE, LIGHTCLIENT_CERT
+    --key          KEY_IDENTIFIER, LIGHTCLIENT_KEY
+    --module-path  LIGHTCLIENT_MODULE_PATH, PKCS11_MODULE_PATH
+
+PINs never come from a plain command-line value unless the user insists (``--pin``, with a warning):
+``--pin-file FILE``, ``--pin-env VAR`` (default ``LIGHTCLIENT_PIN``), or a prompt on a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..exceptions import (CertificateError, ConfigError, KeyLoadError, LightClientError, OpenSSLMismatchError,
+                          OperationTimeout, PinError, ProtocolError, ServiceError)
+
+# Exit codes.
+EXIT_OK = 0
+EXIT_FAILED = 1        # the command ran and found a problem (doctor) or did not get what it waited for
+EXIT_USAGE = 2         # bad arguments or settings (argparse uses 2 as well)
+EXIT_AUTH = 3          # key, PIN, token, certificate, or the hub/DPS refused the device's credentials
+EXIT_SERVICE = 4       # cannot connect, timed out, or the hub/DPS answered with an error
+
+PIN_ENV_DEFAULT = "LIGHTCLIENT_PIN"
+
+ENV: Dict[str, Tuple[str, ...]] = {
+    "hub": ("IOT_HUB_HOSTNAME", "LIGHTCLIENT_HUB"),
+    "port": ("LIGHTCLIENT_PORT",),
+    "device_id": ("DEVICE_ID", "LIGHTCLIENT_DEVICE_ID"),
+    "module_id": ("LIGHTCLIENT_MODULE_ID",),
+    "model_id": ("LIGHTCLIENT_MODEL_ID",),
+    "cert": ("PATH_TO_CERTIFICATE_FILE", "LIGHTCLIENT_CERT"),
+    "key": ("KEY_IDENTIFIER", "LIGHTCLIENT_KEY"),
+    "module_path": ("LIGHTCLIENT_MODULE_PATH", "PKCS11_MODULE_PATH"),
+    "ca": ("LIGHTCLIENT_CA",),
+    "id_scope": ("PROVISIONING_IDSCOPE", "LIGHTCLIENT_ID_SCOPE"),
+    "registration_id": ("PROVISIONING_REGISTRATION_ID", "LIGHTCLIENT_REGISTRATION_ID"),
+    "endpoint": ("PROVISIONING_HOST", "LIGHTCLIENT_DPS_ENDPOINT"),
+}
+
+FLAG = {"hub": "--hub", "device_id": "--device-id", "module_id": "--module-id", "model_id": "--model-id",
+        "cert": "--cert", "key": "--key", "module_path": "--module-path", "ca": "--ca", "port": "--port",
+        "id_scope": "--id-scope", "registration_id": "--registration-id", "endpoint": "--endpoint"}
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code for an error that ends a command."""
+    if isinstance(exc, (KeyLoadError, CertificateError, OpenSSLMismatchError, AuthRefused)):
+        if isinstance(exc, ConfigError):      # e.g. a malformed key reference refused by OpenSSL
+            return EXIT_USAGE
+        return EXIT_AUTH
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, (ServiceError, OperationTimeout, ProtocolError, ConnectionFailed)):
+        return EXIT_SERVICE
+    return EXIT_USAGE
+
+
+class AuthRefused(LightClientError):
+    """The hub refused the device's credentials (CONNACK 4 or 5)."""
+
+
+class ConnectionFailed(LightClientError):
+    """The hub (or DPS) could not be reached, or the connection dropped."""
+
+
+def _env_name(name: str) -> str:
+    return " or ".join(ENV.get(name, ()))
+
+
+def env_help(name: str, text: str) -> str:
+    names = ENV.get(name)
+    return f"{text} (env: {', '.join(names)})" if names else text
+
+
+def setting(args: argparse.Namespace, name: str, required: bool = False, what: str = "") -> Optional[str]:
+    """A flag's value, else the first of its environment variables that is set and not empty."""
+    value = getattr(args, name, None)
+    if value is None:
+        for var in ENV.get(name, ()):
+            if os.environ.get(var):
+                value = os.environ[var]
+                break
+    if value is None and required:
+        flag = FLAG.get(name, "--" + name.replace("_", "-"))
+        env = _env_name(name)
+        raise ConfigError(f"{what or name.replace('_', ' ')} is not set: pass {flag}"
+                          + (f" or set {env}" if env else ""))
+    return value
+
+
+def add_key_options(parser: argparse.ArgumentParser, key_required: bool = True) -> None:
+    g = parser.add_argument_group("key and PIN")
+    g.add_argument("--key", help=env_help("key", "key reference: pkcs11:token=…;object=…, engine:…, store:…, "
+                                                 "handle:0x81…, or a PEM file (development only)"))
+    g.add_argument("--module-path", "--pkcs11-module", dest="module_path",
+                   help=env_help("module_path", "the PKCS#11 module (.so) for a pkcs11: key reference without "
+                                                "?module-path="))
+    add_pin_options(g)
+
+
+def add_pin_options(g) -> None:
+    g.add_argument("--pin-file", metavar="FILE", help="read the token PIN from FILE (a trailing newline is ignored)")
+    g.add_argument("--pin-env", metavar="VAR",
+                   help=f"read the token PIN from environment variable VAR (default: {PIN_ENV_DEFAULT} if set)")
+    g.add_argument("--pin", help=argparse.SUPPRESS)  # discouraged: visible in `ps` and shell history
+
+
+def add_identity_options(parser: argparse.ArgumentParser, hub: bool = True) -> None:
+    g = parser.add_argument_group("identity")
+    if hub:
+        g.add_argument("--hub", metavar="HOSTNAME", help=env_help("hub", "IoT Hub host name, e.g. myhub.azure-devices.net"))
+    g.add_argument("--device-id", help=env_help("device_id", "device id registered in IoT Hub"))
+    g.add_argument("--module-id", help=env_help("module_id", "module id, for a module identity"))
+    g.add_argument("--model-id", help=env_help("model_id", "IoT Plug and Play model id (dtmi:…)"))
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    add_identity_options(parser)
+    g = parser.add_argument_group("connection")
+    g.add_argument("--port", type=int, help=env_help("port", "MQTT port (default 8883)"))
+    g.add_argument("--cert", help=env_help("cert", "device certificate chain (PEM, leaf first)"))
+    g.add_argument("--ca", help=env_help("ca", "trusted roots for the server (default: the bundled IoT Hub roots)"))
+    g.add_argument("--keylog", metavar="FILE", help="append TLS secrets to FILE (NSS key log format, for Wireshark)")
+    g.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each answer (default 15)")
+    add_key_options(parser)
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def read_pin_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = fh.read()
+    except OSError as exc:
+        raise PinError(f"cannot read the PIN file {path!r}: {exc.strerror}") from None
+    value = value.rstrip("\r\n")
+    if not value:
+        raise PinError(f"the PIN file {path!r} is empty")
+    return value
+
+
+def resolve_pin(args: argparse.Namespace, what: str = "the token", prompt: bool = True) -> Optional[str]:
+    """The PIN from --pin-file, --pin-env/LIGHTCLIENT_PIN, --pin (warned about) or a terminal prompt."""
+    if getattr(args, "_pin_resolved", False):
+        return args._pin_value
+    pin: Optional[str] = None
+    if getattr(args, "pin", None) is not None:
+        warn("--pin puts the PIN in the process list and shell history; use --pin-file FILE, "
+             f"--pin-env VAR or {PIN_ENV_DEFAULT}, or type it at the prompt")
+        pin = args.pin
+    elif getattr(args, "pin_file", None):
+        pin = read_pin_file(args.pin_file)
+    elif getattr(args, "pin_env", None):
+        pin = os.environ.get(args.pin_env)
+        if not pin:
+            raise PinError(f"--pin-env {args.pin_env}: that environment variable is not set or empty")
+    elif os.environ.get(PIN_ENV_DEFAULT):
+        pin = os.environ[PIN_ENV_DEFAULT]
+    elif prompt and sys.stdin is not None and sys.stdin.isatty():
+        pin = getpass.getpass(f"PIN for {what}: ")
+    if pin is not None and "\x00" in pin:
+        raise ConfigError("the PIN contains a NUL character")
+    args._pin_resolved, args._pin_value = True, pin
+    return pin
+
+
+def key_needs_pin(ref: str) -> bool:
+    return ref.startswith(("pkcs11:", "engine:"))
+
+
+def load_key(args: argparse.Namespace):
+    """Load the key named by --key / KEY_IDENTIFIER (prompting for a PIN on a terminal if needed)."""
+    from ..keys import load_key as _load
+
+    ref = setting(args, "key", required=True, what="the key reference")
+    pin = resolve_pin(args, f"the key {ref.split('?')[0]}", prompt=key_needs_pin(ref))
+    return _load(ref, pin=pin, module_path=setting(args, "module_path"))
+
+
+def identity(args: argparse.Namespace, need_hub: bool = True):
+    from ..identity import Identity
+
+    hub = setting(args, "hub", required=need_hub, what="the IoT Hub host name") or "hub.example"
+    device_id = setting(args, "device_id", required=True, what="the device id")
+    return Identity(hub, device_id, setting(args, "module_id"), setting(args, "model_id"))
+
+
+def parse_props(items: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+    """``k=v`` strings as pairs; ``k`` alone is a property without a value."""
+    out = []
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not key:
+            raise ConfigError(f"--prop {item!r}: expected KEY=VALUE")
+        out.append((key, value if eq else None))
+    return out
+
+
+def parse_json(text: str, what: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{what} is not valid JSON: {exc} (quote it for the shell, e.g. '{{\"fw\": \"1.2\"}}')") from None
+
+
+def pem_csr(der: bytes) -> bytes:
+    import base64
+
+    b64 = base64.b64encode(der)
+    lines = b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + lines + b"\n-----END CERTIFICATE REQUEST-----\n"

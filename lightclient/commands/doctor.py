@@ -1,0 +1,445 @@
+"""``lightclient doctor``: check the whole chain from Python's OpenSSL to the hub, one ✓/✗ line per link.
+
+Each ✗ comes with the fix. Checks that depend on a failed one are shown as skipped (–). The token checks
+(module, token, login, key) run through python-pkcs11 in a child process, because a PKCS#11 module keeps
+per-process state and this process then loads the key through OpenSSL's engine.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List, Optional
+from urllib.parse import unquote, unquote_to_bytes
+
+from .. import _native
+from ..exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyLoadError, KeyNotFoundError,
+                          LightClientError, ModuleLoadError, OpenSSLMismatchError, PinError, TokenNotFoundError)
+from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, key_needs_pin,
+                     resolve_pin, setting)
+
+OK, FAIL, SKIP, WARN = "✓", "✗", "–", "!"
+EXPIRY_WARNING_DAYS = 7
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str = ""
+    fix: str = ""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="check OpenSSL, token, key, certificate and (optionally) a TLS handshake",
+                       description="Check every link from Python's OpenSSL to the hub and print ✓/✗ with a fix "
+                                   "for each ✗. Exit code 0 when everything passes, 1 otherwise.")
+    add_identity_options(p)
+    g = p.add_argument_group("certificate and connection")
+    g.add_argument("--cert", help=env_help("cert", "device certificate chain (PEM, leaf first)"))
+    g.add_argument("--ca", help=env_help("ca", "trusted roots for the server (default: the bundled IoT Hub roots)"))
+    g.add_argument("--connect", metavar="HOST:PORT",
+                   help="also do a TLS handshake with the client certificate, e.g. myhub.azure-devices.net:8883")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds for the handshake (default 10)")
+    add_key_options(p)
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------------ probe
+
+
+def _uri_attrs(uri: str) -> dict:
+    body = uri[len("pkcs11:"):].split("?", 1)[0]
+    attrs = {}
+    for item in body.split(";"):
+        name, eq, value = item.partition("=")
+        if eq:
+            attrs[name] = unquote_to_bytes(value).hex() if name == "id" else unquote(value)
+    return attrs
+
+
+def _uri_query(uri: str, name: str) -> Optional[str]:
+    query = uri.split("?", 1)[1] if "?" in uri else ""
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        if eq and key == name:
+            return unquote(value)
+    return None
+
+
+def probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
+    """Module, token, login and keys as python-pkcs11 sees them (run in a child process)."""
+    from .. import token as tk
+
+    out: dict = {"module": None, "tokens": [], "login": None, "keys": None}
+    try:
+        out["tokens"] = [t.label for t in tk.list_tokens(module) if t.label]
+    except LightClientError as exc:
+        out["module"] = str(exc)
+        return out
+    if token_label is None or token_label not in out["tokens"]:
+        return out
+    if pin is None:
+        out["login"] = "no PIN"
+        return out
+    try:
+        keys = tk.list_keys(module, token_label, pin)
+    except PinError as exc:
+        out["login"] = str(exc)
+        return out
+    out["keys"] = [{"label": k.label, "id": k.id_hex, "type": k.key_type} for k in keys]
+    return out
+
+
+def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
+    arg = json.dumps({"module": module, "token": token_label})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lightclient.commands.doctor", "probe", arg],
+                              input=(pin or "") + "\n" + ("1" if pin is not None else "0") + "\n",
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return {"module": f"the token probe did not finish: {exc}", "tokens": [], "login": None, "keys": None}
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        err = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"module": f"the PKCS#11 module crashed the probe: {err[0]}", "tokens": [], "login": None,
+                "keys": None}
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _cert_info(path: str) -> dict:
+    return ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # CPython: decodes without verifying
+
+
+def _cn(decoded: dict) -> Optional[str]:
+    for rdn in decoded.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None
+
+
+def _when(text: str) -> _dt.datetime:
+    return _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(text), _dt.timezone.utc)
+
+
+def check_openssl(checks: List[Check]) -> bool:
+    try:
+        facts = _native.openssl_facts()
+        _native.check_same_openssl(facts)
+    except OpenSSLMismatchError as exc:
+        checks.append(Check("Python and the shim share one OpenSSL", FAIL, str(exc).split(". ")[0],
+                            _native.WORKING_PYTHONS))
+        return False
+    except LightClientError as exc:
+        checks.append(Check("Python and the shim share one OpenSSL", FAIL, str(exc),
+                            "reinstall lightclient with `pip install .` (needs gcc and libssl-dev)"))
+        return False
+    checks.append(Check("Python and the shim share one OpenSSL", OK,
+                        f"{facts.python_version_text} ({facts.shim_crypto_origin})"))
+    return True
+
+
+def check_backend(checks: List[Check], ref: str) -> bool:
+    engine, provider = _native.engine_support(), _native.provider_support()
+    have = ", ".join(n for n, ok in (("ENGINE", engine), ("provider", provider)) if ok) or "neither"
+    needs_engine = ref.startswith(("pkcs11:", "engine:"))
+    needs_provider = ref.startswith(("store:", "provider:", "handle:"))
+    if (needs_engine and not engine) or (needs_provider and not provider):
+        want = "ENGINE" if needs_engine else "provider"
+        checks.append(Check("OpenSSL engine or provider support", FAIL, f"{want} needed; this OpenSSL has {have}",
+                            "use a store:/provider: key reference (OpenSSL 3 providers)" if needs_engine else
+                            "use OpenSSL 3 or newer, or a pkcs11:/engine: key reference"))
+        return False
+    checks.append(Check("OpenSSL engine or provider support", OK, f"{have} available"))
+    return True
+
+
+def check_token(checks: List[Check], ref: str, module: Optional[str], pin: Optional[str]) -> bool:
+    """Module loads, token present, login works, key found. False if the key cannot be loaded."""
+    names = ("PKCS#11 module loads", "token present", "login with the PIN works", "key found on the token")
+    if not ref.startswith("pkcs11:") and not (ref.startswith("engine:") and "pkcs11:" in ref):
+        for name in names:
+            checks.append(Check(name, SKIP, "not a PKCS#11 key reference"))
+        return True
+    uri = ref[ref.index("pkcs11:"):]
+    module = _uri_query(uri, "module-path") or module
+    attrs = _uri_attrs(uri)
+    rest = names[1:]
+    if not module:
+        checks.append(Check(names[0], FAIL, "no module given",
+                            "add ?module-path=/path/to/module.so to the key reference, or pass --module-path"))
+        return _skip(checks, rest, "no module")
+    if not os.path.isfile(module):
+        checks.append(Check(names[0], FAIL, f"{module} does not exist",
+                            "install the module (SoftHSM: apt install softhsm2; TPM: apt install "
+                            "libtpm2-pkcs11-1) or fix the module path"))
+        return _skip(checks, rest, "no module")
+    token_label = attrs.get("token")
+    result = _run_probe(module, token_label, pin)
+    if result["module"]:
+        checks.append(Check(names[0], FAIL, result["module"],
+                            "give the path of a PKCS#11 module (.so), e.g. /usr/lib/softhsm/libsofthsm2.so"))
+        return _skip(checks, rest, "module did not load")
+    checks.append(Check(names[0], OK, module))
+    present = ", ".join(repr(t) for t in result["tokens"]) or "none"
+    if not token_label:
+        checks.append(Check(names[1], WARN, f"the key reference names no token (tokens: {present})",
+                            "add token=LABEL to the pkcs11: URI"))
+        return _skip(checks, names[2:], "no token= in the key reference") or True
+    if token_label not in result["tokens"]:
+        checks.append(Check(names[1], FAIL, f"no token {token_label!r} (tokens present: {present})",
+                            "fix token= in the key reference (see `lightclient tokens`), or create the token "
+                            "(softhsm2-util --init-token, tpm2_ptool addtoken)"))
+        return _skip(checks, names[2:], "no token")
+    checks.append(Check(names[1], OK, repr(token_label)))
+    if result["login"] == "no PIN":
+        checks.append(Check(names[2], FAIL, "no PIN given",
+                            "give the PIN with --pin-file FILE or LIGHTCLIENT_PIN (or run on a terminal)"))
+        return _skip(checks, names[3:], "not logged in")
+    if result["login"]:
+        checks.append(Check(names[2], FAIL, result["login"],
+                            "check the PIN (--pin-file/LIGHTCLIENT_PIN); repeated wrong PINs can lock the token"))
+        return _skip(checks, names[3:], "not logged in")
+    checks.append(Check(names[2], OK))
+    wanted_label, wanted_id = attrs.get("object"), attrs.get("id")
+    matches = [k for k in result["keys"] if (wanted_label is None or k["label"] == wanted_label)
+               and (wanted_id is None or k["id"] == wanted_id)]
+    on_token = ", ".join(f"{k['label']!r} ({k['type']}, id {k['id']})" for k in result["keys"]) or "none"
+    if len(matches) != 1:
+        what = "no private key" if not matches else f"{len(matches)} private keys"
+        checks.append(Check(names[3], FAIL, f"{what} matches object={wanted_label!r} id={wanted_id!r} "
+                                           f"(keys on the token: {on_token})",
+                            "fix object=/id= in the key reference, or create the key with `lightclient keygen`"))
+        return False
+    k = matches[0]
+    checks.append(Check(names[3], OK, f"{k['label']!r} {k['type']} id {k['id']}"))
+    return True
+
+
+def _skip(checks: List[Check], names, why: str) -> bool:
+    for name in names:
+        checks.append(Check(name, SKIP, why))
+    return False
+
+
+_KEY_FIXES = (
+    (BackendUnavailableError, "install the libp11 engine (apt install libengine-pkcs11-openssl) or the provider"),
+    (ModuleLoadError, "fix the PKCS#11 module path"),
+    (TokenNotFoundError, "fix token= in the key reference"),
+    (PinError, "check the PIN"),
+    (KeyNotFoundError, "fix object=/id= in the key reference"),
+)
+
+
+def load_key_check(checks: List[Check], ref: str, module: Optional[str], pin: Optional[str]):
+    from ..keys import load_key
+
+    name = "key loads through OpenSSL"
+    try:
+        key = load_key(ref, pin=pin, module_path=module)
+    except (KeyLoadError, ConfigError) as exc:
+        fix = next((f for cls, f in _KEY_FIXES if isinstance(exc, cls)), "check the key reference")
+        message = getattr(exc, "message", None) or str(exc)
+        checks.append(Check(name, FAIL, message, fix))
+        return None
+    checks.append(Check(name, OK, f"{key.key_type}-{key.bits} from {key.description}"))
+    return key
+
+
+def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Optional[str], key,
+                      now: Optional[_dt.datetime] = None) -> Optional[bytes]:
+    names = ("certificate readable", "certificate within its validity period", "certificate CN equals the device id",
+             "certificate matches the key")
+    if not cert:
+        checks.append(Check(names[0], FAIL, "no certificate given",
+                            "pass --cert device.pem or set PATH_TO_CERTIFICATE_FILE"))
+        _skip(checks, names[1:], "no certificate")
+        return None
+    try:
+        with open(cert, "rb") as fh:
+            chain = fh.read()
+        if b"-----BEGIN CERTIFICATE-----" not in chain:
+            raise ValueError("no PEM certificate in it")
+        info = _cert_info(cert)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        checks.append(Check(names[0], FAIL, f"{cert}: {detail}",
+                            "give the PEM certificate issued for this key (DER: openssl x509 -inform der -in "
+                            "c.der -out c.pem)"))
+        _skip(checks, names[1:], "no certificate")
+        return None
+    count = chain.count(b"-----BEGIN CERTIFICATE-----")
+    issuer = _cn({"subject": info.get("issuer", ())})
+    checks.append(Check(names[0], OK, f"{cert} ({count} certificate{'s' if count > 1 else ''}, issuer {issuer!r})"))
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    start, end = _when(info["notBefore"]), _when(info["notAfter"])
+    if now < start:
+        checks.append(Check(names[1], FAIL, f"not valid before {start:%Y-%m-%d %H:%M} UTC",
+                            "check the system clock (date -u), or wait until the certificate is valid"))
+    elif now > end:
+        checks.append(Check(names[1], FAIL, f"expired on {end:%Y-%m-%d %H:%M} UTC",
+                            "issue a new certificate: lightclient csr … then have your CA sign it, or "
+                            "lightclient provision --csr"))
+    elif end - now < _dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        checks.append(Check(names[1], WARN, f"expires on {end:%Y-%m-%d %H:%M} UTC, in {(end - now).days} days",
+                            "renew it soon"))
+    else:
+        checks.append(Check(names[1], OK, f"until {end:%Y-%m-%d} UTC"))
+    cn = _cn(info)
+    if expected_cn is None:
+        checks.append(Check(names[2], SKIP, f"CN is {cn!r}; no --device-id given"))
+    elif cn == expected_cn:
+        checks.append(Check(names[2], OK, repr(cn)))
+    else:
+        checks.append(Check(names[2], FAIL, f"CN is {cn!r} but the device id is {expected_cn!r}",
+                            "IoT Hub and DPS require CN = device id (registration id): fix --device-id, or issue "
+                            f"a certificate for CN={expected_cn}"))
+    if key is None:
+        checks.append(Check(names[3], SKIP, "the key did not load"))
+    else:
+        try:
+            same = _native.cert_matches_key(chain, key)
+        except CertificateError as exc:
+            checks.append(Check(names[3], FAIL, str(exc), "give the PEM certificate for this key"))
+        else:
+            if same:
+                checks.append(Check(names[3], OK, "the leaf's public key is the token key's"))
+            else:
+                checks.append(Check(names[3], FAIL, "the certificate's public key differs from the key's",
+                                    "use the certificate issued for this key, or make a new CSR with "
+                                    "`lightclient csr` and have it signed"))
+    return chain
+
+
+def check_roots(checks: List[Check], ca: Optional[str]):
+    from ..tls import iothub_roots_path
+
+    path = ca or iothub_roots_path()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        if os.path.isdir(path):
+            ctx.load_verify_locations(capath=path)
+        else:
+            ctx.load_verify_locations(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        checks.append(Check("trusted server roots present", FAIL, f"{path}: {exc}",
+                            "give a PEM CA file with --ca (or leave it out to use the bundled IoT Hub roots)"))
+        return False
+    n = len(ctx.get_ca_certs())
+    if n == 0 and not os.path.isdir(path):
+        checks.append(Check("trusted server roots present", FAIL, f"{path} holds no CA certificate",
+                            "give a PEM CA file with --ca"))
+        return False
+    checks.append(Check("trusted server roots present", OK,
+                        f"{n} root{'s' if n != 1 else ''} from {'the bundled IoT Hub roots' if not ca else path}"))
+    return True
+
+
+def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Optional[str], timeout: float) -> None:
+    from ..tls import client_context
+
+    name = f"TLS handshake with {target}"
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        checks.append(Check(name, FAIL, "expected HOST:PORT", "e.g. --connect myhub.azure-devices.net:8883"))
+        return
+    try:
+        ctx = client_context(cert=cert, key=key, ca=ca)
+    except LightClientError as exc:
+        checks.append(Check(name, FAIL, str(exc), "fix the certificate and key first"))
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                version = tls.version()
+                # With TLS 1.3 a refused client certificate arrives as an alert after the handshake.
+                tls.settimeout(0.3)
+                try:
+                    data = tls.recv(1)
+                except (socket.timeout, TimeoutError):
+                    data = None
+                if data == b"":
+                    raise ConnectionError("the server closed the connection right after the handshake")
+    except ssl.SSLCertVerificationError as exc:
+        checks.append(Check(name, FAIL, f"server certificate not trusted: {exc.verify_message}",
+                            "give the server's CA with --ca (IoT Hub: leave --ca out)"))
+    except ssl.SSLError as exc:
+        checks.append(Check(name, FAIL, f"TLS error: {exc.reason or exc}",
+                            "the server refused the client certificate: register it (or its CA) with the hub"))
+    except OSError as exc:
+        checks.append(Check(name, FAIL, f"cannot connect: {exc.strerror or exc}",
+                            "check the host name and port, and that outbound TCP to it is allowed"))
+    else:
+        checks.append(Check(name, OK, f"{version}, client certificate accepted"))
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def render(checks: List[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        line = f"{c.status} {c.name.ljust(width)}  {c.detail}".rstrip()
+        lines.append(line)
+        if c.status in (FAIL, WARN) and c.fix:
+            lines.append(f"  {' ' * width}  fix: {c.fix}")
+    failed = sum(c.status == FAIL for c in checks)
+    lines.append(f"{failed} problem{'s' if failed != 1 else ''} found" if failed else "all checks passed")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    checks: List[Check] = []
+    ref = setting(args, "key")
+    module = setting(args, "module_path")
+    device_id = setting(args, "device_id")
+    module_id = setting(args, "module_id")
+    expected_cn = f"{device_id}/{module_id}" if device_id and module_id else device_id
+    ssl_ok = check_openssl(checks)
+    key = None
+    if not ref:
+        checks.append(Check("key reference given", FAIL, "no key reference",
+                            "pass --key or set KEY_IDENTIFIER (see `lightclient tokens`)"))
+    else:
+        check_backend(checks, ref)
+        pin = resolve_pin(args, f"the key {ref.split('?')[0]}", prompt=key_needs_pin(ref))
+        if check_token(checks, ref, module, pin) and ssl_ok:
+            key = load_key_check(checks, ref, module, pin)
+        else:
+            checks.append(Check("key loads through OpenSSL", SKIP, "see above"))
+    cert = setting(args, "cert")
+    check_certificate(checks, cert, expected_cn, key)
+    ca = setting(args, "ca")
+    roots = check_roots(checks, ca)
+    if args.connect:
+        if key is None or not cert or not roots:
+            checks.append(Check(f"TLS handshake with {args.connect}", SKIP, "key, certificate or roots missing"))
+        else:
+            check_handshake(checks, args.connect, cert, key, ca, args.timeout)
+    print(render(checks))
+    return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK
+
+
+def _probe_main(argv: List[str]) -> int:
+    if len(argv) != 2 or argv[0] != "probe":
+        print("usage: python -m lightclient.commands.doctor probe JSON (PIN on stdin)", file=sys.stderr)
+        return 2
+    params = json.loads(argv[1])
+    lines = sys.stdin.read().split("\n")
+    pin = lines[0] if len(lines) > 1 and lines[1] == "1" else None
+    print(json.dumps(probe(params["module"], params.get("token"), pin)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_probe_main(sys.argv[1:]))

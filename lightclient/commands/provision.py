@@ -1,0 +1,90 @@
+"""``lightclient provision``: register with the Device Provisioning Service over HTTPS."""
+from __future__ import annotations
+
+import json
+
+from .. import _native, dps, tls
+from ..exceptions import ConfigError
+from .common import EXIT_OK, add_key_options, env_help, load_key, parse_json, pem_csr, setting
+
+
+def register(sub) -> None:
+    p = sub.add_parser("provision", help="register with DPS over HTTPS (optionally getting a certificate issued)",
+                       description="Register the device with the Device Provisioning Service over HTTPS, "
+                                   "authenticated by the certificate and the key in its token, and print the "
+                                   "assignment. With --csr (or --new-csr) DPS issues a certificate, written "
+                                   "to --cert-out.")
+    p.add_argument("--id-scope", help=env_help("id_scope", "the DPS ID scope, e.g. 0ne00A1B2C3"))
+    p.add_argument("--registration-id",
+                   help=env_help("registration_id", "registration id (default: the device id); equals the certificate CN"))
+    p.add_argument("--device-id", help=env_help("device_id", "used as the registration id when that is not given"))
+    p.add_argument("--endpoint", help=env_help("endpoint", f"DPS host[:port] (default {dps.DEFAULT_ENDPOINT})"))
+    p.add_argument("--cert", help=env_help("cert", "the certificate (chain) DPS authenticates"))
+    p.add_argument("--ca", help=env_help("ca", "trusted roots for DPS (default: the bundled roots)"))
+    p.add_argument("--payload", metavar="JSON", help="custom payload for the allocation policy")
+    issue = p.add_mutually_exclusive_group()
+    issue.add_argument("--csr", metavar="FILE", help="a PEM CSR (from lightclient csr): DPS issues a certificate for it")
+    issue.add_argument("--new-csr", action="store_true",
+                       help="sign a CSR with the key now (CN = registration id) and have DPS issue a certificate")
+    p.add_argument("--cert-out", metavar="FILE", help="where to write the issued chain (PEM, leaf first)")
+    p.add_argument("--cache", metavar="FILE", help="reuse the assignment saved in FILE; save a new one there")
+    p.add_argument("--force", action="store_true", help="with --cache: register again even if FILE has an assignment")
+    p.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
+    p.add_argument("--json", action="store_true", help="print the assignment as JSON")
+    add_key_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    scope = setting(args, "id_scope", required=True, what="the DPS ID scope")
+    reg_id = setting(args, "registration_id") or setting(args, "device_id")
+    if not reg_id:
+        raise ConfigError("the registration id is not set: pass --registration-id or --device-id "
+                          "(or set PROVISIONING_REGISTRATION_ID or DEVICE_ID)")
+    endpoint = setting(args, "endpoint") or dps.DEFAULT_ENDPOINT
+    cert = setting(args, "cert", required=True, what="the device certificate")
+    payload = parse_json(args.payload, "--payload") if args.payload is not None else None
+    if (args.csr or args.new_csr) and not args.cert_out:
+        raise ConfigError("certificate issuance needs --cert-out FILE for the issued chain")
+    if args.cert_out and not (args.csr or args.new_csr):
+        raise ConfigError("--cert-out is for certificate issuance: add --csr FILE or --new-csr")
+    csr = None
+    if args.csr:
+        try:
+            with open(args.csr, "rb") as fh:
+                csr = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the CSR {args.csr!r}: {exc.strerror}") from None
+    key = load_key(args)
+    if args.new_csr:
+        csr = pem_csr(_native.sign_csr(key, [("CN", reg_id)]))
+    ctx = tls.https_context(cert=cert, key=key, ca=setting(args, "ca"))
+    options = dict(ssl_context=ctx, endpoint=endpoint, payload=payload, csr=csr, timeout=args.timeout,
+                   cert_out=args.cert_out)
+    from_cache = False
+    if args.cache:
+        if csr is not None:
+            raise ConfigError("--cache and certificate issuance do not mix: a cached assignment issues nothing")
+        result, from_cache = dps.provision_cached(dps.ProvisioningCache(args.cache), scope, reg_id, force=args.force,
+                                                  **options)
+    else:
+        result = dps.provision(scope, reg_id, **options)
+    if args.json:
+        print(json.dumps({"assignedHub": result.assigned_hub, "deviceId": result.device_id,
+                          "substatus": result.substatus, "payload": result.payload, "fromCache": from_cache,
+                          "issuedCertificate": args.cert_out if result.issued_certificate_chain else None}))
+        return EXIT_OK
+    source = " (from the cache; --force registers again)" if from_cache else ""
+    print(f"assigned hub {result.assigned_hub}, device id {result.device_id}{source}")
+    if result.substatus:
+        print(f"substatus {result.substatus}")
+    if result.payload is not None:
+        print(f"payload {json.dumps(result.payload)}")
+    if result.issued_certificate_chain:
+        print(f"issued certificate chain ({len(result.issued_certificate_chain)} certificates) written to {args.cert_out}")
+    elif csr is not None:
+        print("DPS issued no certificate (does the enrollment allow certificate issuance?)")
+    cert_next = args.cert_out if result.issued_certificate_chain else cert
+    print(f"next: lightclient send --hub {result.assigned_hub} --device-id {result.device_id} --cert {cert_next} "
+          "--key … 'hello'")
+    return EXIT_OK

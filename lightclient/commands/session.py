@@ -1,0 +1,238 @@
+"""One MQTT connection to IoT Hub for the CLI's send, listen, twin and trace commands.
+
+Built on the public library: :func:`lightclient.tls.client_context` (the key stays in its token),
+:mod:`lightclient.paho` (client id, username, subscriptions, requests) and :func:`lightclient.topics.parse`.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .. import paho as lcpaho
+from .. import tls, topics
+from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
+from .common import AuthRefused, ConnectionFailed, identity, load_key, setting
+
+DEFAULT_PORT = 8883
+
+
+class Output:
+    """Line output shared by paho's thread and the main thread."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+        self.lock = threading.Lock()
+
+    def __call__(self, line: str) -> None:
+        with self.lock:
+            print(line, file=self.stream, flush=True)
+
+
+def preview(payload: bytes, limit: int = 300) -> str:
+    """A payload as text for a terminal: UTF-8 as it is (shortened), anything else as a hex summary."""
+    if not payload:
+        return "(empty)"
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<{len(payload)} bytes: {payload[:32].hex()}{'…' if len(payload) > 32 else ''}>"
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit] + f"… ({len(payload)} bytes)"
+
+
+class Session:
+    """Connects on :meth:`connect`; ``on_record(record, message)`` gets every parsed IoT Hub message."""
+
+    def __init__(self, args, *, on_record: Optional[Callable[[Any, Any], None]] = None,
+                 on_log: Optional[Callable[[str], None]] = None):
+        self.identity = identity(args)
+        self.host = self.identity.hostname
+        port = setting(args, "port")
+        try:
+            self.port = int(port) if port is not None else DEFAULT_PORT
+        except ValueError:
+            raise ConfigError(f"the port {port!r} is not a number") from None
+        self.timeout = getattr(args, "timeout", 15.0)
+        cert = setting(args, "cert", required=True, what="the device certificate")
+        key = load_key(args)
+        ctx = tls.client_context(cert=cert, key=key, ca=setting(args, "ca"))
+        if getattr(args, "keylog", None):
+            ctx.keylog_filename = args.keylog
+        self.client = lcpaho.new_client(self.identity, ssl_context=ctx)
+        self.on_record = on_record
+        self._connected = threading.Event()
+        self._connack: Optional[Any] = None
+        self._dropped: Optional[str] = None
+        self._subacks: Dict[int, List[Any]] = {}
+        self._sub_cond = threading.Condition()
+        self._twin: Dict[str, Tuple[topics.TwinResponse, bytes]] = {}
+        self._twin_cond = threading.Condition()
+        self.acked = 0
+        self._ack_cond = threading.Condition()
+        self.protocol_errors: List[str] = []
+        c = self.client
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        if on_log is not None:
+            c.on_log = lambda client, userdata, level, buf: on_log(buf)
+
+    # ------------------------------------------------------------------------ connection
+
+    def connect(self, keepalive: int = 60) -> None:
+        try:
+            self.client.connect(self.host, self.port, keepalive=keepalive)
+        except ssl.SSLCertVerificationError as exc:
+            raise ConnectionFailed(
+                f"the server certificate of {self.host}:{self.port} is not trusted ({exc.verify_message}): "
+                "give the server's CA with --ca (for Azure IoT Hub leave --ca out)") from None
+        except ssl.SSLError as exc:
+            raise AuthRefused(
+                f"the TLS handshake with {self.host}:{self.port} failed ({exc.reason or exc}): is the device "
+                "certificate (or its CA) registered? Run `lightclient doctor --connect HOST:PORT`") from None
+        except (socket.gaierror, OSError) as exc:
+            raise ConnectionFailed(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}. "
+                                   "Check --hub and --port, and that outbound TCP to it is allowed") from None
+        self.client.loop_start()
+        self._connected.wait(self.timeout)
+        if self._connack is None:
+            self.close()
+            if self._dropped:
+                raise AuthRefused(
+                    f"the hub closed the connection before accepting it ({self._dropped}): is the device "
+                    "certificate (or its CA) registered and the device id right? Run `lightclient doctor`")
+            raise OperationTimeout(f"{self.host}:{self.port} did not answer CONNECT within {self.timeout:g} s")
+        rc = self._connack
+        if rc is not None and rc.is_failure:
+            self.close()
+            if rc.value in (134, 135):   # CONNACK 4 bad user name or password, 5 not authorized
+                raise AuthRefused(
+                    f"the hub refused the connection: {rc} (CONNACK {4 if rc.value == 134 else 5}): the device "
+                    f"{self.identity.client_id!r} is unknown, disabled, or its certificate is not the registered "
+                    "one (check the device id and the certificate's thumbprint or CA)")
+            raise ConnectionFailed(f"the hub refused the connection: {rc}")
+
+    def close(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        self._connack = reason_code
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
+        if not self._connected.is_set():
+            self._dropped = str(reason_code)
+            self._connected.set()      # wake connect(): no CONNACK is coming
+        elif reason_code.is_failure:
+            self._dropped = str(reason_code)
+        with self._sub_cond:
+            self._sub_cond.notify_all()
+        with self._twin_cond:
+            self._twin_cond.notify_all()
+        with self._ack_cond:
+            self._ack_cond.notify_all()
+
+    @property
+    def dropped(self) -> Optional[str]:
+        return self._dropped
+
+    def _check_alive(self) -> None:
+        if self._dropped:
+            raise ConnectionFailed(f"the connection to {self.host}:{self.port} dropped: {self._dropped}")
+
+    # ------------------------------------------------------------------------ subscriptions
+
+    def subscribe(self, filters: List[Tuple[str, int]]) -> None:
+        rc, mid = self.client.subscribe(filters)
+        if rc != 0:
+            raise ConnectionFailed(f"cannot subscribe: {rc}")
+        deadline = time.monotonic() + self.timeout
+        with self._sub_cond:
+            while mid not in self._subacks:
+                self._check_alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OperationTimeout(f"no SUBACK within {self.timeout:g} s")
+                self._sub_cond.wait(left)
+            codes = self._subacks.pop(mid)
+        refused = [f for (f, _), code in zip(filters, codes) if code.is_failure]
+        if refused:
+            raise ServiceError(f"the hub refused the subscription to {', '.join(refused)}")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None):
+        with self._sub_cond:
+            self._subacks[mid] = list(reason_codes)
+            self._sub_cond.notify_all()
+
+    # ------------------------------------------------------------------------ publishing
+
+    def _on_publish(self, client, userdata, mid, reason_code=None, properties=None):
+        with self._ack_cond:
+            self.acked += 1
+            self._ack_cond.notify_all()
+
+    def wait_acked(self, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._ack_cond:
+            while self.acked < count:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._dropped:
+                    return False
+                self._ack_cond.wait(left)
+        return True
+
+    # ------------------------------------------------------------------------ messages and twin
+
+    def _on_message(self, client, userdata, message):
+        try:
+            record = topics.parse(message.topic, self.identity)
+        except ProtocolError as exc:
+            self.protocol_errors.append(str(exc))
+            return
+        if isinstance(record, topics.TwinResponse):
+            with self._twin_cond:
+                self._twin[record.rid] = (record, message.payload)
+                self._twin_cond.notify_all()
+        if record is not None and self.on_record is not None:
+            self.on_record(record, message)
+
+    def twin_request(self, publish: Callable[[], str]) -> Tuple[topics.TwinResponse, bytes]:
+        """Send a twin request (``publish`` returns its rid) and wait for the matching response."""
+        rid = publish()
+        deadline = time.monotonic() + self.timeout
+        with self._twin_cond:
+            while rid not in self._twin:
+                self._check_alive()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise OperationTimeout(f"no twin response for $rid={rid} within {self.timeout:g} s")
+                self._twin_cond.wait(left)
+            return self._twin.pop(rid)
+
+    def get_twin(self) -> Dict[str, Any]:
+        response, body = self.twin_request(lambda: lcpaho.request_twin(self.client))
+        if response.status != 200:
+            raise ServiceError(f"the hub answered the twin GET with status {response.status}: {preview(body)}",
+                               status=response.status)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ProtocolError(f"the twin document is not JSON: {preview(body)}") from None
+
+    def report(self, patch: Dict[str, Any]) -> topics.TwinResponse:
+        response, body = self.twin_request(lambda: lcpaho.patch_reported(self.client, patch))
+        if response.status not in (200, 204):
+            raise ServiceError(f"the hub refused the reported properties with status {response.status}: "
+                               f"{preview(body)}", status=response.status)
+        return response

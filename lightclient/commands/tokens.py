@@ -1,0 +1,121 @@
+"""``lightclient tokens`` and ``lightclient keygen``: PKCS#11 token tooling (python-pkcs11)."""
+from __future__ import annotations
+
+import os
+
+from .. import token as tk
+from ..exceptions import ConfigError, ModuleLoadError, PinError, TokenNotFoundError
+from .common import EXIT_OK, add_pin_options, env_help, resolve_pin, setting
+
+COMMON_MODULES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
+    "/usr/lib/arm-linux-gnueabihf/pkcs11/libtpm2_pkcs11.so",
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tokens", help="list PKCS#11 slots, tokens and (with a PIN) their private keys",
+                       description="List the tokens a PKCS#11 module shows. With a PIN (from --pin-file, "
+                                   "--pin-env or LIGHTCLIENT_PIN) also list the private keys of --token, or of "
+                                   "the only token, with the key reference to use for each.")
+    _module_option(p)
+    p.add_argument("--token", help="only this token (label)")
+    add_pin_options(p.add_argument_group("PIN"))
+    p.set_defaults(func=run_tokens)
+
+    p = sub.add_parser("keygen", help="create a device key pair on a PKCS#11 token",
+                       description="Create a key pair on a token. The private key is private, sensitive and "
+                                   "non-extractable: it can sign, and can never be read out. Prints the key "
+                                   "reference to give to csr, doctor, provision and send.")
+    _module_option(p)
+    p.add_argument("--token", required=True, help="label of the token to create the key on")
+    p.add_argument("--label", required=True, help="label for the new key (how it is found again)")
+    p.add_argument("--type", dest="key_type", default="ec-p256", choices=tk.KEY_TYPES,
+                   help="key type (default ec-p256)")
+    p.add_argument("--id", dest="key_id", metavar="HEX", help="CKA_ID for the key pair (default: 8 random bytes)")
+    add_pin_options(p.add_argument_group("PIN"))
+    p.set_defaults(func=run_keygen)
+
+
+def _module_option(p) -> None:
+    p.add_argument("--module-path", "--pkcs11-module", dest="module_path",
+                   help=env_help("module_path", "the PKCS#11 module (.so)"))
+
+
+def module_path(args) -> str:
+    path = setting(args, "module_path")
+    if path:
+        if not os.path.exists(path):
+            raise ModuleLoadError(f"the PKCS#11 module {path!r} does not exist: install it (SoftHSM: apt install "
+                                  "softhsm2; TPM: apt install libtpm2-pkcs11-1) or fix --module-path")
+        return path
+    found = []
+    for m in COMMON_MODULES:
+        if os.path.exists(m) and not any(os.path.samefile(m, f) for f in found):
+            found.append(m)
+    if len(found) == 1:
+        return found[0]
+    hint = f"; found here: {', '.join(found)}" if found else " (none of the usual ones is installed here)"
+    raise ConfigError("which PKCS#11 module? pass --module-path or set LIGHTCLIENT_MODULE_PATH" + hint)
+
+
+def run_tokens(args) -> int:
+    module = module_path(args)
+    listed = tk.list_tokens(module)
+    tokens = [t for t in listed if t.label]
+    print(f"module {module}")
+    if not tokens:
+        print("  no initialised tokens (create one: softhsm2-util --init-token --free --label NAME, "
+              "or tpm2_ptool addtoken)")
+        return EXIT_OK
+    if args.token and not any(t.label == args.token for t in tokens):
+        raise TokenNotFoundError(f"no token labelled {args.token!r}; tokens present: "
+                                    + ", ".join(repr(t.label) for t in tokens))
+    targets = [t for t in tokens if t.label == args.token] if args.token else tokens
+    pin = resolve_pin(args, prompt=False)
+    for t in listed:
+        if not t.label:
+            print(f"slot {t.slot_id}  (free: no initialised token)")
+    for t in targets:
+        print(f"slot {t.slot_id}  token {t.label!r}  serial {t.serial}  {t.manufacturer} {t.model}".rstrip())
+        if pin is None:
+            continue
+        if len(targets) > 1:
+            print("  (give --token LABEL to list keys: the PIN belongs to one token)")
+            continue
+        keys = tk.list_keys(module, t.label, pin)
+        if not keys:
+            print("  no private keys (create one: lightclient keygen --token "
+                  f"{t.label} --label device-key)")
+        for k in keys:
+            print(f"  key {k.label!r}  {k.key_type}  id {k.id_hex or '-'}")
+            print(f"      {k.uri(module)}")
+    if pin is None:
+        print("(give a PIN with --pin-file FILE or LIGHTCLIENT_PIN to list private keys)")
+    return EXIT_OK
+
+
+def run_keygen(args) -> int:
+    module = module_path(args)
+    pin = resolve_pin(args, f"token {args.token!r}")
+    if pin is None:
+        raise PinError("keygen needs the token's user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN "
+                          "(or run it on a terminal to be asked)")
+    key_id = None
+    if args.key_id:
+        try:
+            key_id = bytes.fromhex(args.key_id)
+        except ValueError:
+            raise ConfigError(f"--id {args.key_id!r} is not hex, e.g. 01a2") from None
+    info = tk.generate_keypair(module, args.token, pin, args.label, args.key_type, key_id=key_id)
+    uri = info.uri(module)
+    print(f"created key pair {info.label!r} ({args.key_type}, id {info.id_hex}) on token {args.token!r}: "
+          "the private key is sensitive and non-extractable")
+    print("key reference (use it with --key, or set KEY_IDENTIFIER):")
+    print(uri)
+    print(f"next: lightclient csr --key '{uri}' --device-id DEVICE_ID --out device.csr")
+    return EXIT_OK
