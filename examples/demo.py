@@ -11,7 +11,6 @@
 Everything lives in a temporary directory (removed afterwards; set DEMO_DIR to keep it) and every
 process and thread is stopped at the end.
 """
-import base64
 import json
 import os
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 from lightclient import dps, keys, lab, tls
-from lightclient._native import sign_csr
+from lightclient.keys import csr_pem, sign_csr
 from lightclient.device import Device
 from lightclient.emulator.service import Emulator
 from lightclient.identity import Identity
@@ -33,10 +32,6 @@ ID_SCOPE = "0ne00000001"
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
-
-
-def csr_pem(der: bytes) -> bytes:
-    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE REQUEST-----\n"
 
 
 def main() -> int:
@@ -64,7 +59,7 @@ def run(root: Path) -> int:
         print(f"key pair on the token, private key sensitive + non-extractable: {key!r}")
 
         step("bootstrap certificate from a CSR signed inside the token")
-        (root / "bootstrap.csr").write_bytes(csr_pem(sign_csr(key, [("CN", DEVICE_ID)])))
+        (root / "bootstrap.csr").write_bytes(csr_pem(sign_csr(key, DEVICE_ID)))
         bootstrap = hub.sign_csr(root / "bootstrap.csr", root / "bootstrap.pem")
         print(f"bootstrap certificate CN={DEVICE_ID}: {bootstrap}")
 
@@ -72,7 +67,7 @@ def run(root: Path) -> int:
         https = tls.https_context(cert=bootstrap, key=key, ca=hub.ca_path)
         issued = root / "device.pem"
         result = dps.provision(ID_SCOPE, DEVICE_ID, ssl_context=https, endpoint=hub.dps.endpoint,
-                               csr=sign_csr(key, [("CN", DEVICE_ID)]), cert_out=str(issued),
+                               csr=sign_csr(key, DEVICE_ID), cert_out=str(issued),
                                poll_interval=(0.2, 2.0), timeout=30)
         print(f"assigned to hub {result.assigned_hub!r} as device {result.device_id!r} "
               f"({result.substatus}); certificate chain of {len(result.issued_certificate_chain)} written to {issued}")

@@ -269,3 +269,26 @@ def load_key(ref: Union[str, os.PathLike, KeyRef], *, pin: Optional[str] = None,
         return _native.load_store_key(os.path.abspath(kr.target), providers=kr.providers or ("tpm2",),
                                       propq=kr.propq, pin=secret, description=str(kr))
     return _native.load_pem_key(data, pin=secret, description=f"the key file {kr.target!r}")
+
+
+def sign_csr(key, subject, *, san: Optional[str] = None, digest: str = "sha256") -> bytes:
+    """A PKCS#10 certificate signing request signed by ``key`` (a loaded key), as DER.
+
+    ``subject`` is a common name (``"dev-1"``) or (field, value) pairs (``[("CN", "dev-1"), ("O", "Contoso")]``);
+    ``san`` uses OpenSSL's syntax (``"DNS:dev-1,IP:127.0.0.1"``). Use :func:`csr_pem` for PEM text.
+    """
+    from . import _native
+
+    pairs = [("CN", subject)] if isinstance(subject, str) else list(subject)
+    if not pairs:
+        raise ConfigError("a CSR needs a subject: give at least a common name")
+    return _native.sign_csr(key, pairs, san=san, digest=digest)
+
+
+def csr_pem(der: bytes) -> bytes:
+    """PEM armour for a DER certificate signing request."""
+    import base64
+
+    b64 = base64.b64encode(der)
+    lines = b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + lines + b"\n-----END CERTIFICATE REQUEST-----\n"

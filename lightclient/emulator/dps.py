@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import hashlib
 import json
 import re
 import ssl

@@ -83,7 +83,7 @@ def test_missing_module_path(capfd, caplog):
     _assert_clean(exc_info, capfd, caplog)
 
 
-def _child(code: str, env) -> "subprocess.CompletedProcess":
+def _child(code: str, env):
     """Run code in a fresh process: the engine in this one is already bound to SoftHSM."""
     import subprocess
     import sys

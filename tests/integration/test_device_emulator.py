@@ -1,7 +1,6 @@
 """The Device against the strict IoT Hub emulator (the same behaviours as against mosquitto, plus the
 hub's own rules: the emulator records every protocol deviation, and these tests require none)."""
 import queue
-import threading
 import uuid
 
 import pytest

@@ -1,6 +1,6 @@
 """DPS over HTTPS with the SoftHSM key, against the DPS emulator (and curl against the emulator)."""
 import os
-import ssl
+
 import stat
 import subprocess
 
@@ -12,7 +12,6 @@ from lightclient.emulator import certs
 from lightclient.emulator.dps import DpsEmulator
 from lightclient.exceptions import OperationTimeout, ProvisioningError
 
-from ..conftest import csr_pem
 
 SCOPE = "0ne00000001"
 FAST = dict(poll_interval=(0.05, 0.2), timeout=20)

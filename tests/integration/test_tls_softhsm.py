@@ -164,7 +164,7 @@ def test_csr_rsa_and_sha384(device, tmp_path):
 
 
 def test_token_keys_are_sensitive_and_not_extractable(softhsm):
-    import pkcs11  # noqa: F401  (run in a child: see lightclient.lab)
+
 
     code = (
         "import sys, pkcs11\n"
@@ -217,3 +217,15 @@ def test_attach_key_to_users_own_context(device, test_ca):
     key = tls.attach_key(ctx, cert=device["ec"]["cert"], key=device["ec"]["uri"], pin=PIN)
     assert key.key_type == "EC"
     _native.check_context(ctx)
+
+
+def test_public_csr_helpers(device, tmp_path):
+    der = keys.sign_csr(device["rsa"]["key"], "dev-7", san="DNS:dev-7")
+    path = tmp_path / "p.pem"
+    path.write_bytes(keys.csr_pem(der))
+    out = subprocess.run(["openssl", "req", "-in", str(path), "-noout", "-verify", "-subject"],
+                         capture_output=True, text=True, check=True)
+    assert "verify OK" in out.stdout + out.stderr and "CN = dev-7" in out.stdout
+    from lightclient.exceptions import ConfigError
+    with pytest.raises(ConfigError, match="needs a subject"):
+        keys.sign_csr(device["rsa"]["key"], [])
