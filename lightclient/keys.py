@@ -74,7 +74,7 @@ class KeyRef:
         if pin is not None:
             return _check_pin(pin, "the pin argument")
         if pin_file is not None:
-            return _read_pin_file(pin_file)
+            return read_pin_file(pin_file)
         if pin_callback is not None:
             value = pin_callback()
             if not isinstance(value, str):
@@ -83,7 +83,7 @@ class KeyRef:
         if self._pin_value is not None:
             return self._pin_value
         if self._pin_source is not None:
-            return _read_pin_file(self._pin_source)
+            return read_pin_file(self._pin_source)
         return None
 
 
@@ -93,7 +93,8 @@ def _check_pin(pin: str, where: str) -> str:
     return pin
 
 
-def _read_pin_file(path: str) -> str:
+def read_pin_file(path: str) -> str:
+    """The PIN stored in a file (``file:`` URIs too); one trailing newline is not part of it."""
     if path.startswith("file:"):
         path = unquote(path[5:])
         if path.startswith("//"):

@@ -20,6 +20,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import keys
 from ..exceptions import (CertificateError, ConfigError, KeyLoadError, LightClientError, OpenSSLMismatchError,
                           OperationTimeout, PinError, ProtocolError, ServiceError)
 
@@ -139,18 +140,6 @@ def warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
-def read_pin_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            value = fh.read()
-    except OSError as exc:
-        raise PinError(f"cannot read the PIN file {path!r}: {exc.strerror}") from None
-    value = value.rstrip("\r\n")
-    if not value:
-        raise PinError(f"the PIN file {path!r} is empty")
-    return value
-
-
 def resolve_pin(args: argparse.Namespace, what: str = "the token", prompt: bool = True) -> Optional[str]:
     """The PIN from --pin-file, --pin-env/LIGHTCLIENT_PIN, --pin (warned about) or a terminal prompt."""
     if getattr(args, "_pin_resolved", False):
@@ -161,7 +150,7 @@ def resolve_pin(args: argparse.Namespace, what: str = "the token", prompt: bool 
              f"--pin-env VAR or {PIN_ENV_DEFAULT}, or type it at the prompt")
         pin = args.pin
     elif getattr(args, "pin_file", None):
-        pin = read_pin_file(args.pin_file)
+        pin = keys.read_pin_file(args.pin_file)
     elif getattr(args, "pin_env", None):
         pin = os.environ.get(args.pin_env)
         if not pin:

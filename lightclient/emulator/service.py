@@ -90,6 +90,7 @@ class Emulator:
         if self._thread is not None:
             raise EmulatorError("the emulator is already running")
         ca_cert, ca_key = self._ca_paths
+        self.state_dir.mkdir(parents=True, exist_ok=True)  # also when the CA comes from elsewhere
         if ca_cert:
             self.ca = certs.CertificateAuthority(Path(ca_cert), Path(ca_key) if ca_key else Path())
         else:

@@ -42,7 +42,23 @@ def tpm(tmp_path_factory):
         t.handles = {"rsa": t.persistent_key(H_RSA, "rsa"), "ec": t.persistent_key(H_EC, "ec")}
         t.files = {kind: str(t.tss2_key_file(root / f"{kind}.tss2.pem", kind)) for kind in ("rsa", "ec")}
         yield t
-    assert all(p.poll() is not None for p in (t.swtpm, t.dbus, t.abrmd))
+    # Nothing that was started for this TPM may outlive it: look for any process whose command line
+    # names the TPM's directory (swtpm's state, the D-Bus socket) or swtpm's port (abrmd's TCTI).
+    assert _processes_mentioning(str(root)) == []
+    assert _processes_mentioning(f"port={t.port}") == []
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in cmdline and int(pid) != os.getpid():
+            found.append((int(pid), cmdline.strip()))
+    return found
 
 
 @pytest.fixture(scope="module")
