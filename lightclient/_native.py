@@ -480,6 +480,35 @@ def _raise_ctx_rc(rc: int, ctx) -> None:
             "match what Python reports); refusing to touch it. " + WORKING_PYTHONS, drain_errors())
 
 
+@dataclass(frozen=True)
+class CertificateInfo:
+    """What ``doctor`` and friends need to know about a certificate (the first one in a PEM chain)."""
+
+    subject_cn: str
+    issuer_cn: str
+    not_before: "datetime.datetime"   # aware, UTC
+    not_after: "datetime.datetime"
+
+
+def certificate_info(chain_pem: bytes) -> CertificateInfo:
+    """Subject and issuer common names and the validity period of the first certificate in ``chain_pem``."""
+    import datetime
+
+    ffi, lib = _shim_lib()
+    subject, issuer = ffi.new("char[]", 1024), ffi.new("char[]", 1024)
+    start, end = ffi.new("int64_t *"), ffi.new("int64_t *")
+    rc = lib.lc_cert_info(chain_pem, len(chain_pem), subject, 1024, issuer, 1024, start, end)
+    errors = drain_errors()
+    if rc != lib.LC_OK:
+        raise CertificateError("no readable PEM certificate found in the certificate data.", errors)
+
+    def when(seconds: int) -> "datetime.datetime":
+        return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+
+    return CertificateInfo(ffi.string(subject).decode(errors="replace"), ffi.string(issuer).decode(errors="replace"),
+                           when(start[0]), when(end[0]))
+
+
 def cert_matches_key(chain_pem: bytes, key: NativeKey) -> bool:
     ensure_compatible()
     ffi, lib = _shim_lib()

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/opensslv.h>
 #include <openssl/crypto.h>
@@ -781,6 +782,49 @@ static STACK_OF(X509) *lc_read_certs(const char *pem, size_t pem_len)
     }
     ERR_clear_error(); /* the reader ends with "no start line" at the end of the buffer */
     return certs;
+}
+
+static void lc_name_cn(const X509_NAME *name, char *out, size_t out_len)
+{
+    lc_copy(out, out_len, "");
+    if (name == NULL || out == NULL || out_len == 0)
+        return;
+    /* X509_NAME_get_text_by_NID truncates safely and always NUL-terminates a positive length. */
+    if (X509_NAME_get_text_by_NID((X509_NAME *)name, NID_commonName, out, (int)(out_len > INT32_MAX ? INT32_MAX : out_len)) < 0)
+        lc_copy(out, out_len, "");
+}
+
+static int lc_asn1_epoch(const ASN1_TIME *t, int64_t *out)
+{
+    struct tm tm;
+
+    memset(&tm, 0, sizeof(tm));
+    if (t == NULL || ASN1_TIME_to_tm(t, &tm) != 1)
+        return 0;
+    *out = (int64_t)timegm(&tm);
+    return 1;
+}
+
+int lc_cert_info(const char *pem, size_t pem_len, char *subject_cn, size_t subject_len,
+                 char *issuer_cn, size_t issuer_len, int64_t *not_before, int64_t *not_after)
+{
+    STACK_OF(X509) *certs;
+    X509 *x;
+    int ok;
+
+    *not_before = *not_after = 0;
+    lc_copy(subject_cn, subject_len, "");
+    lc_copy(issuer_cn, issuer_len, "");
+    ERR_clear_error();
+    certs = lc_read_certs(pem, pem_len);
+    if (certs == NULL)
+        return LC_E_CERT_PARSE;
+    x = sk_X509_value(certs, 0);
+    lc_name_cn(X509_get_subject_name(x), subject_cn, subject_len);
+    lc_name_cn(X509_get_issuer_name(x), issuer_cn, issuer_len);
+    ok = lc_asn1_epoch(X509_get0_notBefore(x), not_before) && lc_asn1_epoch(X509_get0_notAfter(x), not_after);
+    sk_X509_pop_free(certs, X509_free);
+    return ok ? LC_OK : LC_E_CERT_PARSE;
 }
 
 int lc_cert_matches_key(const char *pem, size_t pem_len, const lc_key *key)

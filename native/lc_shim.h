@@ -80,6 +80,11 @@ int lc_ctx_install(void *pyobj, uint64_t expected_options, const lc_key *key,
 /* Only the lookup + verification, for tests and diagnostics. */
 int lc_ctx_check(void *pyobj, uint64_t expected_options);
 
+/* Facts about the first certificate in `pem`: subject and issuer CN (empty when absent) and the
+ * validity period in seconds since the epoch (UTC). LC_OK or LC_E_CERT_PARSE. */
+int lc_cert_info(const char *pem, size_t pem_len, char *subject_cn, size_t subject_len,
+                 char *issuer_cn, size_t issuer_len, int64_t *not_before, int64_t *not_after);
+
 /* Does the first certificate in `pem` belong to `key`? 1 yes, 0 no, <0 LC_E_* error. */
 int lc_cert_matches_key(const char *pem, size_t pem_len, const lc_key *key);
 

@@ -115,22 +115,6 @@ def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> d
 # ------------------------------------------------------------------------------------------------ checks
 
 
-def _cert_info(path: str) -> dict:
-    return ssl._ssl._test_decode_cert(path)  # type: ignore[attr-defined]  # CPython: decodes without verifying
-
-
-def _cn(decoded: dict) -> Optional[str]:
-    for rdn in decoded.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return value
-    return None
-
-
-def _when(text: str) -> _dt.datetime:
-    return _dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(text), _dt.timezone.utc)
-
-
 def check_openssl(checks: List[Check]) -> bool:
     try:
         facts = _native.openssl_facts()
@@ -269,7 +253,7 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
             chain = fh.read()
         if b"-----BEGIN CERTIFICATE-----" not in chain:
             raise ValueError("no PEM certificate in it")
-        info = _cert_info(cert)
+        info = _native.certificate_info(chain)
     except (OSError, ValueError, ssl.SSLError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         checks.append(Check(names[0], FAIL, f"{cert}: {detail}",
@@ -278,10 +262,10 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
         _skip(checks, names[1:], "no certificate")
         return None
     count = chain.count(b"-----BEGIN CERTIFICATE-----")
-    issuer = _cn({"subject": info.get("issuer", ())})
+    issuer = info.issuer_cn or None
     checks.append(Check(names[0], OK, f"{cert} ({count} certificate{'s' if count > 1 else ''}, issuer {issuer!r})"))
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    start, end = _when(info["notBefore"]), _when(info["notAfter"])
+    start, end = info.not_before, info.not_after
     if now < start:
         checks.append(Check(names[1], FAIL, f"not valid before {start:%Y-%m-%d %H:%M} UTC",
                             "check the system clock (date -u), or wait until the certificate is valid"))
@@ -294,7 +278,7 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
                             "renew it soon"))
     else:
         checks.append(Check(names[1], OK, f"until {end:%Y-%m-%d} UTC"))
-    cn = _cn(info)
+    cn = info.subject_cn or None
     if expected_cn is None:
         checks.append(Check(names[2], SKIP, f"CN is {cn!r}; no --device-id given"))
     elif cn == expected_cn:

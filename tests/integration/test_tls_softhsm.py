@@ -229,3 +229,16 @@ def test_public_csr_helpers(device, tmp_path):
     from lightclient.exceptions import ConfigError
     with pytest.raises(ConfigError, match="needs a subject"):
         keys.sign_csr(device["rsa"]["key"], [])
+
+
+def test_certificate_info(device, test_ca):
+    import datetime
+
+    info = _native.certificate_info(device["ec"]["cert"].read_bytes())
+    assert (info.subject_cn, info.issuer_cn) == ("device-ec", "lightclient lab CA")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert info.not_before <= now < info.not_after
+    assert datetime.timedelta(days=29) < info.not_after - info.not_before <= datetime.timedelta(days=31)
+    from lightclient.exceptions import CertificateError
+    with pytest.raises(CertificateError, match="no readable PEM certificate"):
+        _native.certificate_info(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
