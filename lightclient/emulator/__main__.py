@@ -3,6 +3,14 @@
     python -m lightclient.emulator --state-dir .emulator --port 8883 --device d1 --device d1/m1 \\
         --http-port 8080 --verbose
 
+Settings can also come from a small JSON file (``--config emulator.json``); flags given on the
+command line win over the file::
+
+    {"port": 8883, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
+     "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
+     "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
+     "verbose": true}
+
 Every ``--device`` is registered CA-signed and gets a key and certificate from the emulator's CA in
 ``{state-dir}/devices/`` (kept across runs).  ``--self-signed ID=CERT.pem`` registers a self-signed
 certificate by thumbprint.  ``--sign-csr CSR --out CERT`` only issues a certificate and exits.
@@ -54,11 +62,64 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
     parser.add_argument("--dps-retry-after", type=int, default=1, help="DPS Retry-After seconds (default 1)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="read settings from a JSON file (command-line flags win)")
     return parser
 
 
+_CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int,
+                "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
+                "server_cert": str, "server_key": str}
+_DPS_KEYS = {"port": "dps_port", "id_scope": "id_scope", "polls": "dps_polls", "retry_after": "dps_retry_after"}
+
+
+def _config_defaults(path: Path) -> dict:
+    """Parser defaults from a JSON config file; every mistake is named."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise EmulatorError(f"cannot read the config file {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise EmulatorError(f"the config file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise EmulatorError(f"the config file {path} must hold a JSON object")
+    defaults = {}
+    for key, value in data.items():
+        kind = _CONFIG_KEYS.get(key)
+        if kind is None:
+            raise EmulatorError(f"unknown setting {key!r} in {path}; known: {', '.join(sorted(_CONFIG_KEYS))}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise EmulatorError(f"setting {key!r} in {path} must be a {kind.__name__}, not {type(value).__name__}")
+        if key == "devices":
+            defaults["device"] = [str(d) for d in value]
+        elif key == "self_signed":
+            defaults["self_signed"] = [f"{name}={cert}" for name, cert in value.items()]
+        elif key == "dps":
+            for dkey, dvalue in value.items():
+                if dkey not in _DPS_KEYS:
+                    raise EmulatorError(f"unknown DPS setting {dkey!r} in {path}; known: {', '.join(_DPS_KEYS)}")
+                defaults[_DPS_KEYS[dkey]] = dvalue
+        elif key in ("state_dir", "ca_cert", "ca_key", "server_cert", "server_key"):
+            defaults[key] = Path(value)
+        else:
+            defaults[key] = value
+    return defaults
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config", type=Path)
+    config = finder.parse_known_args(argv)[0].config
+    if config is not None:
+        try:
+            parser.set_defaults(**_config_defaults(config))
+        except EmulatorError as exc:
+            print(f"emulator: error: {exc}", file=sys.stderr)
+            return 2
+    args = parser.parse_args(argv)
     emulator = Emulator(args.state_dir, host=args.host, port=args.port, hostname=args.hostname,
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key)
