@@ -7,6 +7,7 @@ never appear in any message built here.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import ssl
 import threading
@@ -486,14 +487,12 @@ class CertificateInfo:
 
     subject_cn: str
     issuer_cn: str
-    not_before: "datetime.datetime"   # aware, UTC
-    not_after: "datetime.datetime"
+    not_before: datetime.datetime   # aware, UTC
+    not_after: datetime.datetime
 
 
 def certificate_info(chain_pem: bytes) -> CertificateInfo:
     """Subject and issuer common names and the validity period of the first certificate in ``chain_pem``."""
-    import datetime
-
     ffi, lib = _shim_lib()
     subject, issuer = ffi.new("char[]", 1024), ffi.new("char[]", 1024)
     start, end = ffi.new("int64_t *"), ffi.new("int64_t *")

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from .commands import common
 
-COMMANDS = ("tokens", "keygen", "csr", "doctor", "provision", "trace", "send", "listen", "twin", "emulator")
+COMMANDS = ("tokens", "init-token", "keygen", "csr", "doctor", "provision", "trace", "send", "listen", "twin", "emulator")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,62 +104,6 @@ class SoftHSM:
         return json.loads(self._child("keygen", self.module_path, token_label, key_label, key_type, secrets=[pin]))
 
 
-def _init_token_child(module_path: str, label: str, so_pin: str, pin: str) -> None:
-    """C_InitToken + C_InitPIN through ctypes (softhsm2-util insists on a terminal for PINs)."""
-    import ctypes
-
-    lib = ctypes.CDLL(module_path)
-    ulong = ctypes.c_ulong
-
-    def ck(rv: int, what: str) -> None:
-        if rv != 0:
-            raise LabError(f"{what} failed: CKR 0x{rv:x}")
-
-    ck(lib.C_Initialize(None), "C_Initialize")
-    count = ulong(0)
-    ck(lib.C_GetSlotList(ctypes.c_ubyte(0), None, ctypes.byref(count)), "C_GetSlotList")
-    slots = (ulong * count.value)()
-    ck(lib.C_GetSlotList(ctypes.c_ubyte(0), slots, ctypes.byref(count)), "C_GetSlotList")
-
-    class TokenInfo(ctypes.Structure):  # CK_TOKEN_INFO, only the leading fields are read
-        _fields_ = [("label", ctypes.c_char * 32), ("manufacturerID", ctypes.c_char * 32),
-                    ("model", ctypes.c_char * 16), ("serialNumber", ctypes.c_char * 16),
-                    ("flags", ulong), ("rest", ctypes.c_byte * 256)]
-
-    CKF_TOKEN_INITIALIZED = 0x400
-    free = None
-    for slot in slots[:count.value]:
-        info = TokenInfo()
-        ck(lib.C_GetTokenInfo(ulong(slot), ctypes.byref(info)), "C_GetTokenInfo")
-        if not info.flags & CKF_TOKEN_INITIALIZED:
-            free = slot
-            break
-    if free is None:
-        raise LabError("SoftHSM has no free slot")
-    so, upin = so_pin.encode(), pin.encode()
-    ck(lib.C_InitToken(ulong(free), so, ulong(len(so)), label.encode().ljust(32, b" ")), "C_InitToken")
-    # SoftHSM renumbers slots after initialising a token: find it again by label.
-    ck(lib.C_GetSlotList(ctypes.c_ubyte(1), None, ctypes.byref(count)), "C_GetSlotList")
-    slots = (ulong * count.value)()
-    ck(lib.C_GetSlotList(ctypes.c_ubyte(1), slots, ctypes.byref(count)), "C_GetSlotList")
-    target = None
-    for slot in slots[:count.value]:
-        info = TokenInfo()
-        ck(lib.C_GetTokenInfo(ulong(slot), ctypes.byref(info)), "C_GetTokenInfo")
-        if info.label.decode().rstrip() == label:
-            target = slot
-    if target is None:
-        raise LabError(f"token {label!r} not found after C_InitToken")
-    session = ulong(0)
-    CKF_RW_SERIAL = 0x6
-    ck(lib.C_OpenSession(ulong(target), ulong(CKF_RW_SERIAL), None, None, ctypes.byref(session)), "C_OpenSession")
-    ck(lib.C_Login(session, ulong(0), so, ulong(len(so))), "C_Login(SO)")  # CKU_SO = 0
-    ck(lib.C_InitPIN(session, upin, ulong(len(upin))), "C_InitPIN")
-    lib.C_Logout(session)
-    lib.C_CloseSession(session)
-    lib.C_Finalize(None)
-
-
 # ---------------------------------------------------------------------------------------- test CA
 
 
@@ -270,7 +214,9 @@ def _main(argv: List[str]) -> int:
     secrets = sys.stdin.read().splitlines()
     try:
         if argv[:1] == ["init-token"] and len(argv) == 3:
-            _init_token_child(argv[1], argv[2], so_pin=secrets[0], pin=secrets[1])
+            from .token import init_token
+
+            init_token(argv[1], argv[2], so_pin=secrets[0], pin=secrets[1])
             return 0
         if argv[:1] == ["keygen"] and len(argv) == 5:
             from .token import generate_keypair

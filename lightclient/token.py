@@ -173,6 +173,84 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
     return KeyInfo(key_label, key_id.hex(), "EC" if key_type.startswith("ec-") else "RSA", token_label)
 
 
+def init_token(module_path: str, label: str, so_pin: str, pin: str) -> TokenInfo:
+    """Initialise the first free slot's token as ``label`` with an SO PIN and a user PIN.
+
+    PKCS#11 ``C_InitToken`` + ``C_InitPIN`` through ctypes: python-pkcs11 has no token initialisation,
+    and softhsm2-util / tpm2_ptool take PINs only on a terminal or in their arguments. Works for
+    SoftHSM2 and tpm2-pkcs11 (run ``tpm2_ptool init`` first there). The module is initialised and
+    finalised here, so call it before anything else in this process uses the module (or in a child).
+    """
+    import ctypes
+
+    if not label or len(label.encode()) > 32:
+        raise ConfigError("a token label must be 1 to 32 bytes long")
+    try:
+        lib = ctypes.CDLL(module_path)
+    except OSError as exc:
+        raise ModuleLoadError(f"cannot load the PKCS#11 module {module_path!r}: {exc}") from None
+    if not all(hasattr(lib, f) for f in ("C_Initialize", "C_InitToken", "C_InitPIN")):
+        raise ModuleLoadError(f"{module_path!r} is not a PKCS#11 module (no C_InitToken)")
+    ulong = ctypes.c_ulong
+
+    def ck(rv: int, what: str) -> None:
+        if rv in (0xA0, 0xA1, 0xA2):  # CKR_PIN_INCORRECT / _INVALID / _LEN_RANGE
+            raise PinError(f"{what}: the module refused the PIN (CKR 0x{rv:x}); check its length and characters")
+        if rv != 0:
+            raise ModuleLoadError(f"{what} failed in {module_path}: CKR 0x{rv:x}")
+
+    ck(lib.C_Initialize(None), "C_Initialize")
+    try:
+        count = ulong(0)
+        ck(lib.C_GetSlotList(ctypes.c_ubyte(0), None, ctypes.byref(count)), "C_GetSlotList")
+        slots = (ulong * count.value)()
+        ck(lib.C_GetSlotList(ctypes.c_ubyte(0), slots, ctypes.byref(count)), "C_GetSlotList")
+
+        class CkTokenInfo(ctypes.Structure):  # CK_TOKEN_INFO, only the leading fields are read
+            _fields_ = [("label", ctypes.c_char * 32), ("manufacturerID", ctypes.c_char * 32),
+                        ("model", ctypes.c_char * 16), ("serialNumber", ctypes.c_char * 16),
+                        ("flags", ulong), ("rest", ctypes.c_byte * 256)]
+
+        CKF_TOKEN_INITIALIZED = 0x400
+        free = None
+        for slot in slots[:count.value]:
+            info = CkTokenInfo()
+            ck(lib.C_GetTokenInfo(ulong(slot), ctypes.byref(info)), "C_GetTokenInfo")
+            if not info.flags & CKF_TOKEN_INITIALIZED:
+                free = slot
+                break
+        if free is None:
+            raise TokenNotFoundError(f"{module_path} has no free slot for a new token")
+        so, upin = so_pin.encode(), pin.encode()
+        ck(lib.C_InitToken(ulong(free), so, ulong(len(so)), label.encode().ljust(32, b" ")), "C_InitToken")
+        # SoftHSM renumbers slots after initialising a token: find it again by label.
+        ck(lib.C_GetSlotList(ctypes.c_ubyte(1), None, ctypes.byref(count)), "C_GetSlotList")
+        slots = (ulong * count.value)()
+        ck(lib.C_GetSlotList(ctypes.c_ubyte(1), slots, ctypes.byref(count)), "C_GetSlotList")
+        target = None
+        for slot in slots[:count.value]:
+            info = CkTokenInfo()
+            ck(lib.C_GetTokenInfo(ulong(slot), ctypes.byref(info)), "C_GetTokenInfo")
+            if info.label.decode(errors="replace").rstrip() == label:
+                target = slot
+        if target is None:
+            raise TokenNotFoundError(f"token {label!r} not found after C_InitToken")
+        session = ulong(0)
+        CKF_RW_SERIAL = 0x6
+        ck(lib.C_OpenSession(ulong(target), ulong(CKF_RW_SERIAL), None, None, ctypes.byref(session)), "C_OpenSession")
+        ck(lib.C_Login(session, ulong(0), so, ulong(len(so))), "C_Login(SO)")  # CKU_SO = 0
+        ck(lib.C_InitPIN(session, upin, ulong(len(upin))), "C_InitPIN")
+        lib.C_Logout(session)
+        info = CkTokenInfo()
+        ck(lib.C_GetTokenInfo(ulong(target), ctypes.byref(info)), "C_GetTokenInfo")
+        lib.C_CloseSession(session)
+        return TokenInfo(label, info.serialNumber.decode(errors="replace").strip(),
+                         info.manufacturerID.decode(errors="replace").strip(),
+                         info.model.decode(errors="replace").strip(), int(target))
+    finally:
+        lib.C_Finalize(None)
+
+
 def describe_module(module_path: str, timeout: float = 15.0) -> Optional[List[TokenInfo]]:
     """List tokens from a child process (see module docstring); ``None`` if that is not possible."""
     try:

@@ -27,6 +27,17 @@ def register(sub) -> None:
     add_pin_options(p.add_argument_group("PIN"))
     p.set_defaults(func=run_tokens)
 
+    p = sub.add_parser("init-token", help="initialise a token (SoftHSM2, tpm2-pkcs11) with an SO PIN and a user PIN",
+                       description="Initialise the first free slot's token with a label, a security-officer PIN "
+                                   "and a user PIN (PKCS#11 C_InitToken + C_InitPIN). PINs come from files, the "
+                                   "environment or a terminal prompt, never from the command line. For "
+                                   "tpm2-pkcs11 run `tpm2_ptool init` first.")
+    _module_option(p)
+    p.add_argument("--label", required=True, help="label for the new token (1-32 bytes)")
+    p.add_argument("--so-pin-file", help=f"file holding the SO PIN (or set {SO_PIN_ENV})")
+    add_pin_options(p.add_argument_group("user PIN"))
+    p.set_defaults(func=run_init_token)
+
     p = sub.add_parser("keygen", help="create a device key pair on a PKCS#11 token",
                        description="Create a key pair on a token. The private key is private, sensitive and "
                                    "non-extractable: it can sign, and can never be read out. Prints the key "
@@ -96,6 +107,33 @@ def run_tokens(args) -> int:
             print(f"      {k.uri(module)}")
     if pin is None:
         print("(give a PIN with --pin-file FILE or LIGHTCLIENT_PIN to list private keys)")
+    return EXIT_OK
+
+
+SO_PIN_ENV = "LIGHTCLIENT_SO_PIN"
+
+
+def run_init_token(args) -> int:
+    import getpass
+    import sys
+
+    from ..keys import read_pin_file
+
+    module = module_path(args)
+    if args.so_pin_file:
+        so_pin = read_pin_file(args.so_pin_file)
+    elif os.environ.get(SO_PIN_ENV):
+        so_pin = os.environ[SO_PIN_ENV]
+    elif sys.stdin is not None and sys.stdin.isatty():
+        so_pin = getpass.getpass(f"new SO PIN for token {args.label!r}: ")
+    else:
+        raise PinError(f"init-token needs an SO PIN: give --so-pin-file FILE or set {SO_PIN_ENV}")
+    pin = resolve_pin(args, f"the new token {args.label!r}")
+    if pin is None:
+        raise PinError("init-token needs the new user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN")
+    info = tk.init_token(module, args.label, so_pin, pin)
+    print(f"initialised token {info.label!r} (serial {info.serial}) in slot {info.slot_id} of {module}")
+    print(f"next: lightclient keygen --module-path {module} --token {info.label} --label device-key")
     return EXIT_OK
 
 

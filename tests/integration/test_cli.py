@@ -552,3 +552,23 @@ def test_usage_errors_and_help(lab_):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     out = ok("--version", env=lab_.env)
     assert out.startswith("lightclient ")
+
+
+def test_init_token_then_keygen_with_pins_from_files(tmp_path):
+    """A new user's first commands on an empty SoftHSM: init-token, tokens, keygen; no PIN on argv."""
+    hsm = lab.SoftHSM(tmp_path / "hsm")
+    env = _env(hsm.env)
+    pin_file, so_file = tmp_path / "pin", tmp_path / "so-pin"
+    pin_file.write_text(PIN + "\n")
+    so_file.write_text(SO_PIN + "\n")
+    out = ok("init-token", "--module-path", hsm.module_path, "--label", "first", "--so-pin-file", so_file,
+             "--pin-file", pin_file, env=env)
+    assert "initialised token 'first'" in out and "next: lightclient keygen" in out
+    assert "token 'first'" in ok("tokens", "--module-path", hsm.module_path, env=env)
+    out = ok("keygen", "--module-path", hsm.module_path, "--token", "first", "--label", "k1", "--pin-file", pin_file,
+             env=env)
+    assert "pkcs11:token=first;object=k1" in out
+    # Without an SO PIN it says how to give one (and never prompts without a terminal).
+    proc = fails(3, "init-token", "--module-path", hsm.module_path, "--label", "second", "--pin-file", pin_file,
+                 env=env)
+    assert "needs an SO PIN" in proc.stderr
