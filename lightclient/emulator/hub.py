@@ -76,7 +76,17 @@ class _Accept(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport.pause_reading()
+        # Python 3.9's socket transport adds its reader in a callback queued *after* this one,
+        # ignoring the pause (3.10 fixed that), and the ClientHello then goes to this protocol and is
+        # lost. Pause again once that callback has run; a no-op on newer Pythons.
+        asyncio.get_running_loop().call_soon(_repause, transport)
         self.hub._on_accept(transport)
+
+
+def _repause(transport: asyncio.BaseTransport) -> None:
+    if not transport.is_closing():
+        transport.resume_reading()
+        transport.pause_reading()
 
 
 class Hub:
