@@ -39,7 +39,8 @@ client = iothub.new_client(identity, ssl_context=context)               # + IoT 
 
 def on_connect(client, userdata, flags, reason, properties):
     logging.info("connected: %s", reason)
-    client.subscribe([("app/local", 1)] + iothub.subscriptions(identity))  # + IoT Hub filters
+    # IoT Hub is not a general broker: it refuses (SUBACK 0x80) any filter but its own.
+    client.subscribe(iothub.subscriptions(identity))            # + IoT Hub filters, not the app's own
     iothub.request_twin(client)                                           # + read the twin once connected
 
 

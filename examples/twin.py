@@ -1,0 +1,60 @@
+"""The device twin: read it, report properties, and react to desired-property changes.
+
+Configuration comes from the environment (the library itself never reads it):
+
+    IOTHUB_HOSTNAME   myhub.azure-devices.net
+    IOTHUB_DEVICE_ID  the device id (= the certificate's CN)
+    LC_CERT           device certificate chain (PEM), leaf first
+    LC_KEY            key reference, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
+    LC_PIN_FILE       file holding the token PIN (optional; LC_PIN works too, but lands in your shell history)
+    LC_CA             trusted CA for the server (optional; default: the bundled IoT Hub roots)
+    LC_CONNECT_HOST   connect here instead of IOTHUB_HOSTNAME, e.g. 127.0.0.1 for the emulator (optional)
+    LC_PORT           default 8883
+    LC_RUN_SECONDS    how long to listen for desired changes (default 300; Ctrl-C stops earlier)
+    LC_COUNT          stop after this many desired-property changes (optional)
+
+Change a desired property with ``az iot hub device-twin update --hub-name myhub --device-id dev1
+--desired '{"interval": 10}'``; the device applies it and reports the value it now uses.
+"""
+import os
+import threading
+
+from lightclient import tls
+from lightclient.device import Device
+from lightclient.identity import Identity
+
+env = os.environ
+identity = Identity(env["IOTHUB_HOSTNAME"], env["IOTHUB_DEVICE_ID"])
+context = tls.client_context(cert=env["LC_CERT"], key=env["LC_KEY"], ca=env.get("LC_CA"),
+                             pin=env.get("LC_PIN"), pin_file=env.get("LC_PIN_FILE"))
+device = Device(identity, context, host=env.get("LC_CONNECT_HOST"), port=int(env.get("LC_PORT", "8883")))
+limit = int(env["LC_COUNT"]) if env.get("LC_COUNT") else None
+changes, enough = [], threading.Event()
+settings = {"interval": 60}
+
+
+def on_desired(patch, version):
+    # One call per change, in $version order; after a (re)connect, what changed while offline. After
+    # the very first connect that is the whole desired document (if it holds anything).
+    print(f"desired change $version={version}: {patch}", flush=True)
+    applied = {key: patch[key] for key in settings if key in patch and patch[key] is not None}
+    settings.update(applied)
+    if applied:
+        reported_version = device.patch_reported(applied, timeout=30)  # report what is now in effect
+        print(f"applied and reported {applied} (reported $version {reported_version})", flush=True)
+    changes.append(version)
+    if limit is not None and len(changes) >= limit:
+        enough.set()
+
+
+device.on_desired = on_desired
+with device:
+    twin = device.get_twin(timeout=30)
+    print(f"twin desired={twin['desired']} reported={twin['reported']}", flush=True)
+    version = device.patch_reported({"firmware": "1.0.0", "interval": settings["interval"]}, timeout=30)
+    print(f"reported firmware and interval (reported $version {version}); waiting for desired changes", flush=True)
+    try:
+        enough.wait(float(env.get("LC_RUN_SECONDS", "300")))
+    except KeyboardInterrupt:
+        pass
+print(f"handled {len(changes)} desired change(s); settings now {settings}", flush=True)
