@@ -426,13 +426,21 @@ class ProvisioningCache:
         hub, dev = data.get("assigned_hub"), data.get("device_id")
         if not isinstance(hub, str) or not isinstance(dev, str):
             return None
+        try:
+            chain = tuple(base64.b64decode(c, validate=True) for c in data.get("issued_certificate_chain") or ())
+        except (TypeError, ValueError):
+            return None  # a damaged cache is as good as none: provision again
         return RegistrationResult(operation_id=None, status="assigned", registration_id=registration_id,
-                                  assigned_hub=hub, device_id=dev, payload=data.get("payload"))
+                                  assigned_hub=hub, device_id=dev, payload=data.get("payload"),
+                                  issued_certificate_chain=chain)
 
     def save(self, id_scope: str, registration_id: str, result: RegistrationResult,
              endpoint: str = DEFAULT_ENDPOINT) -> None:
+        # The issued chain (certificate issuance) is kept too: it is public, and the device needs it
+        # to connect after a reboot without registering again.
         record = {"key": [id_scope, registration_id, endpoint], "assigned_hub": result.assigned_hub,
-                  "device_id": result.device_id, "payload": result.payload, "saved_at": int(time.time())}
+                  "device_id": result.device_id, "payload": result.payload, "saved_at": int(time.time()),
+                  "issued_certificate_chain": [base64.b64encode(d).decode() for d in result.issued_certificate_chain]}
         _atomic_write(self.path, json.dumps(record).encode(), mode=0o600)
 
     def clear(self) -> None:

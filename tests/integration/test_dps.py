@@ -105,6 +105,10 @@ def test_csr_issuance_then_hub_connection_with_same_key(emulator, device, test_c
                            cert_out=str(out), **FAST)
     assert len(result.issued_certificate_chain) == 2
     assert "2025-07-01-preview" in emulator.requests[0][1]
+    # The cache keeps the issued chain, so a reboot can connect without registering again.
+    cache = dps.ProvisioningCache(str(tmp_path / "cache.json"))
+    cache.save(SCOPE, "device-ec", result)
+    assert cache.load(SCOPE, "device-ec").chain_pem() == out.read_bytes()
     text = subprocess.run(["openssl", "x509", "-in", str(out), "-noout", "-subject", "-issuer"],
                           capture_output=True, text=True, check=True).stdout
     assert "CN = device-ec" in text and "lightclient lab CA" in text
