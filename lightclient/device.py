@@ -15,23 +15,30 @@ Threads (all named ``lightclient-{client id}-…``):
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
+import os
 import ssl
 import threading
 import time
+import urllib.parse
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
 
 from . import paho as glue
 from . import topics
 from ._twin import DesiredState
+from ._verify import server_certificate_error
 from .backoff import Backoff
-from .exceptions import ConfigError, ConnectRefusedError, LightClientError, OperationTimeout, ServiceError
+from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
+                         QueueFullError, ServerCertificateError, ServiceError)
 from .identity import API_VERSION, Identity
+from .outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES, REJECT_NEW, Outbox, check_limits
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
 
 log = logging.getLogger("lightclient.device")
@@ -60,6 +67,8 @@ _CONNACK_TEXT = {
 }
 _NOT_AUTHORIZED = (4, 5)
 _TOPIC_CACHE_SIZE = 256
+# Stands in for the $.mid while a topic is cached: a UUID's length, and unreserved characters only.
+_MID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
 
 @dataclass(frozen=True)
@@ -73,65 +82,268 @@ class MethodResponse:
     payload: Any = None
 
 
-class _AckBook:
-    """PUBACK bookkeeping for :meth:`Device.send` (one per Device).
+class _Message:
+    """One telemetry message from send() until its PUBACK (or until it is dropped)."""
 
-    A PUBACK can be handled on the network thread before ``publish()`` has returned the mid to the
-    sending thread. Such an ack is parked in ``early`` with the send sequence number of that moment, and
-    :meth:`register` accepts it only if it is not older than its own send: a parked ack for a reused mid
-    (from a twin request or method answer, which are not tracked) is older and is ignored.
-    A plain Lock, not Condition.__enter__, guards the hot path: it runs twice per message.
+    __slots__ = ("topic", "payload", "cost", "key", "handle")
+
+    def __init__(self, topic: str, payload: bytes, handle: "SendHandle", key: Optional[int] = None):
+        self.topic = topic
+        self.payload = payload
+        self.cost = len(topic) + len(payload)  # the topic is ASCII (ids are ASCII, the bag is %-encoded)
+        self.key = key
+        self.handle = handle
+
+
+class _Pipeline:
+    """Telemetry from :meth:`Device.send` to the hub's PUBACK (one per Device).
+
+    Every accepted message is counted against ``max_messages`` / ``max_bytes`` until acknowledged.
+    At most ``window`` (= ``max_inflight``) of them are handed to paho at a time, and only while
+    connected; the rest wait in ``queue``, in order, where ``drop_oldest`` can still take them back
+    (a message paho holds is resent by paho after a reconnect and cannot be recalled). With an outbox,
+    every message is committed to it before :meth:`put` returns and deleted from it on its PUBACK.
+
+    Locking: ``lock`` is never held while calling paho (paho's network thread holds paho's own lock when
+    it calls :meth:`acked`). A PUBACK can be handled on the network thread before ``publish()`` has
+    returned the packet id to the sending thread; such an ack is parked in ``early`` with the sequence
+    number of that moment, and :meth:`_register` accepts it only if it is not older than its own publish
+    (a parked ack for a reused packet id of a twin request or method answer is older and ignored).
+    Only one thread at a time moves messages from ``queue`` to paho (``pumping``), so the wire order is
+    the order of acceptance.
     """
 
-    __slots__ = ("lock", "cond", "waiting", "unacked", "early", "seq", "sending")
-
-    def __init__(self) -> None:
+    def __init__(self, client: mqtt.Client, window: int, max_messages: int, max_bytes: int, policy: str,
+                 outbox: Optional[Outbox]):
+        self.client = client
+        self.window = window
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.policy = policy
+        self.outbox = outbox
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
-        self.waiting = 0
-        self.unacked: Dict[int, SendHandle] = {}
+        self.put_lock = threading.Lock()           # with an outbox: file order = queue order
+        self.waiting = 0                           # threads in drained()
+        self.queue: Deque[_Message] = collections.deque()
+        self.inflight: Dict[int, _Message] = {}    # handed to paho, by MQTT packet id
         self.early: Dict[int, int] = {}
         self.seq = 0
-        self.sending = 0
+        self.sending = 0                           # publishes in progress (each holds a window slot)
+        self.pumping = False
+        self.repump = False
+        self.count = 0
+        self.bytes = 0
+        self.online = False
 
-    def begin(self) -> int:
-        with self.lock:
+    # ----------------------------------------------------------------------------- accepting
+
+    def _room(self, cost: int) -> int:
+        """How many queued messages must be dropped for one of ``cost`` bytes; QueueFullError if it cannot fit."""
+        count, size = self.count + 1, self.bytes + cost
+        if count <= self.max_messages and size <= self.max_bytes:
+            return 0
+        where = "outbox" if self.outbox is not None else "offline queue"
+        limits = (f"{self.count} messages, {self.bytes} bytes pending; limits {self.max_messages} messages, "
+                  f"{self.max_bytes} bytes")
+        if cost > self.max_bytes:
+            raise QueueFullError(f"the message ({cost} bytes with its topic) is larger than the {where}'s "
+                                 f"max_bytes ({self.max_bytes}); it was not accepted")
+        if self.policy == REJECT_NEW:
+            raise QueueFullError(f"the {where} is full ({limits}); the message was not accepted: wait for the "
+                                 "connection to come back, or use full_policy='drop_oldest'")
+        dropped = 0
+        for message in self.queue:
+            dropped += 1
+            count -= 1
+            size -= message.cost
+            if count <= self.max_messages and size <= self.max_bytes:
+                return dropped
+        raise QueueFullError(f"the {where} is full ({limits}) and the oldest messages are already in flight "
+                             "(they cannot be recalled); the message was not accepted")
+
+    def put(self, topic: str, payload: bytes, message_id: str) -> "SendHandle":
+        handle = SendHandle(self, message_id)
+        message = _Message(topic, payload, handle)
+        cost = message.cost
+        dropped: List[_Message] = []
+        if self.outbox is None:
+            with self.lock:
+                for _ in range(self._room(cost)):
+                    dropped.append(self._drop_first())
+                direct = self._accept(message)
+        else:
+            with self.put_lock:
+                with self.lock:
+                    drops = self._room(cost)
+                    if not drops:
+                        self.count += 1   # reserve the room while the file is written
+                        self.bytes += cost
+                if not drops:
+                    try:
+                        message.key = self.outbox.add(topic, payload)
+                    except BaseException:
+                        with self.lock:
+                            self.count -= 1
+                            self.bytes -= cost
+                        raise
+                    with self.lock:
+                        self.count -= 1
+                        self.bytes -= cost
+                        direct = self._accept(message)
+                else:
+                    # Rare (full with drop_oldest): the lock stays held over the write, so the queue cannot
+                    # move between choosing the victims and deleting them in the same transaction.
+                    with self.lock:
+                        drops = self._room(cost)
+                        victims = [self.queue[i] for i in range(drops)]
+                        message.key = self.outbox.add(topic, payload, drop=[m.key for m in victims if m.key])
+                        for _ in range(drops):
+                            dropped.append(self._drop_first())
+                        direct = self._accept(message)
+        for victim in dropped:
+            victim.handle._fail(MessageDroppedError(
+                f"message {victim.handle.message_id!r} was dropped unsent to make room for newer ones "
+                f"(full_policy='drop_oldest', limits {self.max_messages} messages, {self.max_bytes} bytes)"))
+        if direct is not None:
+            self._publish([(message, direct)])
+        return handle
+
+    def _drop_first(self) -> _Message:
+        message = self.queue.popleft()
+        self.count -= 1
+        self.bytes -= message.cost
+        return message
+
+    def _accept(self, message: _Message) -> Optional[int]:
+        """Count ``message`` in; the sequence number to publish it with now, or None (queued). Holds ``lock``."""
+        self.count += 1
+        self.bytes += message.cost
+        if self.online and not self.queue and not self.pumping and len(self.inflight) + self.sending < self.window:
             self.sending += 1
             self.seq += 1
             return self.seq
+        self.queue.append(message)
+        return None
 
-    def abort(self) -> None:
+    def load(self, pending: List[Tuple[int, str, bytes]]) -> List["SendHandle"]:
+        """Queue what an outbox still held when it was opened (before any new message)."""
+        handles = []
         with self.lock:
-            self.sending -= 1
+            for key, topic, payload in pending:
+                message_id = _message_id_of(topic)
+                handle = SendHandle(self, message_id)
+                message = _Message(topic, payload, handle, key)
+                self.count += 1
+                self.bytes += message.cost
+                self.queue.append(message)
+                handles.append(handle)
+        return handles
 
-    def register(self, mid: int, started: int) -> "SendHandle":
-        handle = SendHandle(self, mid)
+    # ------------------------------------------------------------------------------ handing out
+
+    def _take(self) -> List[Tuple[_Message, int]]:
+        """Messages to hand to paho now (holds ``lock``); the caller then owns the pump."""
+        taken = []
+        while self.online and self.queue and len(self.inflight) + self.sending < self.window:
+            message = self.queue.popleft()
+            self.sending += 1
+            self.seq += 1
+            taken.append((message, self.seq))
+        return taken
+
+    def pump(self) -> None:
+        """Hand queued messages to paho while the window has room (any thread)."""
+        with self.lock:
+            if self.pumping:
+                self.repump = True
+                return
+            taken = self._take()
+            if not taken:
+                return
+            self.pumping = True
+        self._publish(taken, pumping=True)
+
+    def _publish(self, batch: List[Tuple[_Message, int]], pumping: bool = False) -> None:
+        while True:
+            for message, started in batch:
+                try:
+                    info = self.client.publish(message.topic, message.payload, qos=1)
+                except Exception as exc:  # validated in send(); only a paho bug gets here
+                    log.exception("paho refused a queued message")
+                    with self.lock:
+                        self.sending -= 1
+                        self.count -= 1
+                        self.bytes -= message.cost
+                    message.handle._fail(LightClientError(f"paho refused the message: {exc}"))
+                    if message.key is not None and self.outbox is not None:
+                        self.outbox.remove(message.key)
+                    continue
+                self._register(message, info.mid, started)
+            with self.lock:
+                if not pumping:
+                    if self.pumping or not self.queue:
+                        return
+                    pumping = True
+                    self.pumping = True  # a direct send that freed a slot and found a queue: pump it
+                self.repump = False
+                batch = self._take()
+                if not batch:
+                    self.pumping = False
+                    return
+
+    def _register(self, message: _Message, mid: int, started: int) -> None:
+        handle = message.handle
+        handle.mid = mid
         with self.lock:
             self.sending -= 1
             acked_at = self.early.pop(mid, None)
             if acked_at is not None and acked_at >= started:
-                handle._done = True
+                self._done(message)
             else:
-                self.unacked[mid] = handle
+                self.inflight[mid] = message
+                acked_at = None
             if not self.sending and self.early:
-                self.early.clear()  # what is left belongs to publishes that were not send()s
-        return handle
+                self.early.clear()  # what is left belongs to publishes that were not telemetry
+        if acked_at is not None:
+            self._after_ack(message)
+
+    def _done(self, message: _Message) -> None:
+        """Holds ``lock``."""
+        self.count -= 1
+        self.bytes -= message.cost
+        handle = message.handle
+        handle._done = True
+        if handle._event is not None:
+            handle._event.set()
+        if self.waiting and not self.count:
+            self.cond.notify_all()  # only disconnect()'s flush waits here
+
+    def _after_ack(self, message: _Message) -> None:
+        if message.key is not None and self.outbox is not None:
+            self.outbox.remove(message.key)
+        self.pump()
 
     def acked(self, mid: int) -> None:
+        """paho's on_publish (network thread)."""
         with self.lock:
-            handle = self.unacked.pop(mid, None)
-            if handle is not None:
-                handle._done = True
-                if handle._event is not None:
-                    handle._event.set()
-                if self.waiting and not self.unacked:
-                    self.cond.notify_all()  # only disconnect()'s flush waits here
-            elif self.sending:
-                self.early[mid] = self.seq
+            message = self.inflight.pop(mid, None)
+            if message is None:
+                if self.sending:
+                    self.early[mid] = self.seq
+                return
+            self._done(message)
+        self._after_ack(message)
+
+    def set_online(self, online: bool) -> None:
+        with self.lock:
+            self.online = online
+        if online:
+            self.pump()
 
     def drained(self, timeout: Optional[float]) -> bool:
-        """Wait until every send() is acknowledged."""
-        predicate = lambda: not self.unacked  # noqa: E731
+        """Wait until every accepted message is acknowledged."""
+        predicate = lambda: not self.count  # noqa: E731
         with self.cond:
             self.waiting += 1
             try:
@@ -140,14 +352,29 @@ class _AckBook:
                 self.waiting -= 1
 
 
+def _message_id_of(topic: str) -> str:
+    """The ``$.mid`` of a telemetry topic ('' if it has none): for messages reloaded from an outbox."""
+    bag = topic.split("/messages/events/", 1)[-1]
+    for pair in bag.split("&"):
+        if pair.startswith("%24.mid="):
+            return urllib.parse.unquote(pair[len("%24.mid="):])
+    return ""
+
+
 class SendHandle:
-    """A telemetry message on its way; :meth:`wait` blocks until the hub acknowledged it (PUBACK)."""
+    """A telemetry message on its way; :meth:`wait` blocks until the hub acknowledged it (PUBACK).
 
-    __slots__ = ("mid", "_done", "_book", "_event")
+    ``message_id`` is its ``$.mid`` (yours, or a UUID4 lightclient chose); ``mid`` the MQTT packet id once
+    the message is handed to the network (None while it waits in the queue).
+    """
 
-    def __init__(self, book: _AckBook, mid: int):
-        self.mid = mid
+    __slots__ = ("mid", "message_id", "_done", "_error", "_book", "_event")
+
+    def __init__(self, book: _Pipeline, message_id: str):
+        self.mid: Optional[int] = None
+        self.message_id = message_id
         self._done = False
+        self._error: Optional[LightClientError] = None
         self._book = book
         # Made only when someone waits: one Event per waited-for message, so an ack wakes only the
         # thread waiting for that message (a shared Condition would wake every waiter on every ack).
@@ -157,39 +384,57 @@ class SendHandle:
         """True once the hub has acknowledged the message."""
         return self._done
 
+    @property
+    def error(self) -> Optional[LightClientError]:
+        """:class:`MessageDroppedError` if the message was dropped unsent (``drop_oldest``), else None."""
+        return self._error
+
+    def _fail(self, error: LightClientError) -> None:
+        with self._book.lock:
+            self._error = error
+            if self._event is not None:
+                self._event.set()
+
     def wait(self, timeout: Optional[float] = None) -> None:
         """Block until acknowledged; raise :class:`OperationTimeout` after ``timeout`` seconds.
 
         A message not yet acknowledged stays queued: it is resent after a reconnect, so waiting again
-        later is fine.
+        later is fine. Raises :class:`MessageDroppedError` if it was dropped to make room for newer ones.
         """
         if self._done:
             return
         with self._book.lock:
             if self._done:
                 return
+            if self._error is not None:
+                raise self._error
             if self._event is None:
                 self._event = threading.Event()
             event = self._event
         if not event.wait(timeout):
             raise OperationTimeout(
-                f"message (MQTT id {self.mid}) was not acknowledged within {timeout} s; it stays queued "
+                f"message {self.message_id!r} was not acknowledged within {timeout} s; it stays queued "
                 "and is sent again after a reconnect, so wait again or check the connection")
+        if self._error is not None:
+            raise self._error
 
     def __repr__(self) -> str:
-        return f"<SendHandle mid={self.mid} {'done' if self._done else 'pending'}>"
+        state = "done" if self._done else "dropped" if self._error is not None else "pending"
+        return f"<SendHandle {self.message_id!r} mid={self.mid} {state}>"
 
 
 class _Pending:
     """A twin request waiting for its ``$iothub/twin/res/{status}/?$rid=…`` answer."""
 
-    __slots__ = ("event", "record", "payload", "error")
+    __slots__ = ("event", "record", "payload", "error", "resend", "publish")
 
-    def __init__(self) -> None:
+    def __init__(self, publish: Callable[[str], Any]) -> None:
         self.event = threading.Event()
         self.record: Optional[TwinResponse] = None
         self.payload = b""
         self.error: Optional[LightClientError] = None
+        self.resend = False  # set after a reconnect: the answer is lost, ask again
+        self.publish = publish
 
 
 MethodHandler = Callable[[Any], Any]
@@ -210,8 +455,16 @@ class Device:
             device.patch_reported({"fw": "1.2"})
 
     Telemetry goes to ``devices/{id}/messages/events/{properties}`` with QoS 1; :meth:`send` returns at
-    once and up to ``max_inflight`` messages are unacknowledged at a time (paho queues the rest, also
-    while the connection is down, and sends them in order once connected).
+    once and up to ``max_inflight`` messages are unacknowledged on the wire at a time. Delivery is
+    at-least-once: a message counts as delivered only on the hub's PUBACK; until then it is kept (in
+    memory, or in the durable ``outbox``) and resent after a reconnect, so the hub may see it twice. Every
+    message carries a ``$.mid`` (a UUID4 unless you pass ``message_id=``) so duplicates can be dropped
+    downstream. Accepted, unacknowledged messages are bounded by ``max_queue`` messages and
+    ``max_queue_bytes`` bytes (topic + body); when full, ``full_policy="reject_new"`` makes :meth:`send`
+    raise :class:`QueueFullError`, ``"drop_oldest"`` drops the oldest message not yet on the wire and its
+    handle's :meth:`SendHandle.wait` raises :class:`MessageDroppedError`. ``outbox="file.db"`` (or an
+    :class:`~lightclient.outbox.Outbox`) makes :meth:`send` commit each message to SQLite before it returns;
+    messages left there by an earlier run are sent first, in order (see :mod:`lightclient.outbox`).
 
     Callbacks (attributes; assign any time, or pass to the constructor):
 
@@ -232,7 +485,10 @@ class Device:
 
     Reconnect: after a drop the device reconnects by itself with :class:`~lightclient.backoff.Backoff`
     (exponential with jitter; a long pause after CONNACK 4/5 not authorized), subscribes again even with
-    a persistent session (a hub fail-over may lose it), and re-reads the twin.
+    a persistent session (a hub fail-over may lose it), and re-reads the twin. A connection that goes
+    silent (black-holed) is noticed by keep-alive within about 2 x ``keepalive`` s and reconnected.
+    Telemetry not yet acknowledged is resent (paho resends what was on the wire, the queue follows in
+    order); twin requests waiting for an answer are sent again at once.
 
     Thread safety:
 
@@ -250,6 +506,8 @@ class Device:
                  port: int = 8883, keepalive: int = 60, max_inflight: int = 20, clean_session: bool = False,
                  backoff: Optional[Backoff] = None, method_workers: int = 4, twin_timeout: float = 60.0,
                  api_version: str = API_VERSION, client_type: Optional[str] = None,
+                 max_queue: Optional[int] = None, max_queue_bytes: Optional[int] = None,
+                 full_policy: Optional[str] = None, outbox: Union[None, str, "os.PathLike[str]", Outbox] = None,
                  on_c2d: Optional[Callable[[C2DMessage, bytes], None]] = None,
                  on_input: Optional[Callable[[InputMessage, bytes], None]] = None,
                  on_desired: Optional[Callable[[Dict[str, Any], int], None]] = None,
@@ -269,6 +527,26 @@ class Device:
             raise ConfigError(f"twin_timeout must be a positive number of seconds, not {twin_timeout!r}")
         if backoff is not None and not isinstance(backoff, Backoff):
             raise ConfigError(f"backoff must be a lightclient.backoff.Backoff, not {type(backoff).__name__}")
+        self._own_outbox = False
+        if isinstance(outbox, Outbox):
+            if (max_queue, max_queue_bytes, full_policy) != (None, None, None):
+                raise ConfigError("with an Outbox object, set max_messages, max_bytes and full_policy on the "
+                                  "Outbox, not max_queue, max_queue_bytes and full_policy on the Device")
+            max_queue, max_queue_bytes, full_policy = outbox.max_messages, outbox.max_bytes, outbox.full_policy
+        else:
+            max_queue = DEFAULT_MAX_MESSAGES if max_queue is None else max_queue
+            max_queue_bytes = DEFAULT_MAX_BYTES if max_queue_bytes is None else max_queue_bytes
+            full_policy = REJECT_NEW if full_policy is None else full_policy
+            try:
+                check_limits(max_queue, max_queue_bytes, full_policy)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("max_messages", "max_queue").replace("max_bytes", "max_queue_bytes")) from None
+            if outbox is not None:
+                if not isinstance(outbox, (str, os.PathLike)):
+                    raise ConfigError(f"outbox must be a file path or a lightclient.outbox.Outbox, not {type(outbox).__name__}")
+                outbox = Outbox(outbox, max_messages=max_queue, max_bytes=max_queue_bytes, full_policy=full_policy)
+                self._own_outbox = True
+        self.outbox: Optional[Outbox] = outbox
         self.identity = identity
         self.host = identity.hostname if host is None else host
         self.port = port
@@ -317,8 +595,10 @@ class Device:
         self._twin_worker: Optional[ThreadPoolExecutor] = None
         self._method_pool: Optional[ThreadPoolExecutor] = None
 
-        self._acks = _AckBook()
-        self._topics: Dict[Any, Tuple[str, int]] = {}
+        self._acks = _Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
+        self._topics: Dict[Any, Tuple[str, str, int]] = {}
+        #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
+        self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -334,6 +614,21 @@ class Device:
         return f"<Device {self.identity.client_id!r} on {self.host}:{self.port} {state}>"
 
     @property
+    def queued(self) -> int:
+        """Telemetry messages accepted by :meth:`send` (or recovered from the outbox) and not yet acknowledged."""
+        with self._acks.lock:
+            return self._acks.count
+
+    def close(self, timeout: float = 5.0) -> None:
+        """:meth:`disconnect`, then close the outbox if the Device opened it from a path.
+
+        Unacknowledged messages stay in the outbox file for the next run.
+        """
+        self.disconnect(timeout)
+        if self._own_outbox and self.outbox is not None:
+            self.outbox.close()
+
+    @property
     def is_connected(self) -> bool:
         """True while the hub has accepted the connection and the subscriptions."""
         return self._connected.is_set()
@@ -344,7 +639,8 @@ class Device:
         Returns once the hub accepted the connection and the subscriptions. Transient failures (network,
         TLS, CONNACK 3) are retried with back-off until ``timeout``, then :class:`OperationTimeout` says
         what went wrong last. A CONNACK refusal raises :class:`ConnectRefusedError` at once; a server
-        certificate that fails verification raises :class:`ConfigError`. Does nothing if already started.
+        certificate that fails verification raises :class:`ServerCertificateError` (a :class:`ConfigError`
+        whose ``reason`` is ``untrusted``, ``expired``, ``not_yet_valid``, ``hostname``, ``revoked`` or ``other``). Does nothing if already started.
         """
         with self._lock:
             if self._running:
@@ -382,10 +678,7 @@ class Device:
                 self._client.connect(self.host, self.port, self.keepalive)
                 return
             except ssl.SSLCertVerificationError as exc:
-                raise ConfigError(
-                    f"the server certificate of {self.host}:{self.port} failed verification "
-                    f"({exc.verify_message}); check host= and the trusted CA given to tls.client_context(ca=…)"
-                ) from exc
+                raise server_certificate_error(exc, self.host, self.port) from exc
             except OSError as exc:
                 delay = self._backoff.delay(attempt)
                 attempt += 1
@@ -412,9 +705,15 @@ class Device:
 
     def _teardown(self) -> None:
         self._stopping.set()
+        self._acks.set_online(False)
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
+        if self.outbox is not None:
+            try:
+                self.outbox.flush()
+            except Exception:  # the rows are deleted on the next write, or sent again: never lost
+                log.warning("could not delete acknowledged messages from the outbox yet", exc_info=True)
         with self._lock:
             pending, self._pending = self._pending, {}
             self._running = False
@@ -473,6 +772,8 @@ class Device:
         self._connected.set()
         self._outcome.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
+        self._acks.set_online(True)
+        self._resend_twin_requests()
         self._submit(self._events, self._notify_state, True, "connected")
         if self.on_desired is not None:
             self._submit(self._twin_worker, self._resync_twin)
@@ -480,6 +781,7 @@ class Device:
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        self._acks.set_online(False)
         if self._stopping.is_set():
             return
         delay = self._next_delay()
@@ -555,7 +857,7 @@ class Device:
         if handler is None:
             return 404, {"error": f"no handler for method {request.name!r} on this device"}
         try:
-            argument = json.loads(payload) if payload.strip() else None
+            argument = _json(payload) if payload.strip() else None
         except ValueError:
             return 400, {"error": "the method payload is not valid JSON"}
         try:
@@ -569,7 +871,7 @@ class Device:
 
     def _apply_desired(self, version: int, payload: bytes) -> None:
         try:
-            patch = json.loads(payload)
+            patch = _json(payload)
         except ValueError:
             log.warning("dropped desired patch $version=%d: the body is not JSON", version)
             return
@@ -611,57 +913,70 @@ class Device:
     # ----------------------------------------------------------------------------------- telemetry
 
     def send(self, payload: Any, properties: Optional[topics.Properties] = None, **system_properties: Any) -> SendHandle:
-        """Queue one telemetry message (QoS 1) and return at once with a :class:`SendHandle`.
+        """Accept one telemetry message (QoS 1) and return at once with a :class:`SendHandle`.
 
         ``payload`` is bytes or str (sent as UTF-8); ``properties`` application properties (str values);
-        keyword arguments are system properties: ``message_id``, ``correlation_id``, ``user_id``,
-        ``content_type``, ``content_encoding``, ``absolute_expiry``, ``creation_time``, ``component``
-        (IoT Plug and Play, ``$.sub``) and, for modules, ``output_name``. Wire format::
+        keyword arguments are system properties: ``message_id`` (default: a fresh UUID4, so every message
+        has a ``$.mid``), ``correlation_id``, ``user_id``, ``content_type``, ``content_encoding``,
+        ``absolute_expiry``, ``creation_time``, ``component`` (IoT Plug and Play, ``$.sub``) and, for
+        modules, ``output_name``. Wire format::
 
             devices/{id}/messages/events/%24.mid=m1&%24.ct=application%2Fjson&unit=C
 
-        Raises :class:`ConfigError` for bad properties and :class:`MessageTooLargeError` above 256 KB.
+        With an outbox the message is committed to it before this returns. Raises :class:`ConfigError`
+        for bad properties, :class:`MessageTooLargeError` above 256 KB, :class:`QueueFullError` when the
+        queue (or outbox) is full and ``full_policy`` is ``"reject_new"``, and
+        :class:`~lightclient.exceptions.OutboxError` if the outbox cannot be written.
         """
         if isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
-        topic, overhead = self._topic(properties, system_properties)
+        message_id = system_properties.get("message_id")
+        if message_id is None:
+            system_properties.pop("message_id", None)
+            head, tail, overhead = self._topic(properties, system_properties, True)
+            message_id = str(uuid.uuid4())
+            topic = head + message_id + tail
+        else:
+            topic, _, overhead = self._topic(properties, system_properties, False)
         if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
             # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
+            system_properties["message_id"] = message_id
             topics.check_message_size(payload, properties, topics.system_properties(**system_properties))
-        started = self._acks.begin()
-        try:
-            info = self._client.publish(topic, payload, qos=1)
-        except BaseException:
-            self._acks.abort()
-            raise
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:  # only with a bounded queue, which Device never sets
-            self._acks.abort()
-            raise LightClientError("paho's outgoing queue is full; wait for earlier messages")
-        handle = self._acks.register(info.mid, started)
-        return handle
+            if not isinstance(payload, bytes):
+                payload = payload.encode("utf-8")
+        return self._acks.put(topic, payload, message_id)
 
-    def _topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any]) -> Tuple[str, int]:
+    def _topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any],
+               auto_id: bool) -> Tuple[str, str, int]:
         """The telemetry topic and the size its properties count against the 256 KB limit, cached.
 
+        With ``auto_id`` the topic is returned in two parts, to be joined around a fresh ``$.mid``.
         Most applications send the same few property sets over and over; building and validating the
         topic costs more than paho's whole publish(), and the sending thread shares the GIL with the
-        network thread, so the cache is what keeps Device.send within 10 % of a raw paho publish.
+        network thread, so the cache is what keeps Device.send close to a raw paho publish.
         """
         try:
             key: Any = (tuple(properties.items()) if isinstance(properties, dict) else
-                        None if properties is None else tuple(properties), tuple(system_properties.items()))
+                        None if properties is None else tuple(properties), tuple(system_properties.items()),
+                        auto_id)
             cached = self._topics.get(key)
         except TypeError:  # unhashable values (lists as pairs, bad types): no caching, full checks below
             key, cached = None, None
         if cached is not None:
             return cached
+        given = dict(system_properties, message_id=_MID_PLACEHOLDER) if auto_id else system_properties
         try:
-            topic = topics.telemetry_topic(self.identity, properties, **system_properties)
-            system = topics.system_properties(**system_properties)
+            topic = topics.telemetry_topic(self.identity, properties, **given)
+            system = topics.system_properties(**given)
         except TypeError as exc:
             raise ConfigError(f"{exc}; system properties are message_id, correlation_id, user_id, content_type, "
                               "content_encoding, absolute_expiry, creation_time, component, output_name") from None
-        result = (topic, topics.message_size(None, properties, system))
+        size = topics.message_size(None, properties, system)
+        if auto_id:
+            head, tail = topic.split("%24.mid=" + _MID_PLACEHOLDER, 1)
+            result = (head + "%24.mid=", tail, size)
+        else:
+            result = (topic, "", size)
         if key is not None:
             if len(self._topics) >= _TOPIC_CACHE_SIZE:
                 self._topics.clear()  # unique message ids defeat any cache; keep memory bounded instead
@@ -703,12 +1018,13 @@ class Device:
         """The whole twin: ``{"desired": {…, "$version": n}, "reported": {…, "$version": m}}``.
 
         Publishes ``$iothub/twin/GET/?$rid={rid}`` and waits for ``$iothub/twin/res/200/?$rid={rid}``.
-        Raises :class:`ServiceError` for an error status (``retryable`` for 429 and 5xx) and
-        :class:`OperationTimeout` after ``timeout`` s (default ``twin_timeout``).
+        Answers 429 and 5xx, lost answers and reconnects are retried with back-off within ``timeout`` s
+        (default ``twin_timeout``); then the last error is raised: :class:`ServiceError` for an error
+        status (``retryable`` for 429 and 5xx) or :class:`OperationTimeout`. Other statuses raise at once.
         """
         _, payload = self._twin_request("GET", lambda rid: glue.request_twin(self._client, rid=rid), timeout)
         try:
-            twin = json.loads(payload)
+            twin = _json(payload)
         except ValueError:
             raise ServiceError("the hub answered the twin GET with a body that is not JSON", 200) from None
         if not isinstance(twin, dict):
@@ -730,33 +1046,101 @@ class Device:
 
     def _twin_request(self, what: str, publish: Callable[[str], Any],
                       timeout: Optional[float]) -> Tuple[TwinResponse, bytes]:
+        """Publish a twin request and wait for its answer, retrying until ``timeout`` s have passed.
+
+        Retried: an answer with status 429 or 5xx (after a back-off delay), no answer within an attempt's
+        share of the timeout (a third, at least 1 s), and a reconnect while waiting (the answer, QoS 0, is
+        lost with the old connection, so the request is sent again at once). The caller gets the first
+        success, or the last error once the time is up.
+        """
         timeout = self._twin_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        attempt_timeout = max(1.0, timeout / 3)
         rid = glue.new_rid()
-        pending = _Pending()
-        with self._lock:
-            self._pending[rid] = pending  # before publishing: the answer can beat publish()'s return
-        try:
-            publish(rid)
-        except BaseException:
+        attempt = 0
+        last: Optional[LightClientError] = None
+        while True:
+            pending = _Pending(publish)
             with self._lock:
-                self._pending.pop(rid, None)
-            raise
-        if not pending.event.wait(timeout):
-            with self._lock:
-                self._pending.pop(rid, None)
-            state = "" if self._connected.is_set() else " (the device is not connected)"
-            raise OperationTimeout(f"no answer to the twin {what} ($rid={rid}) within {timeout} s{state}")
-        if pending.error is not None:
-            raise pending.error
-        record = pending.record
-        assert record is not None
-        if record.status >= 300:
+                self._pending[rid] = pending  # before publishing: the answer can beat publish()'s return
+            try:
+                publish(rid)
+            except BaseException:
+                with self._lock:
+                    self._pending.pop(rid, None)
+                raise
+            remaining = deadline - time.monotonic()
+            answered = pending.event.wait(max(0.0, min(remaining, attempt_timeout)))
+            if not answered:
+                with self._lock:
+                    self._pending.pop(rid, None)
+                state = "" if self._connected.is_set() else " (the device is not connected)"
+                last = OperationTimeout(f"no answer to the twin {what} ($rid={rid}) within {timeout} s{state}")
+                if deadline - time.monotonic() <= 0:
+                    raise last
+                if self._connected.is_set():
+                    attempt += 1
+                    log.info("no answer to the twin %s ($rid=%s) yet; asking again", what, rid)
+                else:
+                    self._connected.wait(max(0.0, deadline - time.monotonic()))
+                continue
+            if pending.error is not None:
+                raise pending.error
+            if pending.resend and pending.record is None:
+                log.info("reconnected while waiting for the twin %s ($rid=%s); asking again", what, rid)
+                continue
+            record = pending.record
+            assert record is not None
+            if record.status < 300:
+                return record, pending.payload
             detail = pending.payload[:200].decode("utf-8", "replace").strip()
-            advice = "; retry later" if record.status == 429 or record.status >= 500 else ""
-            raise ServiceError(
+            retryable = record.status == 429 or record.status >= 500
+            last = ServiceError(
                 f"the hub answered the twin {what} with status {record.status}"
-                f"{': ' + detail if detail else ''}{advice}", record.status)
-        return record, pending.payload
+                f"{': ' + detail if detail else ''}{'; retry later' if retryable else ''}", record.status)
+            if not retryable:
+                raise last
+            delay = self._backoff.delay(attempt)
+            attempt += 1
+            if time.monotonic() + delay >= deadline:
+                raise last
+            log.info("the hub answered the twin %s with %d; retrying in %.1f s", what, record.status, delay)
+            if self._stopping.wait(delay):
+                raise OperationTimeout(f"the device was disconnected while retrying the twin {what}") from last
+
+    def _resend_twin_requests(self) -> None:
+        """After a (re)connect: wake every twin request still waiting, so it is sent again at once."""
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for request in pending:
+            request.resend = True
+            request.event.set()
+
+
+#: Deeper JSON from the network is refused: IoT Hub itself allows 10 levels in twins, and the recursive
+#: code that handles documents (merge patches, diffs, copies) must not meet Python's recursion limit.
+MAX_JSON_DEPTH = 64
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN and Infinity
+
+
+def _json(payload: bytes) -> Any:
+    """``json.loads`` for data from the network: every failure (bad UTF-8, bad JSON, nesting deeper than
+    :data:`MAX_JSON_DEPTH`) is a ValueError."""
+    try:
+        value = json.loads(payload, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return value
 
 
 def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:
@@ -764,4 +1148,5 @@ def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:
         raise ConfigError(f"{name} must be an int from {low} to {high}, not {value!r}: {hint}")
 
 
-__all__ = ["ConnectRefusedError", "Device", "MAX_KEEPALIVE", "MethodResponse", "SendHandle"]
+__all__ = ["ConnectRefusedError", "Device", "MAX_KEEPALIVE", "MessageDroppedError", "MethodResponse", "Outbox",
+           "QueueFullError", "SendHandle", "ServerCertificateError"]

@@ -5,7 +5,8 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
 
     LightClientError
     ├── ConfigError (ValueError)            the caller passed something unusable
-    │   └── MessageTooLargeError            a message the hub would refuse for its size
+    │   ├── MessageTooLargeError            a message the hub would refuse for its size
+    │   └── ServerCertificateError          the server's certificate failed verification (says why)
     ├── ProtocolError (ValueError)          the hub (or a broker) sent something malformed
     ├── CertificateError (ValueError)       a certificate file is missing, unreadable or unusable
     │   └── KeyMismatchError                the certificate does not belong to the private key
@@ -17,6 +18,9 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     │   └── BackendUnavailableError (ImportError) the ENGINE or provider is not installed
     ├── OpenSSLMismatchError (ImportError)  Python's ssl module and the shim use different OpenSSL copies
     ├── NativeError                         any other failure inside OpenSSL (carries OpenSSL's errors)
+    ├── QueueFullError                      the offline queue or outbox is full; the message was refused
+    ├── MessageDroppedError                 a queued message was dropped for a newer one (drop_oldest)
+    ├── OutboxError                         the durable outbox file cannot be used
     ├── ServiceError                        the hub answered a request with an error status
     │   ├── ProvisioningError               DPS refused or failed a registration
     │   └── ConnectRefusedError             the hub refused the MQTT CONNECT (CONNACK 1-5)
@@ -40,6 +44,29 @@ class ConfigError(LightClientError, ValueError):
 
 class MessageTooLargeError(ConfigError):
     """A message is larger than IoT Hub accepts (counted the way the hub counts it)."""
+
+
+class ServerCertificateError(ConfigError):
+    """The server certificate failed verification: ``reason`` is untrusted, expired, not_yet_valid, hostname, revoked or other."""
+
+    def __init__(self, message: str, reason: str = "other", verify_code: Optional[int] = None,
+                 verify_message: str = ""):
+        super().__init__(message)
+        self.reason = reason
+        self.verify_code = verify_code
+        self.verify_message = verify_message
+
+
+class QueueFullError(LightClientError):
+    """The offline queue or outbox is full (``full_policy="reject_new"``): the message was not accepted."""
+
+
+class MessageDroppedError(LightClientError):
+    """A queued message was dropped unsent to make room for a newer one (``full_policy="drop_oldest"``)."""
+
+
+class OutboxError(LightClientError):
+    """The durable outbox file cannot be opened, read or written (the sqlite3 error is chained)."""
 
 
 class ProtocolError(LightClientError, ValueError):

@@ -152,11 +152,12 @@ def resolve_pin(args: argparse.Namespace, what: str = "the token", prompt: bool 
     elif getattr(args, "pin_file", None):
         pin = keys.read_pin_file(args.pin_file)
     elif getattr(args, "pin_env", None):
-        pin = os.environ.get(args.pin_env)
+        # Taken out of the environment once read: child processes (the token probes) must not inherit it.
+        pin = os.environ.pop(args.pin_env, None)
         if not pin:
             raise PinError(f"--pin-env {args.pin_env}: that environment variable is not set or empty")
     elif os.environ.get(PIN_ENV_DEFAULT):
-        pin = os.environ[PIN_ENV_DEFAULT]
+        pin = os.environ.pop(PIN_ENV_DEFAULT)
     elif prompt and sys.stdin is not None and sys.stdin.isatty():
         pin = getpass.getpass(f"PIN for {what}: ")
     if pin is not None and "\x00" in pin:

@@ -123,7 +123,7 @@ def run_init_token(args) -> int:
     if args.so_pin_file:
         so_pin = read_pin_file(args.so_pin_file)
     elif os.environ.get(SO_PIN_ENV):
-        so_pin = os.environ[SO_PIN_ENV]
+        so_pin = os.environ.pop(SO_PIN_ENV)  # not inherited by any child process
     elif sys.stdin is not None and sys.stdin.isatty():
         so_pin = getpass.getpass(f"new SO PIN for token {args.label!r}: ")
     else:

@@ -572,3 +572,26 @@ def test_init_token_then_keygen_with_pins_from_files(tmp_path):
     proc = fails(3, "init-token", "--module-path", hsm.module_path, "--label", "second", "--pin-file", pin_file,
                  env=env)
     assert "needs an SO PIN" in proc.stderr
+
+
+def test_pin_from_the_environment_is_not_inherited_by_child_processes(lab_):
+    """doctor and the token diagnosis start child processes; the PIN variable must not reach them."""
+    import textwrap
+
+    probe = lab_.root / "sitecustomize.py"
+    # Any Python child started by the CLI records whether it saw the variable.
+    probe.write_text(textwrap.dedent(f"""
+        import os
+        open({str(lab_.root / "started")!r}, "a").write(str(os.getpid()) + "\\n")
+        if os.environ.get("LIGHTCLIENT_PIN"):
+            open({str(lab_.root / "leaked")!r}, "a").write(str(os.getpid()) + "\\n")
+    """))
+    env = _with(lab_.env, LIGHTCLIENT_PIN=PIN, PYTHONPATH=f"{lab_.root}:{ROOT}")
+    cli("doctor", "--device-id", DEVICE, "--cert", lab_.cert, "--key", lab_.uri, env=env)
+    cli("csr", "--key", lab_.uri.replace("object=", "object=no-such-"), "--device-id", DEVICE, env=env)
+    started = (lab_.root / "started").read_text().split()
+    leaked = (lab_.root / "leaked").read_text().split()
+    # The two CLI processes see the variable (they read it); the child processes they started
+    # (the doctor's token probe, the token-label diagnosis) must not.
+    assert len(started) >= 4, started
+    assert len(leaked) == 2, (started, leaked)

@@ -66,7 +66,10 @@ def test_telemetry_with_properties_arrives_with_the_exact_topic(make_device, hub
     topic, payload = hub.wait_for(lambda t, p: p == b'{"t":21.5}')
     assert topic == (f"devices/{dev.identity.device_id}/messages/events/%24.mid=m%201&%24.ct=application%2Fjson"
                      "&%24.ce=utf-8&a%20b=c%26d%3De&plus=1%2B1&empty=")
-    assert hub.wait_for(lambda t, p: p == b"plain")[0] == f"devices/{dev.identity.device_id}/messages/events/"
+    # Without message_id=, every message gets a fresh UUID4 $.mid (so duplicates are identifiable downstream).
+    plain_topic = hub.wait_for(lambda t, p: p == b"plain")[0]
+    prefix = f"devices/{dev.identity.device_id}/messages/events/%24.mid="
+    assert plain_topic.startswith(prefix) and str(uuid.UUID(plain_topic[len(prefix):])) == plain_topic[len(prefix):]
     assert not dev.is_connected
     # Queued while disconnected, sent once connected again: a Device can be reconnected after disconnect().
     queued = dev.send(b"after reconnect")
@@ -90,10 +93,10 @@ def test_pipelined_sends_are_all_acknowledged_in_order(make_device, hub):
 def test_module_and_plug_and_play_topics(make_device, hub):
     dev = make_device(module_id="filter", model_id="dtmi:com:example:Thermostat;1")
     with dev:
-        dev.send_and_wait(b"m", output_name="out1", component="thermostat1", timeout=5)
+        dev.send_and_wait(b"m", output_name="out1", component="thermostat1", message_id="m1", timeout=5)
         assert dev.patch_reported(pnp.writable_property_ack("targetTemp", 21.5, 4, component="thermostat1")) == 2
     topic, _ = hub.wait_for(lambda t, p: p == b"m")
-    assert topic == f"devices/{dev.identity.device_id}/modules/filter/messages/events/%24.on=out1&%24.sub=thermostat1"
+    assert topic == f"devices/{dev.identity.device_id}/modules/filter/messages/events/%24.on=out1&%24.mid=m1&%24.sub=thermostat1"
     assert hub.reported["thermostat1"] == {"__t": "c", "targetTemp": {"value": 21.5, "ac": 200, "av": 4}}
 
 

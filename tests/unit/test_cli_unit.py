@@ -1,5 +1,7 @@
 """The CLI's pure parts: argument parsing, settings and PIN sources, exit codes, the trace decoder, doctor output."""
 
+import os
+
 import pytest
 
 from lightclient import cli
@@ -68,12 +70,13 @@ def test_pin_sources_in_order(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("OTHER", "from-other-env")
     assert common.resolve_pin(parse("csr", "--pin-file", str(pin_file))) == "from-file"
     assert common.resolve_pin(parse("csr", "--pin-env", "OTHER")) == "from-other-env"
+    assert "OTHER" not in os.environ  # read once, then gone: child processes never inherit it
     assert common.resolve_pin(parse("csr")) == "from-default-env"
+    assert "LIGHTCLIENT_PIN" not in os.environ
     assert common.resolve_pin(parse("csr", "--pin", "from-argv")) == "from-argv"
     assert "warning: --pin puts the PIN in the process list" in capsys.readouterr().err
     with pytest.raises(PinError, match="--pin-env UNSET"):
         common.resolve_pin(parse("csr", "--pin-env", "UNSET"))
-    monkeypatch.delenv("LIGHTCLIENT_PIN")
     assert common.resolve_pin(parse("csr"), prompt=False) is None
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(PinError, match="is empty"):

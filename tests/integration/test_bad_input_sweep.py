@@ -1,0 +1,346 @@
+"""The bad-input sweep: one table, every row a bad input to the library or the `lightclient` command.
+
+Each row must end in the expected typed error (or, for what a hub sends, in a logged drop while the
+connection carries on) within a time bound; the process survives; and the PIN appears in no exception
+text, repr, log line, stdout or stderr. Single-subject tests of the same inputs with more detail live in
+test_bad_input.py, test_cli.py and test_dps.py; this table is the breadth check.
+"""
+import json
+import logging
+import math
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lightclient import dps, keys, tls, topics
+from lightclient.backoff import Backoff
+from lightclient.device import Device
+from lightclient.emulator import certs
+from lightclient.emulator.dps import DpsEmulator
+from lightclient.exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyMismatchError,
+                                    KeyLoadError, KeyNotFoundError, LightClientError, MessageTooLargeError, ModuleLoadError,
+                                    OperationTimeout, OutboxError, PinError, ProtocolError, ProvisioningError,
+                                    QueueFullError, ServerCertificateError, ServiceError, TokenNotFoundError)
+from lightclient.identity import Identity
+from lightclient.outbox import Outbox
+
+from ..conftest import PIN
+from .faults import TlsServer
+from .hubside import HubSide
+from .test_reliability import _server_context
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = Backoff(initial=0.05, maximum=0.3, not_authorized=1.0)
+SCOPE = "0ne00000001"
+WRONG_PIN = "wrong-5e1f"
+
+
+class Lab:
+    """What the rows need, made once per module and torn down at its end."""
+
+    def __init__(self, softhsm, device, test_ca, broker, service_context, tmp):
+        self.softhsm, self.device, self.ca, self.broker, self.tmp = softhsm, device, test_ca, broker, tmp
+        self.service_context = service_context
+        self.ctx = tls.client_context(cert=device["ec"]["cert"], key=device["ec"]["key"], ca=test_ca.cert)
+        self.https = tls.https_context(cert=device["ec"]["cert"], key=device["ec"]["key"], ca=test_ca.cert)
+        self.servers = {}
+        self.dps = DpsEmulator(ca=certs.CertificateAuthority(test_ca.cert, test_ca.key),
+                               server_cert=test_ca.server_cert, server_key=test_ca.server_key, id_scope=SCOPE,
+                               retry_after=1).start()
+        self.dps.add_individual(device["ec"]["cn"], device["ec"]["cert"].read_bytes())
+        self.garbage = GarbageHttps(test_ca)
+        self.pin_file = tmp / "pin"
+        self.pin_file.write_text(PIN + "\n")
+        self.bad_pin_file = tmp / "bad-pin"
+        self.bad_pin_file.write_text(WRONG_PIN + "\n")
+
+    def tls_server(self, kind):
+        if kind not in self.servers:
+            spec = {"untrusted": ("localhost", "DNS:localhost", 30, True),
+                    "expired": ("localhost", "DNS:localhost", -1, False),
+                    "wrong-host": ("elsewhere", "DNS:elsewhere.example", 30, False)}[kind]
+            self.servers[kind] = TlsServer(_server_context(self.ca, self.tmp, kind, *spec[:3], self_signed=spec[3]))
+        return self.servers[kind]
+
+    def device_to(self, port, **kwargs):
+        return Device(Identity("localhost", f"sw-{uuid.uuid4().hex[:8]}"), self.ctx, port=port, backoff=FAST,
+                      **kwargs)
+
+    def cli(self, *args, timeout=30):
+        env = {**self.softhsm.env, "LIGHTCLIENT_MODULE_PATH": self.softhsm.module_path}
+        env = {k: v for k, v in env.items() if not k.startswith(("IOT_HUB", "DEVICE_ID", "KEY_IDENTIFIER",
+                                                                   "PATH_TO_CERT", "PROVISIONING"))}
+        env.pop("LIGHTCLIENT_PIN", None)
+        return subprocess.run([sys.executable, "-m", "lightclient", *map(str, args)], env=env, cwd=ROOT,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+    def close(self):
+        for server in self.servers.values():
+            server.close()
+        self.dps.stop()
+        self.garbage.close()
+
+
+class GarbageHttps(TlsServer):
+    """An HTTPS server answering every request with 200 and a body that is not JSON (a broken DPS)."""
+
+    def __init__(self, test_ca):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
+        super().__init__(ctx)
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                self.listener.settimeout(0.05)
+                raw, _ = self.listener.accept()
+            except OSError:
+                continue
+            raw.settimeout(2)
+            try:
+                with self.context.wrap_socket(raw, server_side=True) as conn:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9\r\n"
+                                 b"Connection: close\r\n\r\n<garbage>")
+            except OSError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def lab_(softhsm, device, test_ca, broker, service_context, tmp_path_factory):
+    lab = Lab(softhsm, device, test_ca, broker, service_context, tmp_path_factory.mktemp("sweep"))
+    yield lab
+    lab.close()
+
+
+# ------------------------------------------------------------------------------------------------- rows
+
+
+def _load_in_child(lab, pin):
+    """keys.load_key on the never-logged-in token, in a fresh process (libp11 keeps a slot logged in once
+    any correct PIN was given in a process, so a wrong PIN is only observable in a new one); the PIN
+    travels on stdin. Re-raises the child's error as the same class here."""
+    import lightclient.exceptions as errors
+
+    code = ("import sys\nfrom lightclient import keys\npin = sys.stdin.readline().rstrip('\\n') or None\n"
+            f"keys.load_key({lab.softhsm.fresh_uri!r}, pin=pin)\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=(pin or "") + "\n", capture_output=True, text=True,
+                          timeout=30, env=lab.softhsm.env, cwd=ROOT)
+    assert PIN not in proc.stdout + proc.stderr and WRONG_PIN not in proc.stdout + proc.stderr
+    last = next(line for line in reversed(proc.stderr.splitlines()) if line.startswith("lightclient.exceptions."))
+    name, _, message = last.partition(": ")
+    raise getattr(errors, name.rsplit(".", 1)[-1])(message)
+
+
+def _connect(lab, kind):
+    dev = lab.device_to(lab.tls_server(kind).port)
+    dev.connect(timeout=5)
+
+
+def _send_offline(**kwargs):
+    def run(lab):
+        Device(Identity("localhost", "d"), lab.ctx, max_queue=2).send(**kwargs)
+    return run
+
+
+def _queue_full(lab):
+    dev = Device(Identity("localhost", "d"), lab.ctx, max_queue=2)
+    for _ in range(3):
+        dev.send(b"x")
+
+
+def _corrupt_outbox(lab):
+    path = lab.tmp / f"{uuid.uuid4().hex}.db"
+    path.write_bytes(b"SQLite format 2\x00" + b"\xff" * 4096)
+    Device(Identity("localhost", "d"), lab.ctx, outbox=path)
+
+
+def _twin_answer(lab, body, status=200):
+    """A hub peer that answers the twin GET with ``body``; the device asks."""
+    hub = HubSide(lab.service_context, lab.broker.port, answer_twin=False)
+    hub.client.on_message = lambda c, u, m: m.topic.startswith("$iothub/twin/GET/") and hub.client.publish(
+        f"$iothub/twin/res/{status}/?$rid={m.topic.split('?$rid=')[1]}", body)
+    dev = lab.device_to(lab.broker.port, twin_timeout=2)
+    try:
+        with dev:
+            dev.get_twin()
+    finally:
+        hub.close()
+
+
+def _hub_sends(topic_of, payload):
+    """The hub sends something malformed; the device drops it with a log line and keeps working."""
+    def run(lab):
+        hub = HubSide(lab.service_context, lab.broker.port)
+        got = []
+        dev = lab.device_to(lab.broker.port, twin_timeout=3, on_desired=lambda p, v: got.append(v),
+                            on_c2d=lambda m, p: got.append(p))
+        dev.add_method_handler("m", lambda payload: payload)
+        try:
+            with dev:
+                hub.publish(topic_of(dev.identity.device_id), payload)
+                time.sleep(0.2)
+                # Still connected and working: a twin round trip and a method call.
+                assert dev.get_twin()["desired"]["$version"] == 1
+                assert hub.call_method("m", b'{"a": 1}') == (200, {"a": 1})
+                assert dev.is_connected
+        finally:
+            hub.close()
+        raise ProtocolError("dropped and logged, connection intact")  # the row's expected outcome
+    return run
+
+
+def _dps(status_or_garbage, timeout=3.0):
+    def run(lab):
+        if status_or_garbage == "garbage":
+            endpoint = f"localhost:{lab.garbage.port}"
+        else:
+            lab.dps.inject(lab.device["ec"]["cn"], *([status_or_garbage] * 50))
+            endpoint = lab.dps.endpoint
+        try:
+            dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=endpoint,
+                          poll_interval=(0.05, 0.2), timeout=timeout, request_timeout=2)
+        finally:
+            with lab.dps._lock:
+                lab.dps._faults.clear()
+    return run
+
+
+def _cli(*args, code, text):
+    def run(lab):
+        proc = lab.cli(*args)
+        out = proc.stdout + proc.stderr
+        assert PIN not in out and "Traceback" not in out, out
+        assert proc.returncode == code, f"exit {proc.returncode}: {out}"
+        assert text in out, out
+        raise CliFailed(out)
+    return run
+
+
+class CliFailed(LightClientError):
+    """Marks a CLI row that failed the expected way."""
+
+
+def _cli_key(lab, **over):
+    args = {"--key": lab.device["ec"]["uri"], "--pin-file": lab.pin_file, "--cert": lab.device["ec"]["cert"],
+            "--ca": lab.ca.cert, "--hub": "localhost", "--device-id": "sw-cli", "--port": lab.broker.port}
+    args.update(over)
+    return [x for k, v in args.items() if v is not None for x in (k, v)]
+
+
+def _cli_row(subcommand, *extra, code, text, **over):
+    def run(lab):
+        return _cli(*subcommand, *_cli_key(lab, **over), *extra, code=code, text=text)(lab)
+    return run
+
+
+CASES = {
+    # keys, PINs, modules
+    "wrong-pin": (lambda lab: _load_in_child(lab, WRONG_PIN), PinError, "refused"),
+    "missing-pin": (lambda lab: _load_in_child(lab, None), PinError, "PIN"),
+    "pin-with-nul": (lambda lab: keys.load_key(lab.device["ec"]["uri"], pin="12\x0034"), ConfigError, "NUL|nul|zero"),
+    "unknown-token": (lambda lab: keys.load_key(lab.device["ec"]["uri"].replace("token=lc-test", "token=nope"),
+                                                pin=PIN), TokenNotFoundError, "nope"),
+    "unknown-object": (lambda lab: keys.load_key(lab.device["ec"]["uri"].replace("object=eckey", "object=nokey"),
+                                                 pin=PIN), KeyNotFoundError, "nokey"),
+    "missing-module": (lambda lab: keys.load_key("pkcs11:token=t;object=k?module-path=/nonexistent/libp11x.so",
+                                                 pin=PIN), ModuleLoadError, "/nonexistent/libp11x.so"),
+    "no-module-given": (lambda lab: keys.load_key(f"pkcs11:token=t;object=k?pin-value={PIN}"), ConfigError,
+                        "no PKCS#11 module"),
+    "unknown-engine": (lambda lab: keys.load_key("engine:nosuchengine:key1"), BackendUnavailableError, "nosuchengine"),
+    "garbage-key-ref": (lambda lab: keys.load_key("this is not a key reference"), KeyLoadError,
+                        "cannot read the key file"),
+    # certificates
+    "cert-key-mismatch": (lambda lab: tls.client_context(cert=lab.ca.cert, key=lab.device["ec"]["key"],
+                                                         ca=lab.ca.cert), KeyMismatchError, ""),
+    "missing-cert-file": (lambda lab: tls.client_context(cert=lab.tmp / "none.pem", key=lab.device["ec"]["key"]),
+                          CertificateError, "none.pem"),
+    "server-cert-untrusted": (lambda lab: _connect(lab, "untrusted"), ServerCertificateError, "untrusted"),
+    "server-cert-expired": (lambda lab: _connect(lab, "expired"), ServerCertificateError, "expired"),
+    "server-cert-wrong-host": (lambda lab: _connect(lab, "wrong-host"), ServerCertificateError, "another host"),
+    # messages, ids, properties
+    "oversized-message": (_send_offline(payload=b"x" * (256 * 1024 + 1)), MessageTooLargeError, "262144"),
+    "property-name-dollar": (_send_offline(payload=b"x", properties={"$.mid": "1"}), ConfigError, "starts with '\\$'"),
+    "property-name-empty": (_send_offline(payload=b"x", properties={"": "v"}), ConfigError, ""),
+    "property-value-not-str": (_send_offline(payload=b"x", properties={"n": 1}), ConfigError, ""),
+    "unknown-system-property": (_send_offline(payload=b"x", colour="red"), ConfigError, "system properties are"),
+    "payload-not-bytes": (_send_offline(payload=12.5), ConfigError, "bytes or str"),
+    "invalid-device-id": (lambda lab: Identity("localhost", "bad/id"), ConfigError, "bad/id"),
+    "invalid-module-id": (lambda lab: Identity("localhost", "d", "m#1"), ConfigError, ""),
+    "reported-patch-not-a-dict": (lambda lab: Device(Identity("localhost", "d"), lab.ctx).patch_reported([1]),
+                                  ConfigError, "JSON object"),
+    "reported-patch-nan": (lambda lab: Device(Identity("localhost", "d"), lab.ctx).patch_reported({"x": math.nan}),
+                           ConfigError, "JSON"),
+    "queue-full": (_queue_full, QueueFullError, "full"),
+    "corrupt-outbox": (_corrupt_outbox, OutboxError, "not a usable"),
+    "keepalive-too-long": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, keepalive=5000), ConfigError, "1177"),
+    # a hub sending malformed topics or payloads
+    "hub-twin-body-not-json": (lambda lab: _twin_answer(lab, b"{not json"), ServiceError, "not JSON"),
+    "hub-twin-body-not-object": (lambda lab: _twin_answer(lab, b"[1, 2]"), ServiceError, "not an object"),
+    "hub-twin-status-garbage": (lambda lab: _twin_answer(lab, b"", status="2x0"), OperationTimeout, "twin GET"),
+    "hub-desired-patch-not-json": (_hub_sends(lambda d: "$iothub/twin/PATCH/properties/desired/?$version=7",
+                                              b"{malformed"), ProtocolError, "intact"),
+    "hub-desired-no-version": (_hub_sends(lambda d: "$iothub/twin/PATCH/properties/desired/", b"{}"),
+                               ProtocolError, "intact"),
+    "hub-c2d-bad-escape": (_hub_sends(lambda d: f"devices/{d}/messages/devicebound/a=%zz", b"x"),
+                           ProtocolError, "intact"),
+    "hub-method-without-rid": (_hub_sends(lambda d: "$iothub/methods/POST/m/", b"{}"), ProtocolError, "intact"),
+    # DPS
+    "dps-401": (_dps(401), ProvisioningError, "401"),
+    "dps-404": (_dps(404), ProvisioningError, "404"),
+    "dps-429-forever": (_dps(429, timeout=1.5), (ProvisioningError, OperationTimeout), "429"),
+    "dps-500-forever": (_dps(500, timeout=1.5), (ProvisioningError, OperationTimeout), "500"),
+    "dps-garbage": (_dps("garbage"), (ProvisioningError, ProtocolError), ""),
+    # the command line
+    "cli-wrong-pin-file": (_cli_row(["send", "x"], code=3, text="error:", **{"--pin-file": None, "--key": None},
+                                    ), CliFailed, ""),
+    "cli-twin-report-malformed-json": (_cli_row(["twin", "report", "{nope"], code=2, text="is not valid JSON"),
+                                       CliFailed, ""),
+    "cli-send-bad-property": (_cli_row(["send", "x", "--prop", "$bad=1"], code=2, text="'$'"), CliFailed, ""),
+    "cli-missing-cert-file": (_cli_row(["send", "x"], code=3, text="error:", **{"--cert": "/nonexistent/dev.pem"}),
+                              CliFailed, ""),
+    "cli-untrusted-server": (_cli_row(["send", "x"], code=4, text="is not trusted", **{"--ca": None}), CliFailed, ""),
+    "cli-unknown-token": (_cli_row(["send", "x"], code=3, text="error:",
+                                   **{"--key": "pkcs11:token=nope;object=eckey"}), CliFailed, ""),
+    "cli-missing-module": (_cli_row(["send", "x"], code=3, text="error:",
+                                    **{"--key": "pkcs11:token=lc-test;object=eckey?module-path=/nonexistent/m.so"}),
+                           CliFailed, ""),
+    "cli-invalid-device-id": (_cli_row(["send", "x"], code=2, text="error:", **{"--device-id": "bad/id"}),
+                              CliFailed, ""),
+}
+
+
+def _fix_cli_wrong_pin(lab):
+    return _cli(*["send", "x"], *_cli_key(lab, **{"--pin-file": lab.bad_pin_file,
+                                                  "--key": lab.softhsm.fresh_uri}), code=3, text="error:")(lab)
+
+
+CASES["cli-wrong-pin-file"] = (_fix_cli_wrong_pin, CliFailed, "")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_sweep(lab_, name, capfd, caplog):
+    caplog.set_level(logging.DEBUG)
+    action, expected, match = CASES[name]
+    started = time.monotonic()
+    with pytest.raises(expected, match=match or None) as err:
+        action(lab_)
+    elapsed = time.monotonic() - started
+    assert elapsed < 20, f"{name} took {elapsed:.1f} s"
+    captured = capfd.readouterr()
+    for text in (str(err.value), repr(err.value), captured.out, captured.err, caplog.text,
+                 "\n".join(getattr(err.value, "openssl_errors", ()))):
+        assert PIN not in text and WRONG_PIN not in text
+    if name.startswith("hub-") and expected is ProtocolError:
+        assert "dropped" in caplog.text  # the bad message was logged, not silently swallowed
+
+
+def test_the_sweep_has_at_least_25_cases():
+    assert len(CASES) >= 25
