@@ -14,7 +14,7 @@ APT_PACKAGES := gcc libc6-dev libssl-dev libffi-dev openssl ca-certificates curl
                 swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
                 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-openssl
 
-.PHONY: all demo test unit bench system-deps venv shim clean
+.PHONY: all demo test unit bench bench-smoke system-deps venv shim clean
 
 all: venv
 
@@ -47,7 +47,11 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
-	$(PY) benchmarks/telemetry.py
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/run.py
+
+bench-smoke: venv
+	$(PY) benchmarks/run.py --smoke
 
 unit: venv
 	$(PY) -m pytest -q tests/unit

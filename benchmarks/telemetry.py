@@ -1,112 +1,82 @@
-"""Telemetry throughput: Device.send vs raw paho, same broker, same key, same in-flight window, one run.
+"""Telemetry throughput: lightclient Device vs raw paho (same window) vs azure-iot-device 2.x.
 
-Both send N QoS 1 messages (256-byte payload, one application property) over TLS to a local mosquitto
-that requires client certificates; the client key is in SoftHSM (it signs only the handshakes). The time
-runs from the first publish to the last PUBACK. Rounds alternate between the two (and which goes first)
-so drift in the machine hits both; the median round counts. Target: Device >= 0.9 x raw paho.
+Each program sends N QoS 1 messages (256-byte payload, one application property) over TLS to a local
+mosquitto that requires client certificates, in a fresh child process per round; the time runs from
+the first send to the last PUBACK (after an untimed warm-up of 200 messages on the same connection).
+Rounds alternate the order of the programs; the median round counts. lightclient and raw paho use
+the same SoftHSM key (it signs only the handshake); the SDK needs a key file.
 
-The process is GIL-bound (paho's network thread and the sending thread share one core's worth of
-Python), so the CPU time per message is printed too: it is much less sensitive than msg/s to other
-load on a shared machine.
+Targets: lightclient >= 0.9 x raw paho and >= 5 x azure-iot-device.
 
-    python benchmarks/telemetry.py [--count 5000] [--window 20] [--rounds 5]
-
-Not part of the test run.
+    python benchmarks/telemetry.py [--smoke]      (same as: python benchmarks/run.py --only telemetry)
 """
-import argparse
-import base64
-import statistics
+from __future__ import annotations
+
 import sys
-import tempfile
-import time
-import uuid
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lightclient import _native, keys, lab, tls, topics
-from lightclient.device import Device
-from lightclient.identity import Identity
+from common import WINDOW, Context, Section, Target, fmt, fmt_ratio, lc_child, median, orders, ratio, sdk_child
 
-PIN = "bench-pin"
-PAYLOAD = bytes(range(256))
-PROPERTIES = {"sensor": "bench"}
+NAME = "telemetry"
+TITLE = "Telemetry throughput"
 
 
-def lab_setup(root: Path):
-    """A SoftHSM EC key, its certificate from a test CA, and a context; returns (ca, context)."""
-    hsm = lab.SoftHSM(root / "softhsm")
-    hsm.init_token("bench", PIN, "so-" + PIN)
-    info = hsm.keygen("bench", PIN, "bench-key", "ec-p256")
-    hsm.activate()
-    key = keys.load_key(f"{info['uri']}?module-path={hsm.module_path}", pin=PIN)
-    der = _native.sign_csr(key, [("CN", "bench-device")])
-    ca = lab.TestCA(root / "ca")
-    cert = ca.sign_csr(b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der)
-                       + b"-----END CERTIFICATE REQUEST-----\n", root / "bench-device.pem")
-    return ca, tls.client_context(cert=cert, key=key, ca=ca.cert)
-
-
-def run_device(context, port: int, count: int, window: int) -> "tuple[float, float]":
-    """(messages per second, CPU microseconds per message) for Device.send."""
-    identity = Identity("localhost", f"bench-{uuid.uuid4().hex[:6]}")
-    with Device(identity, context, port=port, max_inflight=window) as device:
-        start, cpu = time.perf_counter(), time.process_time()
-        handles = [device.send(PAYLOAD, PROPERTIES) for _ in range(count)]
-        for handle in handles:
-            handle.wait(60)
-        return count / (time.perf_counter() - start), (time.process_time() - cpu) / count * 1e6
-
-
-def run_paho(context, port: int, count: int, window: int) -> "tuple[float, float]":
-    identity = Identity("localhost", f"bench-{uuid.uuid4().hex[:6]}")
-    # What a careful raw-paho app does: the topic computed once, the same window, waiting for PUBACKs.
-    topic = topics.telemetry_topic(identity, PROPERTIES)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=identity.client_id, protocol=mqtt.MQTTv311,
-                         clean_session=False)
-    client.tls_set_context(context)
-    client.max_inflight_messages_set(window)
-    client.connect("localhost", port)
-    client.loop_start()
-    try:
-        start, cpu = time.perf_counter(), time.process_time()
-        infos = [client.publish(topic, PAYLOAD, qos=1) for _ in range(count)]
-        for info in infos:
-            info.wait_for_publish(60)
-        return count / (time.perf_counter() - start), (time.process_time() - cpu) / count * 1e6
-    finally:
-        client.disconnect()
-        client.loop_stop()
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=5000, help="messages per round (default 5000)")
-    parser.add_argument("--window", type=int, default=20, help="QoS 1 messages in flight (default 20)")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per client, alternating (default 5)")
-    args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="lightclient-bench-") as tmp:
-        ca, context = lab_setup(Path(tmp))
-        with lab.Mosquitto(Path(tmp) / "mosquitto", ca) as broker:
-            run_paho(context, broker.port, min(500, args.count), args.window)  # warm-up: TLS, broker, caches
-            runners = {"Device.send": run_device, "raw paho": run_paho}
-            results = {name: [] for name in runners}
-            for i in range(args.rounds):
-                for name in (list(runners) if i % 2 == 0 else list(reversed(runners))):
-                    results[name].append(runners[name](context, broker.port, args.count, args.window))
-    print(f"{args.count} QoS 1 messages x {args.rounds} rounds, 256-byte payload, 1 property, window {args.window}, "
-          "TLS to local mosquitto, key in SoftHSM")
-    rate, cpu = {}, {}
-    for name, runs in results.items():
-        rate[name] = statistics.median(r for r, _ in runs)
-        cpu[name] = statistics.median(c for _, c in runs)
-        print(f"  {name:12s} {rate[name]:7.0f} msg/s  {cpu[name]:6.1f} CPU us/msg  "
-              f"(median; rounds: {', '.join(f'{r:.0f}' for r, _ in runs)} msg/s)")
-    ratio = rate["Device.send"] / rate["raw paho"]
-    print(f"  ratio Device/raw paho: {ratio:.2f} msg/s (target >= 0.90) {'OK' if ratio >= 0.9 else 'BELOW TARGET'}; "
-          f"CPU per message {cpu['Device.send'] / cpu['raw paho']:.2f}x raw paho")
-    return 0
+def run(ctx: Context) -> Section:
+    lab = ctx.lab
+    count, rounds = ctx.n(5000, 200), ctx.n(5, 1)
+    warmup = ctx.n(200, 20)
+    broker = lab.broker
+    hsm = lab.hsm_key()
+    sdk = ctx.sdk_python()
+    programs = {
+        "lightclient": lambda: lc_child({"task": "throughput", "client": "lightclient", "port": broker.port,
+                                         "count": count, "warmup": warmup, "window": WINDOW, **hsm},
+                                        env=lab.hsm_env),
+        "raw paho": lambda: lc_child({"task": "throughput", "client": "paho", "port": broker.port, "count": count,
+                                      "warmup": warmup, "window": WINDOW, **hsm}, env=lab.hsm_env),
+    }
+    if sdk:
+        programs["azure-iot-device"] = lambda: sdk_child(sdk, {"task": "throughput", "port": broker.port,
+                                                               "count": count, "warmup": warmup,
+                                                               **lab.file_key_spec()})
+    runs = {name: [] for name in programs}
+    for order in orders(list(programs), rounds):
+        for name in order:
+            runs[name].append(programs[name]())
+            ctx.log(f"   {name:17s} {runs[name][-1]['rate']:8.0f} msg/s")
+    rate = {name: median(r["rate"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: median(r["cpu_us"] for r in rs) for name, rs in runs.items()}
+    lc = "lightclient"
+    section = Section(NAME, TITLE, header=["client", "msg/s (median)", "CPU µs/msg", "lightclient is", "rounds (msg/s)"])
+    for name in programs:
+        section.rows.append([name, fmt(rate[name]), fmt(cpu[name]),
+                             "—" if name == lc else f"{fmt_ratio(ratio(rate[lc], rate[name]))} as fast",
+                             ", ".join(f"{r['rate']:.0f}" for r in runs[name])])
+    section.targets.append(Target("throughput: lightclient / raw paho", ratio(rate[lc], rate["raw paho"]), 0.9, ">="))
+    sdk_target = Target("throughput: lightclient / azure-iot-device", ratio(rate[lc], rate.get("azure-iot-device")),
+                        5.0, ">=")
+    if not sdk:
+        sdk_target.note = ctx.sdk_note
+    section.targets.append(sdk_target)
+    section.notes.append(f"{count} QoS 1 messages per round × {rounds} rounds (alternating order), 256-byte payload, "
+                         f"1 application property, {WINDOW} messages in flight, TLS to a local mosquitto that "
+                         f"requires client certificates; lightclient and raw paho use the same SoftHSM EC key, "
+                         f"azure-iot-device a key file (it cannot use a token). The client and the broker share "
+                         f"this machine's cores.")
+    if sdk:
+        section.notes.append(f"{ctx.sdk_note}; asyncio client with every send_message() started at once (its "
+                             f"paho keeps {WINDOW} in flight): the fastest way to drive it.")
+    else:
+        section.notes.append(ctx.sdk_note)
+    section.chart("Telemetry throughput", "msg/s", [(n, rate[n]) for n in programs], better="higher")
+    section.raw = {"count": count, "rounds": rounds, "window": WINDOW, "runs": runs, "rate": rate, "cpu_us": cpu}
+    return section
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import run as runner
+
+    sys.exit(runner.main(["--only", NAME, *sys.argv[1:]]))
