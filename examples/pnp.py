@@ -75,7 +75,6 @@ with device:
                                  content_type="application/json", content_encoding="utf-8", timeout=30)
             print(f"telemetry {COMPONENT}.temperature={readings[-1]}", flush=True)
             if enough.wait(min(float(env.get("LC_INTERVAL", "5")), max(0, deadline - time.monotonic()))):
-                time.sleep(0.5)  # let the last command answer go out: disconnect() does not wait for handlers
                 break
     except KeyboardInterrupt:
         pass

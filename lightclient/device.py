@@ -16,6 +16,7 @@ Threads (all named ``lightclient-{client id}-…``):
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -594,6 +595,8 @@ class Device:
         self._events: Optional[ThreadPoolExecutor] = None
         self._twin_worker: Optional[ThreadPoolExecutor] = None
         self._method_pool: Optional[ThreadPoolExecutor] = None
+        self._methods_idle = threading.Condition()
+        self._methods_active = 0
 
         self._acks = _Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
         self._topics: Dict[Any, Tuple[str, str, int]] = {}
@@ -699,9 +702,19 @@ class Device:
         with self._lock:
             if not self._running:
                 return
+        deadline = time.monotonic() + max(0.0, timeout)
         if self._connected.is_set() and timeout > 0:
             self._acks.drained(timeout)
+            # Method handlers still running get the rest of the time to answer: their response
+            # must leave before DISCONNECT, or the hub waits for it until its own timeout.
+            self._wait_for_methods(deadline - time.monotonic())
         self._teardown()
+
+    def _wait_for_methods(self, timeout: float) -> None:
+        if timeout <= 0 or threading.current_thread().name.startswith(self._threads):
+            return  # a handler calling disconnect() cannot wait for itself
+        with self._methods_idle:
+            self._methods_idle.wait_for(lambda: self._methods_active == 0, timeout=timeout)
 
     def _teardown(self) -> None:
         self._stopping.set()
@@ -736,10 +749,28 @@ class Device:
     def _submit(self, worker: Optional[ThreadPoolExecutor], fn: Callable[..., None], *args: Any) -> None:
         if worker is None:
             return
+        counted = worker is self._method_pool
+        if counted:
+            # Counted before the handler can start, so disconnect() never misses one that is running.
+            with self._methods_idle:
+                self._methods_active += 1
+            fn = functools.partial(self._counted, fn)
         try:
             worker.submit(fn, *args)
         except RuntimeError:  # shut down by a concurrent disconnect(): nobody is listening any more
-            pass
+            if counted:
+                self._method_finished()
+
+    def _counted(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        finally:
+            self._method_finished()
+
+    def _method_finished(self) -> None:
+        with self._methods_idle:
+            self._methods_active -= 1
+            self._methods_idle.notify_all()
 
     # ------------------------------------------------------------------- paho callbacks (network thread)
 

@@ -1,6 +1,7 @@
 """The Device against the strict IoT Hub emulator (the same behaviours as against mosquitto, plus the
 hub's own rules: the emulator records every protocol deviation, and these tests require none)."""
 import queue
+import time
 import uuid
 
 import pytest
@@ -135,3 +136,26 @@ def test_reconnects_after_the_hub_restarts_and_resyncs_the_twin(tmp_path, device
         first.stop()
         if second is not None:
             second.stop()
+
+
+def test_disconnect_lets_a_running_method_handler_answer_first(emulator, make_device):
+    import threading
+
+    started, results = threading.Event(), queue.Queue()
+    dev = make_device()
+
+    @dev.method("slow")
+    def slow(payload):
+        started.set()
+        time.sleep(0.5)
+        return {"done": True}
+
+    dev.connect(timeout=10)
+    caller = threading.Thread(target=lambda: results.put(
+        emulator.invoke_method(dev.identity.device_id, "slow", None, timeout=5)))
+    caller.start()
+    assert started.wait(5)
+    dev.disconnect(timeout=5)  # the handler is still sleeping here
+    caller.join(10)
+    answer = results.get_nowait()
+    assert (answer.status, answer.payload) == (200, {"done": True})
