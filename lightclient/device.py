@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import logging
 import os
@@ -595,6 +596,8 @@ class Device:
         self._events: Optional[ThreadPoolExecutor] = None
         self._twin_worker: Optional[ThreadPoolExecutor] = None
         self._method_pool: Optional[ThreadPoolExecutor] = None
+        self._mid_prefix = uuid.uuid4().hex[:24]
+        self._mid_counter = itertools.count(1)  # next() on a count is atomic under the GIL
         self._methods_idle = threading.Condition()
         self._methods_active = 0
 
@@ -965,7 +968,7 @@ class Device:
         if message_id is None:
             system_properties.pop("message_id", None)
             head, tail, overhead = self._topic(properties, system_properties, True)
-            message_id = str(uuid.uuid4())
+            message_id = self._next_message_id()
             topic = head + message_id + tail
         else:
             topic, _, overhead = self._topic(properties, system_properties, False)
@@ -976,6 +979,11 @@ class Device:
             if not isinstance(payload, bytes):
                 payload = payload.encode("utf-8")
         return self._acks.put(topic, payload, message_id)
+
+    def _next_message_id(self) -> str:
+        """A unique ``$.mid`` of 36 characters, like a UUID: a random 96-bit prefix per Device and a
+        counter. A UUID4 per message is unique too but costs a system call (a fifth of send()'s time)."""
+        return f"{self._mid_prefix}-{next(self._mid_counter):011x}"
 
     def _topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any],
                auto_id: bool) -> Tuple[str, str, int]:

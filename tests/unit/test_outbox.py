@@ -6,7 +6,6 @@ import ssl
 import stat
 import threading
 import time
-import uuid
 
 import pytest
 
@@ -29,7 +28,10 @@ def test_every_message_gets_a_unique_mid_unless_one_is_given():
     dev = offline_device()
     handles = [dev.send(b"x", {"k": "v"}) for _ in range(50)]
     ids = {h.message_id for h in handles}
-    assert len(ids) == 50 and all(str(uuid.UUID(i)) == i for i in ids)
+    assert len(ids) == 50 and all(len(i) == 36 for i in ids)
+    prefixes = {i.split("-")[0] for i in ids}
+    assert len(prefixes) == 1 and len(prefixes.pop()) == 24  # one random prefix per Device, then a counter
+    assert offline_device().send(b"x").message_id.split("-")[0] not in {i.split("-")[0] for i in ids}
     assert dev.send(b"x", message_id="mine").message_id == "mine"
     assert dev.send(b"x", message_id=None).message_id not in ids | {"mine"}
     assert dev.queued == 52
