@@ -28,13 +28,10 @@ from .exceptions import (
     TokenNotFoundError,
 )
 
-try:
-    from . import _shim
-except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    _shim = None
-    _SHIM_IMPORT_ERROR: Optional[ImportError] = exc
-else:
-    _SHIM_IMPORT_ERROR = None
+# The compiled shim is imported on first use, not here: importing lightclient (and paho, for a
+# file-key context) then costs neither the cffi runtime nor libssl symbol binding.
+_shim = None
+_SHIM_IMPORT_ERROR: Optional[ImportError] = None
 
 ENGINE_PACKAGE_HINT = (
     "install the libp11 engine (Debian/Raspberry Pi OS: apt install libengine-pkcs11-openssl)"
@@ -106,6 +103,14 @@ def check_same_openssl(facts: OpenSSLFacts) -> None:
 
 
 def _shim_lib():
+    global _shim, _SHIM_IMPORT_ERROR
+    if _shim is None and _SHIM_IMPORT_ERROR is None:
+        try:
+            from . import _shim as shim
+        except ImportError as exc:  # exercised only on broken installs
+            _SHIM_IMPORT_ERROR = exc
+        else:
+            _shim = shim
     if _shim is None:
         raise BackendUnavailableError(
             "lightclient's native shim is not built (lightclient._shim is missing): reinstall with "
@@ -113,6 +118,12 @@ def _shim_lib():
             f"(Debian: apt install gcc libssl-dev). Import error: {_SHIM_IMPORT_ERROR}"
         )
     return _shim.ffi, _shim.lib
+
+
+def shim_path() -> str:
+    """The file of the compiled shim this process uses (loading it if needed)."""
+    _shim_lib()
+    return _shim.__file__
 
 
 def _origin(path: Optional[str], symbol: str) -> Optional[str]:
@@ -128,7 +139,7 @@ def openssl_facts() -> OpenSSLFacts:
 
     ffi, lib = _shim_lib()
     ssl_path = getattr(_ssl, "__file__", None)  # None: _ssl is built into the interpreter
-    shim_path = _shim.__file__
+    shim_path = _shim.__file__  # set: _shim_lib() above imported it
     return OpenSSLFacts(
         python_ssl_origin=_origin(ssl_path, "SSL_CTX_new"),
         python_crypto_origin=_origin(ssl_path, "ERR_get_error"),
@@ -389,7 +400,7 @@ TPM2_PROPQ = "?tpm2.signature"
 
 def tls_prepare() -> None:
     """Call before creating an SSL context: keeps its TLS group list on the default provider."""
-    if _shim is not None:
+    if _shim is not None:  # never loaded: no provider was loaded through it either
         _shim.lib.lc_tls_prepare()
 
 

@@ -14,8 +14,8 @@ from importlib import resources
 from typing import Optional, Sequence, Union
 
 from . import _native
-from .exceptions import CertificateError, ConfigError
-from .keys import KeyRef, PinCallback, load_key
+from .exceptions import CertificateError, ConfigError, KeyMismatchError, PinError
+from .keys import TSS2_PEM_HEADER, KeyRef, PinCallback, load_key, parse_key_ref
 
 PathOrPem = Union[str, bytes, os.PathLike]
 
@@ -87,19 +87,63 @@ def _base_context(ca: Optional[PathOrPem], minimum_version: ssl.TLSVersion,
 def attach_key(ctx: ssl.SSLContext, *, cert: PathOrPem, key: Union[str, os.PathLike, KeyRef, "_native.NativeKey"],
                pin: Optional[str] = None, pin_file: Optional[str] = None,
                pin_callback: Optional[PinCallback] = None, module_path: Optional[str] = None,
-               providers: Sequence[str] = (), propq: Optional[str] = None) -> "_native.NativeKey":
+               providers: Sequence[str] = (), propq: Optional[str] = None) -> "Optional[_native.NativeKey]":
     """Install ``cert`` and the hardware-backed ``key`` into an existing ``ssl.SSLContext``.
 
     For people who build their own context: everything else about ``ctx`` is left as it is.
-    Returns the loaded key (keep it if you will sign CSRs with it).
+    Returns the loaded key (keep it if you will sign CSRs with it), or None for a plain PEM key file,
+    which Python's own ``ssl`` loads (development keys; use :func:`lightclient.keys.load_key` to sign).
     """
     _native._require_sslcontext(ctx)
     chain, name = _read_chain(cert)
+    if not isinstance(key, _native.NativeKey):
+        ref = parse_key_ref(key)
+        if ref.backend == "file" and isinstance(cert, (str, os.PathLike)) and _plain_pem_key(ref.target):
+            # A development key file: Python's own ssl loads it, no native shim needed (so file keys
+            # work even where the shim cannot, e.g. a Python with a statically linked OpenSSL).
+            if _load_file_pair(ctx, os.fspath(cert), name, ref, ref.resolve_pin(pin, pin_file, pin_callback)):
+                return None
     native_key = key if isinstance(key, _native.NativeKey) else load_key(
         key, pin=pin, pin_file=pin_file, pin_callback=pin_callback, module_path=module_path,
         providers=providers, propq=propq)
     _native.install(ctx, native_key, chain, name)
     return native_key
+
+
+def _plain_pem_key(path: str) -> bool:
+    """A readable PEM key file that is not TPM-wrapped (TSS2 keys need the tpm2 provider)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64 * 1024)
+    except OSError:
+        return False  # the shim path reports the problem with the usual message
+    return b"-----BEGIN" in head and TSS2_PEM_HEADER not in head
+
+
+def _load_file_pair(ctx: ssl.SSLContext, cert_path: str, cert_name: str, ref: KeyRef, pin: Optional[str]) -> bool:
+    """Load a PEM certificate + key file pair with Python's ssl; False when the shim should explain why not."""
+    asked = []
+
+    def password() -> str:
+        asked.append(True)
+        # Never None: OpenSSL would then prompt on the terminal, and a device must not block there.
+        return pin if pin is not None else ""
+
+    try:
+        ctx.load_cert_chain(cert_path, ref.target, password=password)
+        return True
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}".lower()
+        if "key values mismatch" in text or "key_values_mismatch" in text:
+            raise KeyMismatchError(
+                f"{cert_name} does not belong to the private key in {ref.target!r}: the certificate's public key "
+                "differs from the key's. Use the certificate issued for this key.") from None
+        if asked:
+            if pin is None:
+                raise PinError(f"the key file {ref.target!r} is encrypted: give its pass phrase (pin=, pin_file=)") from None
+            raise PinError(f"the pass phrase for the key file {ref.target!r} was refused") from None
+        # Python's ssl reports only "PEM lib": let the shim load the pair and name the actual problem.
+        return False
 
 
 def client_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, pin: Optional[str] = None,

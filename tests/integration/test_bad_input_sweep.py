@@ -5,21 +5,18 @@ connection carries on) within a time bound; the process survives; and the PIN ap
 text, repr, log line, stdout or stderr. Single-subject tests of the same inputs with more detail live in
 test_bad_input.py, test_cli.py and test_dps.py; this table is the breadth check.
 """
-import json
 import logging
 import math
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from lightclient import dps, keys, tls, topics
+from lightclient import dps, keys, tls
 from lightclient.backoff import Backoff
 from lightclient.device import Device
 from lightclient.emulator import certs
@@ -29,7 +26,6 @@ from lightclient.exceptions import (BackendUnavailableError, CertificateError, C
                                     OperationTimeout, OutboxError, PinError, ProtocolError, ProvisioningError,
                                     QueueFullError, ServerCertificateError, ServiceError, TokenNotFoundError)
 from lightclient.identity import Identity
-from lightclient.outbox import Outbox
 
 from ..conftest import PIN
 from .faults import TlsServer

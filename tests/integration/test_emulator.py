@@ -151,7 +151,7 @@ class PahoDevice:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
-        rc, session_present = self.connacks.get(timeout=5)
+        rc, session_present = self.connacks.get(timeout=15)  # generous: CI shares 2 cores
         assert rc.value == expect, f"CONNACK {rc} ({rc.value}), expected {expect}"
         return session_present
 
@@ -159,16 +159,16 @@ class PahoDevice:
         granted = queue.Queue()
         self.client.on_subscribe = lambda c, u, mid, codes, p: granted.put([r.value for r in codes])
         self.client.subscribe([(f, qos) for f in filters])
-        return granted.get(timeout=5)
+        return granted.get(timeout=15)
 
     def publish(self, topic, payload=b"", qos=1, retain=False):
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if qos:
-            info.wait_for_publish(timeout=5)
+            info.wait_for_publish(timeout=15)
             assert info.is_published(), f"no PUBACK for {topic}"
         return info
 
-    def wait_message(self, prefix, timeout=3.0):
+    def wait_message(self, prefix, timeout=10.0):
         """Pop the first received message whose topic starts with ``prefix``."""
         with self._cond:
             found = []

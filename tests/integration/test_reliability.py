@@ -8,7 +8,6 @@
 * Method handlers that raise or hang while the network loop keeps going.
 * Server certificates that are untrusted, expired or for another host: a typed error saying which.
 """
-import os
 import queue
 import subprocess
 import sys

@@ -2,6 +2,7 @@
 import queue
 import ssl
 import subprocess
+import sys
 import uuid
 
 import paho.mqtt.client as mqtt
@@ -242,3 +243,31 @@ def test_certificate_info(device, test_ca):
     from lightclient.exceptions import CertificateError
     with pytest.raises(CertificateError, match="no readable PEM certificate"):
         _native.certificate_info(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+
+
+def test_file_keys_need_no_shim_and_fail_clearly(test_ca, tmp_path):
+    """Development file keys go through Python's own ssl (no native shim in the process), with the
+    same typed errors as the token path."""
+    cert, key = test_ca.issue_file_key("plain", tmp_path)
+    _, other = test_ca.issue_file_key("other", tmp_path)
+    enc = tmp_path / "enc.key"
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-out", str(enc), "-aes256", "-passout", "stdin"],
+                   input=b"s3cret\n", check=True)
+    code = f"""
+import sys
+from lightclient import tls
+from lightclient.exceptions import KeyMismatchError, PinError
+tls.client_context(cert={str(cert)!r}, key={str(key)!r}, ca={str(test_ca.cert)!r})
+tls.client_context(cert={str(cert)!r}, key={str(enc)!r}, pin="s3cret", ca={str(test_ca.cert)!r})
+print("SHIM-LOADED", "lightclient._shim" in sys.modules)
+for key, pin, error in (({str(other)!r}, None, KeyMismatchError), ({str(enc)!r}, None, PinError),
+                        ({str(enc)!r}, "wrong", PinError)):
+    try:
+        tls.client_context(cert={str(cert)!r}, key=key, pin=pin, ca={str(test_ca.cert)!r})
+    except error as exc:
+        print("OK", type(exc).__name__, exc)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "SHIM-LOADED False" in out
+    assert out.count("OK ") == 3 and "is encrypted: give its pass phrase" in out and "was refused" in out
+    assert "s3cret" not in out and "wrong" not in out.replace("OK PinError", "")

@@ -76,7 +76,7 @@ def main() -> int:
     from lightclient import _native, dps, keys, lab, tls
     from lightclient.exceptions import LightClientError
 
-    out = {"shim": _native._shim.__file__, "engine_support": _native.engine_support(), "errors": {},
+    out = {"shim": _native.shim_path(), "engine_support": _native.engine_support(), "errors": {},
            "cells": {}, "timing": {}}
     pin = spec.get("pin")
     ca = lab.TestCA(Path(spec["ca_root"]))
