@@ -466,7 +466,7 @@ def test_unsubscribe_gets_unsuback_and_stops_delivery(emu, device, clients):
     unsubscribed = queue.Queue()
     client.client.on_unsubscribe = lambda *a: unsubscribed.put(True)
     client.client.unsubscribe("$iothub/twin/res/#")
-    assert unsubscribed.get(timeout=3)
+    assert unsubscribed.get(timeout=10)
     client.publish("$iothub/twin/GET/?$rid=1")
     emu.wait_for_diagnostic("twin.not-subscribed", identity)
     assert client.topics() == []
@@ -729,7 +729,7 @@ def test_direct_method_round_trip(emu, device, clients):
     client.connect()
     client.subscribe("$iothub/methods/POST/#")
     _answer_methods(client, status=201)
-    result = emu.invoke_method(identity, "reboot", {"delay": 2}, timeout=3)
+    result = emu.invoke_method(identity, "reboot", {"delay": 2}, timeout=10)
     assert (result.status, result.payload) == (201, {"echo": {"delay": 2}})
 
 
@@ -767,8 +767,8 @@ def test_two_devices_never_see_each_others_twin_responses_or_method_calls(emu, d
     b.publish("$iothub/twin/GET/?$rid=1")  # same rid on purpose
     assert a.wait_message("$iothub/twin/res/").topic == "$iothub/twin/res/204/?$rid=1&$version=2"
     assert json.loads(b.wait_message("$iothub/twin/res/").payload)["reported"] == {"$version": 1}
-    assert emu.invoke_method(a_id, "m", timeout=3).payload == "from a"
-    assert emu.invoke_method(b_id, "m", timeout=3).payload == "from b"
+    assert emu.invoke_method(a_id, "m", timeout=10).payload == "from a"
+    assert emu.invoke_method(b_id, "m", timeout=10).payload == "from b"
     time.sleep(0.1)  # any stray cross-delivery would have arrived by now
     assert a.topics() == [] and b.topics() == []
 
