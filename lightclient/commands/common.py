@@ -125,6 +125,14 @@ def add_identity_options(parser: argparse.ArgumentParser, hub: bool = True) -> N
     g.add_argument("--model-id", help=env_help("model_id", "IoT Plug and Play model id (dtmi:…)"))
 
 
+def add_telemetry_options(parser: argparse.ArgumentParser) -> None:
+    """--prop, --content-type, --content-encoding: the properties a telemetry message carries."""
+    parser.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE",
+                        help="application property of the telemetry (repeatable)")
+    parser.add_argument("--content-type", help="telemetry content type ($.ct), e.g. application/json")
+    parser.add_argument("--content-encoding", help="telemetry content encoding ($.ce), e.g. utf-8")
+
+
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
     add_identity_options(parser)
     g = parser.add_argument_group("connection")

@@ -10,7 +10,7 @@ import time
 from .. import paho as lcpaho
 from .. import topics
 from ..exceptions import ConfigError, OperationTimeout
-from .common import EXIT_FAILED, EXIT_OK, add_connection_options, parse_json, parse_props
+from .common import EXIT_FAILED, EXIT_OK, add_connection_options, add_telemetry_options, parse_json, parse_props
 from .session import Output, Session, preview
 
 
@@ -21,9 +21,7 @@ def register(sub) -> None:
                                    "standard input when there are none (or the only one is '-'). '{n}' in a "
                                    "body becomes the message's sequence number.")
     p.add_argument("messages", nargs="*", metavar="BODY", help="message bodies")
-    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="application property (repeatable)")
-    p.add_argument("--content-type", help="content type ($.ct), e.g. application/json")
-    p.add_argument("--content-encoding", help="content encoding ($.ce), e.g. utf-8")
+    add_telemetry_options(p)
     p.add_argument("--json", action="store_true", help="shorthand for --content-type application/json "
                                                        "--content-encoding utf-8 (needed for body-based routing)")
     p.add_argument("--count", type=int, default=1, help="send the bodies this many times (default 1)")

@@ -20,7 +20,7 @@ from .. import paho as lcpaho
 from .. import topics
 from ..exceptions import ProtocolError
 from ..identity import Identity
-from .common import EXIT_OK, add_connection_options, identity, parse_json, parse_props, setting
+from .common import EXIT_OK, add_connection_options, add_telemetry_options, identity, parse_json, parse_props, setting
 from .session import DEFAULT_PORT, Output, Session, preview
 
 SENT, RECEIVED = "→", "←"
@@ -50,9 +50,7 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--send", metavar="BODY", action="append", default=[], help="also send this telemetry (repeatable)")
     p.add_argument("--report", metavar="JSON", help="also send this reported-properties patch")
-    p.add_argument("--prop", action="append", default=[], metavar="KEY=VALUE", help="telemetry property (repeatable)")
-    p.add_argument("--content-type", help="telemetry content type ($.ct), e.g. application/json")
-    p.add_argument("--content-encoding", help="telemetry content encoding ($.ce), e.g. utf-8")
+    add_telemetry_options(p)
     p.add_argument("--method-status", type=int, default=200, help="status to answer method calls with (default 200)")
     p.add_argument("--no-twin", action="store_true", help="do not read the twin after connecting")
     add_connection_options(p)
