@@ -360,6 +360,13 @@ def _send(session, request: Request, deadline: float, request_timeout: float):
         resp = session.request(request.method, request.url, headers=dict(request.headers), data=request.body,
                                timeout=min(request_timeout, remaining))
     except requests.exceptions.SSLError as exc:
+        verify = _cert_verify_error(exc)
+        if verify is not None:
+            from ._verify import server_certificate_error
+            from urllib.parse import urlsplit
+
+            where = urlsplit(request.url)
+            raise server_certificate_error(verify, where.hostname or "?", where.port or 443) from None
         raise ProvisioningError(
             f"the TLS handshake with DPS failed: {exc}. Check the trusted roots (ca=) and that the "
             "device certificate is accepted") from None
@@ -368,6 +375,25 @@ def _send(session, request: Request, deadline: float, request_timeout: float):
     except requests.exceptions.ConnectionError as exc:
         raise ProvisioningError(f"cannot reach DPS at {request.url.split('/')[2]}: {exc}") from None
     return resp.status_code, resp.content, dict(resp.headers)
+
+
+def _cert_verify_error(exc: BaseException) -> "Optional[ssl.SSLCertVerificationError]":
+    """The ssl.SSLCertVerificationError behind a requests/urllib3 SSLError, if that is what it was."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        stack.extend([current.__cause__, current.__context__, *[a for a in getattr(current, "args", ())
+                                                                if isinstance(a, BaseException)]])
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            stack.append(reason)
+    return None
 
 
 def _finish(result: RegistrationResult, registration_id: str, cert_out: Optional[str]) -> RegistrationResult:

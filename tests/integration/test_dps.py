@@ -170,3 +170,14 @@ def test_curl_with_a_file_key(emulator, test_ca, tmp_path):
     refused = subprocess.run(["curl", "-sS", "--cacert", str(test_ca.cert), "-X", "PUT", url],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode != 0
+
+
+def test_untrusted_dps_server_is_a_typed_certificate_error(emulator, device, tmp_path):
+    """A DPS whose certificate the device does not trust: ServerCertificateError saying so."""
+    from lightclient.exceptions import ServerCertificateError
+
+    _enroll(emulator, device, polls=0)
+    ctx = tls.https_context(cert=device["ec"]["cert"], key=device["ec"]["key"])  # bundled IoT Hub roots only
+    with pytest.raises(ServerCertificateError) as exc:
+        dps.provision(SCOPE, "device-ec", ssl_context=ctx, endpoint=emulator.endpoint, **FAST)
+    assert exc.value.reason == "untrusted" and "127.0.0.1" in str(exc.value)
