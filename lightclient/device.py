@@ -25,12 +25,13 @@ import ssl
 import threading
 import time
 import urllib.parse
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 from . import paho as glue
 from . import topics
@@ -593,10 +594,10 @@ class Device:
         self._refused: Optional[int] = None        # return code of the last refused CONNACK
         self._pending: Dict[str, _Pending] = {}
         self._desired_state = DesiredState()
-        self._events: Optional[ThreadPoolExecutor] = None
-        self._twin_worker: Optional[ThreadPoolExecutor] = None
-        self._method_pool: Optional[ThreadPoolExecutor] = None
-        self._mid_prefix = uuid.uuid4().hex[:24]
+        self._events: Optional["ThreadPoolExecutor"] = None
+        self._twin_worker: Optional["ThreadPoolExecutor"] = None
+        self._method_pool: Optional["ThreadPoolExecutor"] = None
+        self._mid_prefix = os.urandom(12).hex()
         self._mid_counter = itertools.count(1)  # next() on a count is atomic under the GIL
         self._methods_idle = threading.Condition()
         self._methods_active = 0
@@ -745,11 +746,13 @@ class Device:
                 worker.shutdown(wait=not inside)
 
     def _start_workers(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # here: only a connecting Device needs it
+
         self._events = ThreadPoolExecutor(1, thread_name_prefix=f"{self._threads}-events")
         self._twin_worker = ThreadPoolExecutor(1, thread_name_prefix=f"{self._threads}-twin")
         self._method_pool = ThreadPoolExecutor(self._method_workers, thread_name_prefix=f"{self._threads}-methods")
 
-    def _submit(self, worker: Optional[ThreadPoolExecutor], fn: Callable[..., None], *args: Any) -> None:
+    def _submit(self, worker: Optional["ThreadPoolExecutor"], fn: Callable[..., None], *args: Any) -> None:
         if worker is None:
             return
         counted = worker is self._method_pool

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import ssl
-from importlib import resources
 from typing import Optional, Sequence, Union
 
 from . import _native
@@ -21,7 +20,8 @@ PathOrPem = Union[str, bytes, os.PathLike]
 
 #: The bundled IoT Hub / DPS trust roots, as one PEM file path.
 def iothub_roots_path() -> str:
-    return str(resources.files("lightclient") / "roots" / "iothub-roots.pem")
+    # Beside this module (package data); importlib.resources would cost start-up time for nothing.
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "roots", "iothub-roots.pem")
 
 
 _PEM_CERT = b"-----BEGIN CERTIFICATE-----"
