@@ -367,7 +367,7 @@ def _message_id_of(topic: str) -> str:
 class SendHandle:
     """A telemetry message on its way; :meth:`wait` blocks until the hub acknowledged it (PUBACK).
 
-    ``message_id`` is its ``$.mid`` (yours, or a UUID4 lightclient chose); ``mid`` the MQTT packet id once
+    ``message_id`` is its ``$.mid`` (yours, or a unique one lightclient chose); ``mid`` the MQTT packet id once
     the message is handed to the network (None while it waits in the queue).
     """
 
@@ -461,7 +461,7 @@ class Device:
     once and up to ``max_inflight`` messages are unacknowledged on the wire at a time. Delivery is
     at-least-once: a message counts as delivered only on the hub's PUBACK; until then it is kept (in
     memory, or in the durable ``outbox``) and resent after a reconnect, so the hub may see it twice. Every
-    message carries a ``$.mid`` (a UUID4 unless you pass ``message_id=``) so duplicates can be dropped
+    message carries a ``$.mid`` (a unique one unless you pass ``message_id=``) so duplicates can be dropped
     downstream. Accepted, unacknowledged messages are bounded by ``max_queue`` messages and
     ``max_queue_bytes`` bytes (topic + body); when full, ``full_policy="reject_new"`` makes :meth:`send`
     raise :class:`QueueFullError`, ``"drop_oldest"`` drops the oldest message not yet on the wire and its
@@ -953,7 +953,7 @@ class Device:
         """Accept one telemetry message (QoS 1) and return at once with a :class:`SendHandle`.
 
         ``payload`` is bytes or str (sent as UTF-8); ``properties`` application properties (str values);
-        keyword arguments are system properties: ``message_id`` (default: a fresh UUID4, so every message
+        keyword arguments are system properties: ``message_id`` (default: a fresh unique id, so every message
         has a ``$.mid``), ``correlation_id``, ``user_id``, ``content_type``, ``content_encoding``,
         ``absolute_expiry``, ``creation_time``, ``component`` (IoT Plug and Play, ``$.sub``) and, for
         modules, ``output_name``. Wire format::
