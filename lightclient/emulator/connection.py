@@ -162,6 +162,8 @@ class Connection:
         self.keepalive_window = (min(1.5 * packet.keep_alive, MAX_KEEPALIVE_WINDOW) if packet.keep_alive
                                  else MAX_KEEPALIVE_WINDOW)
         self.session, present = self.hub.attach(self, self.identity.name, packet.clean_session)
+        # IoT Plug and Play: the hub shows the model the device announced (twin "modelId").
+        self.hub.model_ids[self.identity.name] = _model_id(packet.username)
         self.send(codec.Connack(present, codec.CONNACK_ACCEPTED))
         self.hub.resume(self.session)
         return True
@@ -354,3 +356,15 @@ class Connection:
         self.hub.events.add(Event(self.identity.device_id, self.identity.module_id, self.will.payload,
                                   bag.system, {**bag.application, "iothub-MessageType": "Will"},
                                   self.will.topic, self.will.retain))
+
+
+def _model_id(username: Optional[str]) -> Optional[str]:
+    """The ``model-id`` query value of an accepted username (percent-decoded), or None."""
+    from urllib.parse import unquote
+
+    query = (username or "").partition("?")[2]
+    for item in query.split("&"):
+        key, sep, value = item.partition("=")
+        if sep and unquote(key) == "model-id":
+            return unquote(value) or None
+    return None

@@ -107,6 +107,7 @@ class Hub:
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
+        self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
         self._method_rids = itertools.count(1)
         self._server: Optional[asyncio.base_events.Server] = None
         self._tasks: Set[asyncio.Task] = set()

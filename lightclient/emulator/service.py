@@ -259,6 +259,11 @@ class Emulator:
         """``{"desired": {…, "$version": n}, "reported": {…, "$version": m}}``."""
         return self._call(self._hub.get_twin(_identity_name(device_id, module_id)))
 
+    def model_id(self, device_id: str, module_id: Optional[str] = None) -> Optional[str]:
+        """The IoT Plug and Play model id the identity announced in its last CONNECT (None if none)."""
+        return self._call(self._async(lambda name: self._hub.model_ids.get(name),
+                                      _identity_name(device_id, module_id)))
+
     def update_desired(self, device_id: str, patch: Dict[str, Any], module_id: Optional[str] = None) -> int:
         """Merge ``patch`` into the desired properties (null deletes), push it to the device if it is
         connected and subscribed, and return the new desired ``$version``."""

@@ -222,12 +222,14 @@ def test_module_identity(lab, run_example):
                for e in events)
     assert lab.emu.events("ex-edge") == events  # nothing sent as the device itself
     assert lab.emu.get_twin("ex-edge", "filter")["reported"]["status"] == "running"
+    assert lab.emu.model_id("ex-edge", "filter") is None
     no_deviations(lab, "ex-edge/filter")
 
 
 def test_pnp(lab, run_example):
     example = run_example("pnp.py", enroll(lab, "ex-pnp", LC_COUNT=2, LC_INTERVAL=0.2))
     example.expect("with model id dtmi:com:example:TemperatureController;2")
+    assert lab.emu.model_id("ex-pnp") == "dtmi:com:example:TemperatureController;2"  # what the hub saw
     report = lab.emu.invoke_method("ex-pnp", "thermostat1*getMaxMinReport", {"since": "2024-01-01"}, timeout=10)
     assert report.status == 200 and set(report.payload) == {"maxTemp", "minTemp", "avgTemp"}
     version = lab.emu.update_desired("ex-pnp", {"thermostat1": {"__t": "c", "targetTemperature": 25}})
