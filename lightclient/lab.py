@@ -59,6 +59,18 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0, proc: O
     raise LabError(f"nothing listening on {host}:{port} after {timeout} s")
 
 
+def stop_process(proc: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
+    """SIGTERM (so the program can save its state), then SIGKILL after ``timeout`` seconds; reaped."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
 def _run(cmd: List[str], *, input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
          cwd: Optional[Path] = None, timeout: float = 60) -> str:
     try:
@@ -164,6 +176,8 @@ class Mosquitto:
     port: int = 0
     proc: Optional[subprocess.Popen] = None
     quiet: bool = False   # log errors and warnings only (benchmarks); tests read the full log
+    # Keep sessions and their queued messages across restarts (reliability tests count across them).
+    persistent: bool = False
 
     def start(self) -> "Mosquitto":
         exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -179,10 +193,12 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n"
             f"cafile {self.ca.cert}\ncertfile {self.ca.server_cert}\nkeyfile {self.ca.server_key}\n"
             "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
-            "persistence false\n"
+            + (f"persistence true\npersistence_location {self.root}/\nautosave_interval 0\n"
+               "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
+               if self.persistent else "persistence false\n")
             # Without it a TLS 1.3 CONNACK waits ~40 ms for the client's delayed ACK (Nagle).
-            "set_tcp_nodelay true\n"
-            f"log_dest file {self.root / 'mosquitto.log'}\n"
+            + "set_tcp_nodelay true\n"
+            + f"log_dest file {self.root / 'mosquitto.log'}\n"
             + ("log_type error\nlog_type warning\n" if self.quiet else "log_type all\n")
             + (f"user {user}\n" if user else ""))
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -191,14 +207,12 @@ class Mosquitto:
         return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout=10)  # SIGTERM: a persistent broker saves its sessions first
         self.proc = None
+
+    def restart(self) -> "Mosquitto":
+        self.stop()
+        return self.start()
 
     def log(self) -> str:
         path = Path(self.root) / "mosquitto.log"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .lab import LabError, _run, free_port, wait_port
+from .lab import LabError, _run, free_port, stop_process, wait_port
 
 TPM2_PKCS11_MODULE_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
@@ -72,17 +71,6 @@ def _free_port_pair() -> int:
                 continue
         return port
     raise LabError("no two adjacent free loopback ports for swtpm")
-
-
-def _stop(proc: Optional[subprocess.Popen], timeout: float = 5.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
 
 
 class SoftwareTPM:
@@ -159,7 +147,7 @@ class SoftwareTPM:
                 wait_port(self.port, proc=self.swtpm, timeout=10)
                 break
             except LabError:
-                _stop(self.swtpm)
+                stop_process(self.swtpm)
                 if attempt == 4:
                     raise
         # A private session bus: tpm2-abrmd registers its name there, and nothing else sees it.
@@ -203,7 +191,7 @@ class SoftwareTPM:
     def stop(self) -> None:
         # Reverse order: the broker's clients first, the TPM last.
         for proc in (self.abrmd, self.dbus, self.swtpm):
-            _stop(proc)
+            stop_process(proc)
         for fh in self._logs:
             fh.close()
         self._logs = []

@@ -1,12 +1,8 @@
 """Fault injection for the reliability tests: a mosquitto that keeps sessions across restarts, a loopback
 TCP proxy that cuts, stalls, black-holes and refuses connections, a receiving-side counter, and a TLS
 server with a chosen certificate. Every thread and process started here is stopped by its owner."""
-import os
 import select
-import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 import urllib.parse
@@ -18,45 +14,10 @@ import paho.mqtt.client as mqtt
 from lightclient import lab
 
 
-class PersistentMosquitto:
+def PersistentMosquitto(root, test_ca, port=None):
     """mosquitto with persistence on: a persistent subscriber's session (and its queued messages)
     survives a restart, so the receiving side can count across broker restarts."""
-
-    def __init__(self, root, test_ca, port=None):
-        self.root = root
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = port or lab.free_port()
-        self.conf = root / "mosquitto.conf"
-        self.conf.write_text(
-            f"per_listener_settings false\nlistener {self.port} 127.0.0.1\n"
-            f"cafile {test_ca.cert}\ncertfile {test_ca.server_cert}\nkeyfile {test_ca.server_key}\n"
-            "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
-            f"persistence true\npersistence_location {root}/\nautosave_interval 0\n"
-            "max_queued_messages 0\nmax_queued_bytes 0\nmax_inflight_messages 100\n"
-            f"log_dest file {root / 'mosquitto.log'}\nlog_type error\nlog_type warning\n"
-            + ("user root\n" if os.geteuid() == 0 else ""))
-        self.proc = None
-
-    def start(self):
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        lab.wait_port(self.port, proc=self.proc)
-        return self
-
-    def stop(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # SIGTERM: mosquitto saves its sessions first
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def restart(self):
-        self.stop()
-        self.start()
+    return lab.Mosquitto(root, test_ca, port=port or 0, quiet=True, persistent=True)
 
 
 def message_id(topic):
