@@ -150,13 +150,7 @@ class RegistrationResult:
 
     def chain_pem(self) -> bytes:
         """The issued certificate chain as PEM, leaf first (empty without certificate issuance)."""
-        return b"".join(_der_to_pem(der) for der in self.issued_certificate_chain)
-
-
-def _der_to_pem(der: bytes) -> bytes:
-    b64 = base64.b64encode(der)
-    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
-    return b"-----BEGIN CERTIFICATE-----\n" + b"\n".join(lines) + b"\n-----END CERTIFICATE-----\n"
+        return "".join(ssl.DER_cert_to_PEM_cert(der) for der in self.issued_certificate_chain).encode()
 
 
 def _json(body: Union[bytes, str, Mapping]) -> Mapping[str, Any]:

@@ -3,12 +3,11 @@
 Nothing here is mocked. Keys are created on the token as sensitive and non-extractable; device
 certificates are issued by the test CA from CSRs that lightclient signs with the token keys.
 """
-import base64
 import ssl
 
 import pytest
 
-from lightclient import lab
+from lightclient import keys, lab
 
 PIN = "4711-pin"          # distinctive, so a leak into any text is easy to spot
 SO_PIN = "so-pin-0815"
@@ -17,9 +16,7 @@ FRESH_TOKEN = "lc-fresh"
 KEY_TYPES = {"rsa": "rsa-2048", "ec": "ec-p256"}
 
 
-def csr_pem(der: bytes) -> bytes:
-    return (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der)
-            + b"-----END CERTIFICATE REQUEST-----\n")
+csr_pem = keys.csr_pem  # the library's own PEM armour for a DER CSR
 
 
 @pytest.fixture(scope="session")

@@ -213,11 +213,3 @@ def parse_json(text: str, what: str):
         return json.loads(text)
     except ValueError as exc:
         raise ConfigError(f"{what} is not valid JSON: {exc} (quote it for the shell, e.g. '{{\"fw\": \"1.2\"}}')") from None
-
-
-def pem_csr(der: bytes) -> bytes:
-    import base64
-
-    b64 = base64.b64encode(der)
-    lines = b"\n".join(b64[i:i + 64] for i in range(0, len(b64), 64))
-    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + lines + b"\n-----END CERTIFICATE REQUEST-----\n"

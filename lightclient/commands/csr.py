@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from .. import _native
+from .. import keys
 from ..exceptions import ConfigError
-from .common import EXIT_OK, add_key_options, env_help, load_key, pem_csr, setting
+from .common import EXIT_OK, add_key_options, env_help, load_key, setting
 
 
 def register(sub) -> None:
@@ -39,7 +39,7 @@ def subject_fields(args):
 def run(args) -> int:
     fields = subject_fields(args)
     key = load_key(args)
-    pem = pem_csr(_native.sign_csr(key, fields, san=args.san, digest=args.digest))
+    pem = keys.csr_pem(keys.sign_csr(key, fields, san=args.san, digest=args.digest))
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "wb") as fh:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 
-from .. import _native, dps, tls
+from .. import dps, keys, tls
 from ..exceptions import ConfigError
-from .common import EXIT_OK, add_key_options, env_help, load_key, parse_json, pem_csr, setting
+from .common import EXIT_OK, add_key_options, env_help, load_key, parse_json, setting
 
 
 def register(sub) -> None:
@@ -57,7 +57,7 @@ def run(args) -> int:
             raise ConfigError(f"cannot read the CSR {args.csr!r}: {exc.strerror}") from None
     key = load_key(args)
     if args.new_csr:
-        csr = pem_csr(_native.sign_csr(key, [("CN", reg_id)]))
+        csr = keys.csr_pem(keys.sign_csr(key, [("CN", reg_id)]))
     ctx = tls.https_context(cert=cert, key=key, ca=setting(args, "ca"))
     options = dict(ssl_context=ctx, endpoint=endpoint, payload=payload, csr=csr, timeout=args.timeout,
                    cert_out=args.cert_out)

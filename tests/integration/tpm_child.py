@@ -29,13 +29,6 @@ from pathlib import Path
 TLS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def _csr_pem(der: bytes) -> bytes:
-    import base64
-
-    return (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der)
-            + b"-----END CERTIFICATE REQUEST-----\n")
-
-
 def _publish(ctx: ssl.SSLContext, port: int, cn: str, tag: str) -> dict:
     import paho.mqtt.client as mqtt
 
@@ -104,7 +97,7 @@ def main() -> int:
                 key = keys.load_key(ref, pin=pin, propq=propq)
                 load_ms = (time.perf_counter() - t0) * 1000
                 der = _native.sign_csr(key, [("CN", cn)])
-                cert = ca.sign_csr(_csr_pem(der), work / f"{cn}.pem")
+                cert = ca.sign_csr(keys.csr_pem(der), work / f"{cn}.pem")
                 loaded[ref] = (key, cert, round(load_ms, 1))
             key, cert, load_ms = loaded[ref]
             result.update(key_type=key.key_type, bits=key.bits, load_ms=load_ms)
