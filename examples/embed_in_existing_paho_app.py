@@ -5,14 +5,14 @@ username and TLS (with the key in a PKCS#11 token) and routes IoT Hub's topics t
 
 Configuration comes from the environment (the library itself never reads it):
 
-    IOTHUB_HOSTNAME   myhub.azure-devices.net
-    IOTHUB_DEVICE_ID  the device id (= the certificate's CN)
-    LC_CERT           device certificate chain (PEM), leaf first
-    LC_KEY            key reference, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
-    LC_PIN_FILE       file holding the token PIN (optional; LC_PIN works too, but lands in your shell history)
-    LC_CA             trusted CA for the server (optional; default: the bundled IoT Hub roots)
-    LC_CONNECT_HOST   connect here instead of IOTHUB_HOSTNAME, e.g. localhost for the lab broker (optional)
-    LC_PORT           default 8883
+    IOT_HUB_HOSTNAME          myhub.azure-devices.net
+    DEVICE_ID                 the device id (= the certificate's CN)
+    PATH_TO_CERTIFICATE_FILE  device certificate chain (PEM), leaf first
+    KEY_IDENTIFIER            key reference, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
+    LIGHTCLIENT_PIN_FILE      file holding the token PIN (optional; LIGHTCLIENT_PIN works too, but lands in your shell history)
+    LIGHTCLIENT_CA            trusted CA for the server (optional; default: the bundled IoT Hub roots)
+    LIGHTCLIENT_CONNECT_HOST  connect here instead of IOT_HUB_HOSTNAME, e.g. localhost for the lab broker (optional)
+    LIGHTCLIENT_PORT          default 8883
 
 Run ``python examples/embed_in_existing_paho_app.py`` and call the ``blink`` method from the cloud.
 """
@@ -22,26 +22,26 @@ import os
 import signal
 import threading
 
-import lightclient.paho as iothub
+from lightclient import paho as lcpaho
 from lightclient import tls, topics
 from lightclient.identity import Identity
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 env = os.environ
 
-identity = Identity(env["IOTHUB_HOSTNAME"], env["IOTHUB_DEVICE_ID"])
-context = tls.client_context(cert=env["LC_CERT"], key=env["LC_KEY"], ca=env.get("LC_CA"),
-                             pin=env.get("LC_PIN"), pin_file=env.get("LC_PIN_FILE"))
+identity = Identity(env["IOT_HUB_HOSTNAME"], env["DEVICE_ID"])
+context = tls.client_context(cert=env["PATH_TO_CERTIFICATE_FILE"], key=env["KEY_IDENTIFIER"], ca=env.get("LIGHTCLIENT_CA"),
+                             pin=env.get("LIGHTCLIENT_PIN"), pin_file=env.get("LIGHTCLIENT_PIN_FILE"))
 
 # --- the existing application, unchanged apart from the marked lines -------------------------------
-client = iothub.new_client(identity, ssl_context=context)               # + IoT Hub client id/username/TLS
+client = lcpaho.new_client(identity, ssl_context=context)               # + IoT Hub client id/username/TLS
 
 
 def on_connect(client, userdata, flags, reason, properties):
     logging.info("connected: %s", reason)
     # IoT Hub is not a general broker: it refuses (SUBACK 0x80) any filter but its own.
-    client.subscribe(iothub.subscriptions(identity))            # + IoT Hub filters, not the app's own
-    iothub.request_twin(client)                                           # + read the twin once connected
+    client.subscribe(lcpaho.subscriptions(identity))            # + IoT Hub filters, not the app's own
+    lcpaho.request_twin(client)                                           # + read the twin once connected
 
 
 def on_message(client, userdata, message):  # still sees every non-IoT Hub topic
@@ -56,9 +56,9 @@ client.on_message = on_message
 def on_method(request, payload):
     logging.info("method %s(%s)", request.name, payload.decode() or "-")
     if request.name == "blink":
-        iothub.answer_method(client, request, 200, {"blinked": True})
+        lcpaho.answer_method(client, request, 200, {"blinked": True})
     else:
-        iothub.answer_method(client, request, 404, {"error": f"unknown method {request.name!r}"})
+        lcpaho.answer_method(client, request, 404, {"error": f"unknown method {request.name!r}"})
 
 
 def on_twin_response(response, payload):
@@ -68,16 +68,16 @@ def on_twin_response(response, payload):
 def on_desired(patch, payload):
     desired = json.loads(payload)
     logging.info("desired patch $version=%d: %s", patch.version, desired)
-    iothub.patch_reported(client, {k: v for k, v in desired.items() if not k.startswith("$")})
+    lcpaho.patch_reported(client, {k: v for k, v in desired.items() if not k.startswith("$")})
 
 
-iothub.route(client, identity, on_method=on_method, on_twin_response=on_twin_response, on_desired=on_desired,
+lcpaho.route(client, identity, on_method=on_method, on_twin_response=on_twin_response, on_desired=on_desired,
              on_c2d=lambda message, payload: logging.info("C2D %s: %r", dict(message.properties), payload))
 
 stop = threading.Event()
 signal.signal(signal.SIGINT, lambda *a: stop.set())
 signal.signal(signal.SIGTERM, lambda *a: stop.set())
-client.connect(env.get("LC_CONNECT_HOST", identity.hostname), int(env.get("LC_PORT", "8883")))
+client.connect(env.get("LIGHTCLIENT_CONNECT_HOST", identity.hostname), int(env.get("LIGHTCLIENT_PORT", "8883")))
 client.loop_start()
 client.publish(topics.telemetry_topic(identity, {"source": "example"}, content_type="application/json"),
                b'{"hello": "from an existing paho app"}', qos=1)

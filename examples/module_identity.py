@@ -5,18 +5,18 @@ A module has its own identity, twin and direct methods inside a device; its cert
 
 Configuration comes from the environment (the library itself never reads it):
 
-    IOTHUB_HOSTNAME   myhub.azure-devices.net
-    IOTHUB_DEVICE_ID  the device id
-    IOTHUB_MODULE_ID  the module id
-    LC_CERT           the module's certificate chain (PEM), leaf first
-    LC_KEY            key reference, e.g. "pkcs11:token=dev;object=modkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
-    LC_PIN_FILE       file holding the token PIN (optional; LC_PIN works too, but lands in your shell history)
-    LC_CA             trusted CA for the server (optional; default: the bundled IoT Hub roots)
-    LC_CONNECT_HOST   connect here instead of IOTHUB_HOSTNAME, e.g. 127.0.0.1 for the emulator (optional)
-    LC_PORT           default 8883
-    LC_COUNT          how many messages to send (default 10)
-    LC_INTERVAL       seconds between messages (default 1)
-    LC_OUTPUT_NAME    output name for the messages (optional; used for routing, e.g. on IoT Edge)
+    IOT_HUB_HOSTNAME          myhub.azure-devices.net
+    DEVICE_ID                 the device id
+    LIGHTCLIENT_MODULE_ID     the module id
+    PATH_TO_CERTIFICATE_FILE  the module's certificate chain (PEM), leaf first
+    KEY_IDENTIFIER            key reference, e.g. "pkcs11:token=dev;object=modkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
+    LIGHTCLIENT_PIN_FILE      file holding the token PIN (optional; LIGHTCLIENT_PIN works too, but lands in your shell history)
+    LIGHTCLIENT_CA            trusted CA for the server (optional; default: the bundled IoT Hub roots)
+    LIGHTCLIENT_CONNECT_HOST  connect here instead of IOT_HUB_HOSTNAME, e.g. 127.0.0.1 for the emulator (optional)
+    LIGHTCLIENT_PORT          default 8883
+    LIGHTCLIENT_COUNT         how many messages to send (default 10)
+    LIGHTCLIENT_INTERVAL      seconds between messages (default 1)
+    LIGHTCLIENT_OUTPUT_NAME   output name for the messages (optional; used for routing, e.g. on IoT Edge)
 """
 import json
 import os
@@ -27,12 +27,12 @@ from lightclient.device import Device
 from lightclient.identity import Identity
 
 env = os.environ
-identity = Identity(env["IOTHUB_HOSTNAME"], env["IOTHUB_DEVICE_ID"], module_id=env["IOTHUB_MODULE_ID"])
-context = tls.client_context(cert=env["LC_CERT"], key=env["LC_KEY"], ca=env.get("LC_CA"),
-                             pin=env.get("LC_PIN"), pin_file=env.get("LC_PIN_FILE"))
-device = Device(identity, context, host=env.get("LC_CONNECT_HOST"), port=int(env.get("LC_PORT", "8883")))
-count, interval = int(env.get("LC_COUNT", "10")), float(env.get("LC_INTERVAL", "1"))
-extra = {"output_name": env["LC_OUTPUT_NAME"]} if env.get("LC_OUTPUT_NAME") else {}
+identity = Identity(env["IOT_HUB_HOSTNAME"], env["DEVICE_ID"], module_id=env["LIGHTCLIENT_MODULE_ID"])
+context = tls.client_context(cert=env["PATH_TO_CERTIFICATE_FILE"], key=env["KEY_IDENTIFIER"], ca=env.get("LIGHTCLIENT_CA"),
+                             pin=env.get("LIGHTCLIENT_PIN"), pin_file=env.get("LIGHTCLIENT_PIN_FILE"))
+device = Device(identity, context, host=env.get("LIGHTCLIENT_CONNECT_HOST"), port=int(env.get("LIGHTCLIENT_PORT", "8883")))
+count, interval = int(env.get("LIGHTCLIENT_COUNT", "10")), float(env.get("LIGHTCLIENT_INTERVAL", "1"))
+extra = {"output_name": env["LIGHTCLIENT_OUTPUT_NAME"]} if env.get("LIGHTCLIENT_OUTPUT_NAME") else {}
 
 with device:
     print(f"connected as module {identity.client_id}", flush=True)

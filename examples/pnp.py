@@ -5,18 +5,18 @@ property, the writable-property acknowledgement, and a component command (``ther
 
 Configuration comes from the environment (the library itself never reads it):
 
-    IOTHUB_HOSTNAME   myhub.azure-devices.net
-    IOTHUB_DEVICE_ID  the device id (= the certificate's CN)
-    LC_CERT           device certificate chain (PEM), leaf first
-    LC_KEY            key reference, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
-    LC_PIN_FILE       file holding the token PIN (optional; LC_PIN works too, but lands in your shell history)
-    LC_CA             trusted CA for the server (optional; default: the bundled IoT Hub roots)
-    LC_CONNECT_HOST   connect here instead of IOTHUB_HOSTNAME, e.g. 127.0.0.1 for the emulator (optional)
-    LC_PORT           default 8883
-    LC_MODEL_ID       default dtmi:com:example:TemperatureController;2
-    LC_INTERVAL       seconds between temperature readings (default 5)
-    LC_RUN_SECONDS    how long to run (default 300; Ctrl-C stops earlier)
-    LC_COUNT          stop after this many writable-property updates and commands (optional)
+    IOT_HUB_HOSTNAME          myhub.azure-devices.net
+    DEVICE_ID                 the device id (= the certificate's CN)
+    PATH_TO_CERTIFICATE_FILE  device certificate chain (PEM), leaf first
+    KEY_IDENTIFIER            key reference, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
+    LIGHTCLIENT_PIN_FILE      file holding the token PIN (optional; LIGHTCLIENT_PIN works too, but lands in your shell history)
+    LIGHTCLIENT_CA            trusted CA for the server (optional; default: the bundled IoT Hub roots)
+    LIGHTCLIENT_CONNECT_HOST  connect here instead of IOT_HUB_HOSTNAME, e.g. 127.0.0.1 for the emulator (optional)
+    LIGHTCLIENT_PORT          default 8883
+    LIGHTCLIENT_MODEL_ID      default dtmi:com:example:TemperatureController;2
+    LIGHTCLIENT_INTERVAL      seconds between temperature readings (default 5)
+    LIGHTCLIENT_RUN_SECONDS   how long to run (default 300; Ctrl-C stops earlier)
+    LIGHTCLIENT_COUNT         stop after this many writable-property updates and commands (optional)
 """
 import os
 import random
@@ -28,12 +28,12 @@ from lightclient.device import Device
 from lightclient.identity import Identity
 
 env = os.environ
-model_id = env.get("LC_MODEL_ID", "dtmi:com:example:TemperatureController;2")
-identity = Identity(env["IOTHUB_HOSTNAME"], env["IOTHUB_DEVICE_ID"], model_id=model_id)
-context = tls.client_context(cert=env["LC_CERT"], key=env["LC_KEY"], ca=env.get("LC_CA"),
-                             pin=env.get("LC_PIN"), pin_file=env.get("LC_PIN_FILE"))
-device = Device(identity, context, host=env.get("LC_CONNECT_HOST"), port=int(env.get("LC_PORT", "8883")))
-limit = int(env["LC_COUNT"]) if env.get("LC_COUNT") else None
+model_id = env.get("LIGHTCLIENT_MODEL_ID", "dtmi:com:example:TemperatureController;2")
+identity = Identity(env["IOT_HUB_HOSTNAME"], env["DEVICE_ID"], model_id=model_id)
+context = tls.client_context(cert=env["PATH_TO_CERTIFICATE_FILE"], key=env["KEY_IDENTIFIER"], ca=env.get("LIGHTCLIENT_CA"),
+                             pin=env.get("LIGHTCLIENT_PIN"), pin_file=env.get("LIGHTCLIENT_PIN_FILE"))
+device = Device(identity, context, host=env.get("LIGHTCLIENT_CONNECT_HOST"), port=int(env.get("LIGHTCLIENT_PORT", "8883")))
+limit = int(env["LIGHTCLIENT_COUNT"]) if env.get("LIGHTCLIENT_COUNT") else None
 handled, lock, enough = [], threading.Lock(), threading.Event()
 COMPONENT = "thermostat1"
 readings, target = [22.0], {"targetTemperature": 22.0}
@@ -67,14 +67,14 @@ device.add_method_handler(f"{COMPONENT}*getMaxMinReport", get_max_min_report)
 with device:
     print(f"connected as {identity.client_id} with model id {model_id}", flush=True)
     device.patch_reported(pnp.component_properties(COMPONENT, {"maxTempSinceLastReboot": max(readings)}), timeout=30)
-    deadline = time.monotonic() + float(env.get("LC_RUN_SECONDS", "300"))
+    deadline = time.monotonic() + float(env.get("LIGHTCLIENT_RUN_SECONDS", "300"))
     try:
         while time.monotonic() < deadline:
             readings.append(round(target["targetTemperature"] + random.uniform(-1, 1), 2))
             device.send_and_wait(f'{{"temperature": {readings[-1]}}}', component=COMPONENT,
                                  content_type="application/json", content_encoding="utf-8", timeout=30)
             print(f"telemetry {COMPONENT}.temperature={readings[-1]}", flush=True)
-            if enough.wait(min(float(env.get("LC_INTERVAL", "5")), max(0, deadline - time.monotonic()))):
+            if enough.wait(min(float(env.get("LIGHTCLIENT_INTERVAL", "5")), max(0, deadline - time.monotonic()))):
                 break
     except KeyboardInterrupt:
         pass

@@ -1,24 +1,24 @@
 """Provision through the Device Provisioning Service (HTTPS, the hardware key), then connect and send.
 
 DPS authenticates the device by its X.509 certificate (an individual or a CA group enrollment) and
-answers with the hub and device id to use. With LC_ISSUED_CERT it also issues the device
-certificate from a CSR that the token signs. With LC_PROVISIONING_CACHE the assignment is kept, so
+answers with the hub and device id to use. With LIGHTCLIENT_ISSUED_CERT it also issues the device
+certificate from a CSR that the token signs. With LIGHTCLIENT_PROVISIONING_CACHE the assignment is kept, so
 later runs skip DPS until the hub refuses the device.
 
 Configuration comes from the environment (the library itself never reads it):
 
-    DPS_ID_SCOPE           the DPS ID scope, e.g. 0ne00012345
-    DPS_REGISTRATION_ID    the registration id (= the certificate's CN)
-    DPS_ENDPOINT           default global.azure-devices-provisioning.net (host[:port])
-    LC_CERT                the certificate chain (PEM) DPS knows the device by, leaf first
-    LC_KEY                 key ref, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
-    LC_PIN_FILE            file holding the token PIN (optional; LC_PIN works too, but lands in your shell history)
-    LC_CA                  trusted CA for DPS and the hub (optional; default: the bundled IoT Hub roots)
-    LC_ISSUED_CERT         ask DPS to issue a certificate from a CSR, write it here, use it for the hub (optional)
-    LC_PROVISIONING_CACHE  file to keep the assignment in (optional)
-    LC_CONNECT_HOST        connect here instead of the assigned hub, e.g. 127.0.0.1 for the emulator (optional)
-    LC_PORT                default 8883
-    LC_COUNT               how many telemetry messages to send (default 1)
+    PROVISIONING_IDSCOPE            the DPS ID scope, e.g. 0ne00012345
+    PROVISIONING_REGISTRATION_ID    the registration id (= the certificate's CN)
+    PROVISIONING_HOST               default global.azure-devices-provisioning.net (host[:port])
+    PATH_TO_CERTIFICATE_FILE        the certificate chain (PEM) DPS knows the device by, leaf first
+    KEY_IDENTIFIER                  key ref, e.g. "pkcs11:token=dev;object=devkey?module-path=/usr/lib/softhsm/libsofthsm2.so"
+    LIGHTCLIENT_PIN_FILE            file holding the token PIN (optional; LIGHTCLIENT_PIN works too, but lands in your shell history)
+    LIGHTCLIENT_CA                  trusted CA for DPS and the hub (optional; default: the bundled IoT Hub roots)
+    LIGHTCLIENT_ISSUED_CERT         ask DPS to issue a certificate from a CSR, write it here, use it for the hub (optional)
+    LIGHTCLIENT_PROVISIONING_CACHE  file to keep the assignment in (optional)
+    LIGHTCLIENT_CONNECT_HOST        connect here instead of the assigned hub, e.g. 127.0.0.1 for the emulator (optional)
+    LIGHTCLIENT_PORT                default 8883
+    LIGHTCLIENT_COUNT               how many telemetry messages to send (default 1)
 """
 import os
 
@@ -28,14 +28,14 @@ from lightclient.exceptions import ConnectRefusedError
 from lightclient.identity import Identity
 
 env = os.environ
-scope, registration_id = env["DPS_ID_SCOPE"], env["DPS_REGISTRATION_ID"]
-endpoint, issued = env.get("DPS_ENDPOINT", dps.DEFAULT_ENDPOINT), env.get("LC_ISSUED_CERT")
-key = keys.load_key(env["LC_KEY"], pin=env.get("LC_PIN"), pin_file=env.get("LC_PIN_FILE"))  # stays in the token
-options = dict(ssl_context=tls.https_context(cert=env["LC_CERT"], key=key, ca=env.get("LC_CA")),
+scope, registration_id = env["PROVISIONING_IDSCOPE"], env["PROVISIONING_REGISTRATION_ID"]
+endpoint, issued = env.get("PROVISIONING_HOST", dps.DEFAULT_ENDPOINT), env.get("LIGHTCLIENT_ISSUED_CERT")
+key = keys.load_key(env["KEY_IDENTIFIER"], pin=env.get("LIGHTCLIENT_PIN"), pin_file=env.get("LIGHTCLIENT_PIN_FILE"))  # stays in the token
+options = dict(ssl_context=tls.https_context(cert=env["PATH_TO_CERTIFICATE_FILE"], key=key, ca=env.get("LIGHTCLIENT_CA")),
                endpoint=endpoint, timeout=120)
 if issued:
     options.update(csr=keys.sign_csr(key, registration_id), cert_out=issued)
-cache = dps.ProvisioningCache(env["LC_PROVISIONING_CACHE"]) if env.get("LC_PROVISIONING_CACHE") else None
+cache = dps.ProvisioningCache(env["LIGHTCLIENT_PROVISIONING_CACHE"]) if env.get("LIGHTCLIENT_PROVISIONING_CACHE") else None
 
 
 def provision(force=False):
@@ -47,8 +47,8 @@ def provision(force=False):
 
 def connect(result):
     identity = Identity(result.assigned_hub, result.device_id)
-    context = tls.client_context(cert=issued or env["LC_CERT"], key=key, ca=env.get("LC_CA"))
-    device = Device(identity, context, host=env.get("LC_CONNECT_HOST"), port=int(env.get("LC_PORT", "8883")))
+    context = tls.client_context(cert=issued or env["PATH_TO_CERTIFICATE_FILE"], key=key, ca=env.get("LIGHTCLIENT_CA"))
+    device = Device(identity, context, host=env.get("LIGHTCLIENT_CONNECT_HOST"), port=int(env.get("LIGHTCLIENT_PORT", "8883")))
     device.connect(timeout=60)
     return device
 
@@ -65,7 +65,7 @@ except ConnectRefusedError:
     result, _ = provision(force=True)
     device = connect(result)
 try:
-    for i in range(1, int(env.get("LC_COUNT", "1")) + 1):
+    for i in range(1, int(env.get("LIGHTCLIENT_COUNT", "1")) + 1):
         device.send_and_wait(f'{{"seq": {i}, "provisioned": true}}', content_type="application/json",
                              content_encoding="utf-8", timeout=30)
         print(f"sent and acknowledged message {i} to {result.assigned_hub}", flush=True)

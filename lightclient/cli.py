@@ -17,8 +17,6 @@ from typing import List, Optional
 
 from .commands import common
 
-COMMANDS = ("tokens", "init-token", "keygen", "csr", "doctor", "provision", "trace", "send", "listen", "twin", "emulator")
-
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__

@@ -30,7 +30,7 @@ EXAMPLES = ROOT / "examples"
 HAS_OWN_TEST = {"demo.py"}
 SCOPE = "0ne00000EX"
 # Nothing the examples read may leak in from the environment running the tests.
-_SCRUB = re.compile(r"^(LC_|IOTHUB_|DPS_)")
+_SCRUB = re.compile(r"^(LIGHTCLIENT_|IOT_HUB_|DEVICE_ID$|PATH_TO_CERTIFICATE_FILE$|KEY_IDENTIFIER$|PROVISIONING_)")
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def lab(tmp_path_factory, softhsm, device):
         emu.start_dps(0, id_scope=SCOPE, polls=1, retry_after=1)
         # softhsm.activate() put SOFTHSM2_CONF into this environment; the examples inherit it.
         base = {k: v for k, v in os.environ.items() if not _SCRUB.match(k)}
-        base.update(LC_KEY=device["ec"]["uri"], LC_PIN_FILE=str(pin_file), LC_CA=str(emu.ca_path),
-                    LC_CONNECT_HOST="127.0.0.1", LC_PORT=str(emu.port), LC_RUN_SECONDS="20",
+        base.update(KEY_IDENTIFIER=device["ec"]["uri"], LIGHTCLIENT_PIN_FILE=str(pin_file), LIGHTCLIENT_CA=str(emu.ca_path),
+                    LIGHTCLIENT_CONNECT_HOST="127.0.0.1", LIGHTCLIENT_PORT=str(emu.port), LIGHTCLIENT_RUN_SECONDS="20",
                     PYTHONUNBUFFERED="1")
         yield SimpleNamespace(emu=emu, root=root, key=device["ec"]["key"], base=base)
 
@@ -62,8 +62,8 @@ def enroll(lab, device_id: str, module_id: str | None = None, **env) -> dict:
     lab.emu.register_device(device_id)
     if module_id:
         lab.emu.register_device(device_id, module_id)
-        env["IOTHUB_MODULE_ID"] = module_id
-    return {**lab.base, "IOTHUB_HOSTNAME": "localhost", "IOTHUB_DEVICE_ID": device_id, "LC_CERT": str(cert),
+        env["LIGHTCLIENT_MODULE_ID"] = module_id
+    return {**lab.base, "IOT_HUB_HOSTNAME": "localhost", "DEVICE_ID": device_id, "PATH_TO_CERTIFICATE_FILE": str(cert),
             **{k: str(v) for k, v in env.items()}}
 
 
@@ -154,7 +154,7 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 def test_telemetry(lab, run_example):
-    env = enroll(lab, "ex-telemetry", LC_COUNT=3, LC_INTERVAL=0)
+    env = enroll(lab, "ex-telemetry", LIGHTCLIENT_COUNT=3, LIGHTCLIENT_INTERVAL=0)
     out = run_example("telemetry.py", env).finish()
     assert "connected to localhost as ex-telemetry" in out and "sent and acknowledged 3/3" in out
     events = lab.emu.events("ex-telemetry")
@@ -166,7 +166,7 @@ def test_telemetry(lab, run_example):
 
 
 def test_c2d(lab, run_example):
-    example = run_example("c2d.py", enroll(lab, "ex-c2d", LC_COUNT=2))
+    example = run_example("c2d.py", enroll(lab, "ex-c2d", LIGHTCLIENT_COUNT=2))
     example.expect("waiting for cloud-to-device messages")
     lab.emu.send_c2d("ex-c2d", b"hello device", message_id="c-1", content_type="text/plain",
                      properties={"priority": "high"})
@@ -180,7 +180,7 @@ def test_c2d(lab, run_example):
 
 
 def test_methods(lab, run_example):
-    example = run_example("methods.py", enroll(lab, "ex-methods", LC_COUNT=3))
+    example = run_example("methods.py", enroll(lab, "ex-methods", LIGHTCLIENT_COUNT=3))
     example.expect("answering direct methods")
     call = lambda name, payload: lab.emu.invoke_method("ex-methods", name, payload, timeout=10)  # noqa: E731
     reboot = call("reboot", {"delay": 5})
@@ -191,14 +191,14 @@ def test_methods(lab, run_example):
     assert (refused.status, refused.payload) == (400, {"error": 'give {"seconds": n} with n > 0'})
     interval = call("setInterval", {"seconds": 10})
     assert (interval.status, interval.payload) == (200, {"interval": 10})
-    out = example.finish()  # LC_COUNT=3: the 404 is lightclient's, not a handler's, so it does not count
+    out = example.finish()  # LIGHTCLIENT_COUNT=3: the 404 is lightclient's, not a handler's, so it does not count
     assert "method reboot({'delay': 5})" in out and "method setInterval({'seconds': 0})" in out
     assert "answered 3 call(s)" in out
     no_deviations(lab, "ex-methods")
 
 
 def test_twin(lab, run_example):
-    env = enroll(lab, "ex-twin", LC_COUNT=2)
+    env = enroll(lab, "ex-twin", LIGHTCLIENT_COUNT=2)
     lab.emu.update_desired("ex-twin", {"mode": "eco"})  # set while offline: arrives right after connecting
     example = run_example("twin.py", env)
     example.expect("waiting for desired changes")
@@ -213,7 +213,7 @@ def test_twin(lab, run_example):
 
 
 def test_module_identity(lab, run_example):
-    env = enroll(lab, "ex-edge", "filter", LC_COUNT=3, LC_INTERVAL=0, LC_OUTPUT_NAME="temperature")
+    env = enroll(lab, "ex-edge", "filter", LIGHTCLIENT_COUNT=3, LIGHTCLIENT_INTERVAL=0, LIGHTCLIENT_OUTPUT_NAME="temperature")
     out = run_example("module_identity.py", env).finish()
     assert "connected as module ex-edge/filter" in out and "sent 3 message(s), all acknowledged" in out
     events = lab.emu.events("ex-edge", "filter")
@@ -227,7 +227,7 @@ def test_module_identity(lab, run_example):
 
 
 def test_pnp(lab, run_example):
-    example = run_example("pnp.py", enroll(lab, "ex-pnp", LC_COUNT=2, LC_INTERVAL=0.2))
+    example = run_example("pnp.py", enroll(lab, "ex-pnp", LIGHTCLIENT_COUNT=2, LIGHTCLIENT_INTERVAL=0.2))
     example.expect("with model id dtmi:com:example:TemperatureController;2")
     assert lab.emu.model_id("ex-pnp") == "dtmi:com:example:TemperatureController;2"  # what the hub saw
     report = lab.emu.invoke_method("ex-pnp", "thermostat1*getMaxMinReport", {"since": "2024-01-01"}, timeout=10)
@@ -248,9 +248,9 @@ def test_provision_then_connect(lab, run_example):
     registration_id = "ex-dps"
     bootstrap = certificate(lab, registration_id)  # DPS knows it through the CA group enrollment
     issued, cache = lab.root / "dps-issued.pem", lab.root / "dps-cache.json"
-    env = {**lab.base, "DPS_ID_SCOPE": SCOPE, "DPS_REGISTRATION_ID": registration_id,
-           "DPS_ENDPOINT": lab.emu.dps.endpoint, "LC_CERT": str(bootstrap), "LC_ISSUED_CERT": str(issued),
-           "LC_PROVISIONING_CACHE": str(cache), "LC_COUNT": "2"}
+    env = {**lab.base, "PROVISIONING_IDSCOPE": SCOPE, "PROVISIONING_REGISTRATION_ID": registration_id,
+           "PROVISIONING_HOST": lab.emu.dps.endpoint, "PATH_TO_CERTIFICATE_FILE": str(bootstrap), "LIGHTCLIENT_ISSUED_CERT": str(issued),
+           "LIGHTCLIENT_PROVISIONING_CACHE": str(cache), "LIGHTCLIENT_COUNT": "2"}
 
     out = run_example("provision_then_connect.py", env).finish()
     assert f"DPS assigned: hub localhost, device {registration_id}" in out

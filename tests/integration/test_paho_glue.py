@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-import lightclient.paho as glue
+from lightclient import paho as lcpaho
 from lightclient import tls
 from lightclient.identity import Identity
 from lightclient.topics import C2DMessage, DesiredPatch, MethodRequest, TwinResponse
@@ -31,14 +31,14 @@ class PlainApp:
 
     def __init__(self, identity, ssl_context, port):
         self.events = queue.Queue()
-        self.client = glue.new_client(identity, ssl_context=ssl_context, userdata="app-state")
+        self.client = lcpaho.new_client(identity, ssl_context=ssl_context, userdata="app-state")
         self.client.on_connect = self.on_connect
         self.client.on_message = self.on_message
         self.identity, self.port = identity, port
 
     def on_connect(self, client, userdata, flags, reason, properties):
         self.events.put(("app-connect", userdata, reason.is_failure))
-        client.subscribe([("app/commands", 1)] + glue.subscriptions(self.identity))
+        client.subscribe([("app/commands", 1)] + lcpaho.subscriptions(self.identity))
 
     def on_message(self, client, userdata, message):
         self.events.put(("app-message", message.topic, message.payload))
@@ -67,9 +67,9 @@ def test_plain_paho_app_gains_iothub_and_keeps_its_callbacks(token_context, brok
 
     def on_method(request, payload):
         got.put(("method", request, payload))
-        glue.answer_method(app.client, request, 200, {"echo": json.loads(payload)})
+        lcpaho.answer_method(app.client, request, 200, {"echo": json.loads(payload)})
 
-    routes = glue.route(app.client, identity,
+    routes = lcpaho.route(app.client, identity,
                         on_c2d=lambda m, p: got.put(("c2d", m, p)),
                         on_method=on_method,
                         on_twin_response=lambda r, p: got.put(("twin", r, p)),
@@ -89,12 +89,12 @@ def test_plain_paho_app_gains_iothub_and_keeps_its_callbacks(token_context, brok
         kind, request, payload = got.get(timeout=5)
         assert (kind, request, payload) == ("method", MethodRequest(name="set-led", rid="m-1"), b'{"on": true}')
 
-        rid = glue.request_twin(app.client)
+        rid = lcpaho.request_twin(app.client)
         kind, response, payload = got.get(timeout=5)
         assert (kind, response) == ("twin", TwinResponse(status=200, rid=rid))
         assert json.loads(payload)["desired"] == {"$version": 1}
 
-        rid = glue.patch_reported(app.client, {"led": "on"})
+        rid = lcpaho.patch_reported(app.client, {"led": "on"})
         kind, response, _ = got.get(timeout=5)
         assert (kind, response) == ("twin", TwinResponse(status=204, rid=rid, version=2))
         topic, body = hub.wait_for(lambda t, p: t.startswith("$iothub/twin/PATCH/properties/reported/"))
