@@ -1,8 +1,8 @@
 """The emulator's certificate authority, server certificate and device certificates.
 
 Everything is made with the ``openssl`` command-line tool, so the emulator needs no crypto library beyond
-the standard library's ``ssl``.  Keys are EC P-256: quick to generate, and what most device stacks use
-(device keys can be RSA-2048 on request).  This is the project's one certificate authority: the test lab
+the standard library's ``ssl``.  Keys are EC P-256 (quick to generate, and what most device stacks use)
+unless RSA-2048 is asked for.  This is the project's one certificate authority: the test lab
 (``tests/lab/ca.py``) wraps it too, so it stays standard-library only and imports nothing else from
 lightclient.
 
@@ -67,13 +67,14 @@ def _subject_cn(common_name: str) -> str:
     return "/CN=" + common_name.replace("\\", "\\\\").replace("/", "\\/")
 
 
-def ensure_ca(state_dir: Path, name: str = CA_NAME) -> CertificateAuthority:
-    """Return the CA in ``state_dir``, creating it on first use (valid ten years) as ``O=lightclient, CN=name``."""
+def ensure_ca(state_dir: Path, name: str = CA_NAME, key_type: str = "ec") -> CertificateAuthority:
+    """Return the CA in ``state_dir``, creating it on first use (valid ten years) as ``O=lightclient, CN=name``
+    with a ``key_type`` key (``"ec"`` P-256 or ``"rsa"`` 2048)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority(state_dir / "ca.pem", state_dir / "ca.key")
     if ca.cert_path.exists() and ca.key_path.exists():
         return ca
-    _new_key(ca.key_path)
+    _new_key(ca.key_path, key_type)
     _openssl("req", "-new", "-x509", "-key", str(ca.key_path), "-out", str(ca.cert_path), "-days", "3650",
              "-subj", "/O=lightclient" + _subject_cn(name), "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign")
@@ -92,8 +93,8 @@ def _sign(ca: CertificateAuthority, csr: Path, out: Path, extensions: str, days:
         ext_file.unlink(missing_ok=True)
 
 
-def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority,
-                              names: Iterable[str]) -> Tuple[Path, Path]:
+def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority, names: Iterable[str],
+                              key_type: str = "ec") -> Tuple[Path, Path]:
     """Return (cert, key) for the hub, re-issuing when the set of names changed since last time."""
     names = sorted(set(names))
     dns = [n for n in names if not _is_ip(n)]
@@ -102,7 +103,7 @@ def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority,
     cert, key, record = state_dir / "server.pem", state_dir / "server.key", state_dir / "server.san"
     if cert.exists() and key.exists() and record.exists() and record.read_text() == san:
         return cert, key
-    _new_key(key)
+    _new_key(key, key_type)
     csr = state_dir / "server.csr"
     _openssl("req", "-new", "-key", str(key), "-subj", _subject_cn(dns[0] if dns else "localhost"),
              "-out", str(csr))

@@ -14,6 +14,9 @@ from lightclient.emulator.errors import EmulatorError
 from .procs import LabError
 
 LAB_CA_NAME = "lightclient lab CA"
+# RSA for the CA and the server, as the lab always had: TLS 1.2 through the tpm2 provider with a
+# provider-wide property query (test_tpm's comparison cell) fails the handshake against an EC server key.
+LAB_KEY_TYPE = "rsa"
 SERVER_NAMES = ("localhost", "127.0.0.1")
 DAYS = 30  # lab certificates are short-lived; tests assert on this validity period
 
@@ -27,9 +30,9 @@ class TestCA:
     def __init__(self, root: Path, name: str = LAB_CA_NAME):
         self.root = Path(root)
         try:
-            self.authority = certs.ensure_ca(self.root, name)
+            self.authority = certs.ensure_ca(self.root, name, LAB_KEY_TYPE)
             self.server_cert, self.server_key = certs.ensure_server_certificate(self.root, self.authority,
-                                                                               SERVER_NAMES)
+                                                                               SERVER_NAMES, LAB_KEY_TYPE)
         except EmulatorError as exc:
             raise LabError(f"cannot set up the lab CA in {self.root}: {exc}") from exc
         self.cert, self.key = self.authority.cert_path, self.authority.key_path
