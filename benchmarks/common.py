@@ -30,6 +30,7 @@ SDK_REQUIREMENT = "azure-iot-device>=2,<3"
 PAYLOAD_SIZE = 256
 WINDOW = 20                             # QoS 1 messages in flight: lightclient's default, paho 1.x's default
 
+# The lab (tests/lab: CA, SoftHSM, mosquitto, swtpm) is not part of the wheel; import it from the checkout.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -210,7 +211,7 @@ class Lab:
     @property
     def ca(self):
         if self._ca is None:
-            from lightclient import lab
+            from tests import lab
 
             self._ca = lab.TestCA(self.root / "ca")
             self.file_cert, self.file_key = self._ca.issue_file_key(self.file_cn, self.root / "ca")
@@ -219,7 +220,7 @@ class Lab:
     @property
     def hsm(self):
         if self._hsm is None:
-            from lightclient import lab
+            from tests import lab
 
             ca = self.ca
             hsm = lab.SoftHSM(self.root / "softhsm")
@@ -259,7 +260,7 @@ def nodelay_mosquitto(root: Path, ca):
     Without TCP_NODELAY, over TLS 1.3 the server's session tickets are still unacknowledged when the
     CONNACK is written, so Nagle holds the CONNACK until the client's delayed ACK (40 ms on Linux):
     every MQTT connect took ~50 ms instead of ~8 ms, whatever the client."""
-    from lightclient import lab
+    from tests import lab
 
     return lab.Mosquitto(root, ca, quiet=True)
 

@@ -139,7 +139,7 @@ def _softhsm_key(ctx: Context) -> Key:
 
 
 def _tpm_keys(ctx: Context, tpm) -> list:
-    from lightclient import lab_tpm
+    from tests.lab import tpm as lab_tpm
 
     lab = ctx.lab
     ca = lab.ca
@@ -176,7 +176,7 @@ def run(ctx: Context) -> Section:
     results = {}
     try:
         try:
-            from lightclient import lab_tpm
+            from tests.lab import tpm as lab_tpm
 
             tpm = lab_tpm.SoftwareTPM(lab.root / "tpm").start()
             keys += _tpm_keys(ctx, tpm)

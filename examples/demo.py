@@ -19,11 +19,16 @@ import threading
 import time
 from pathlib import Path
 
-from lightclient import dps, keys, lab, tls
+from lightclient import dps, keys, tls
 from lightclient.keys import csr_pem, sign_csr
 from lightclient.device import Device
 from lightclient.emulator.service import Emulator
 from lightclient.identity import Identity
+
+# The demo's SoftHSM token comes from the test lab (tests/lab), which lives in the checkout, not in the
+# installed package: import it from the repository this script sits in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import lab  # noqa: E402
 
 PIN = os.environ.get("DEMO_PIN", "1234")
 DEVICE_ID = "demo-device"

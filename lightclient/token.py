@@ -3,10 +3,12 @@
 This module talks to the PKCS#11 module directly (not through OpenSSL). Keys it creates are
 private, sensitive and non-extractable: they can sign, and can never be read out.
 
-Because a PKCS#11 module keeps per-process state (``C_Initialize``/``C_Finalize``), the
-diagnostics that the key loader runs after a failure call :func:`describe_module` in a child
-process (``python -m lightclient.token``), so they never disturb the module that OpenSSL's
-engine has loaded in this one.
+Because a PKCS#11 module keeps per-process state (``C_Initialize``/``C_Finalize``; libp11 and
+python-pkcs11 load a module once per process and keep its slots logged in), whatever runs beside a
+key that OpenSSL's engine has loaded, or before it, runs in a child process: :func:`run_in_child`
+starts ``python -m lightclient.token OP`` with the arguments and PINs as JSON on stdin and reads a
+JSON answer from stdout, re-raising the child's typed error here. The key loader's diagnostics
+(:func:`describe_module`), the doctor's token probe (:func:`probe`) and the test lab use it.
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .exceptions import (BackendUnavailableError, ConfigError, KeyLoadError, ModuleLoadError, PinError,
-                         TokenNotFoundError)
+from . import exceptions
+from .exceptions import (BackendUnavailableError, ConfigError, KeyLoadError, LightClientError, ModuleLoadError,
+                         OperationTimeout, PinError, TokenNotFoundError)
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 _CURVES = {"ec-p256": "secp256r1", "ec-p384": "secp384r1"}
@@ -251,18 +254,36 @@ def init_token(module_path: str, label: str, so_pin: str, pin: str) -> TokenInfo
         lib.C_Finalize(None)
 
 
+def probe(module_path: str, token_label: Optional[str] = None, pin: Optional[str] = None) -> dict:
+    """Module, token, login and keys as python-pkcs11 sees them, as a dict the doctor renders:
+    ``module`` (why it did not load, or None), ``tokens`` (labels), ``login`` (why the login failed,
+    "no PIN", or None) and ``keys`` (label, id, type of each private key, or None). Run it in a child:
+    ``run_in_child("probe", ...)``."""
+    out: dict = {"module": None, "tokens": [], "login": None, "keys": None}
+    try:
+        out["tokens"] = [t.label for t in list_tokens(module_path) if t.label]
+    except LightClientError as exc:
+        out["module"] = str(exc)
+        return out
+    if token_label is None or token_label not in out["tokens"]:
+        return out
+    if pin is None:
+        out["login"] = "no PIN"
+        return out
+    try:
+        keys = list_keys(module_path, token_label, pin)
+    except PinError as exc:
+        out["login"] = str(exc)
+        return out
+    out["keys"] = [{"label": k.label, "id": k.id_hex, "type": k.key_type} for k in keys]
+    return out
+
+
 def describe_module(module_path: str, timeout: float = 15.0) -> Optional[List[TokenInfo]]:
     """List tokens from a child process (see module docstring); ``None`` if that is not possible."""
     try:
-        proc = subprocess.run([sys.executable, "-m", "lightclient.token", "tokens-json", module_path],
-                              capture_output=True, timeout=timeout, text=True, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        return None
-    try:
-        return [TokenInfo(**t) for t in json.loads(proc.stdout)]
-    except (ValueError, TypeError):
+        return [TokenInfo(**t) for t in run_in_child("tokens", module_path=module_path, timeout=timeout)]
+    except (LightClientError, TypeError):
         return None
 
 
@@ -277,17 +298,101 @@ def token_label_problem(module_path: str, token_label: Optional[str]) -> Optiona
     return f"no token labelled {token_label!r} in {module_path!r} (tokens present: {present})", tokens
 
 
-def _main(argv: List[str]) -> int:
-    if len(argv) == 2 and argv[0] == "tokens-json":
-        try:
-            print(json.dumps([asdict(t) for t in list_tokens(argv[1])]))
-        except Exception as exc:  # report, never a traceback: this runs as a diagnostic helper
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
-    print("usage: python -m lightclient.token tokens-json MODULE_PATH", file=sys.stderr)
-    return 2
+# ------------------------------------------------------------------------------------- child runner
+
+
+def _keygen_op(module_path: str, token_label: str, key_label: str, key_type: str = "ec-p256",
+               key_id_hex: Optional[str] = None, pin: Optional[str] = None) -> dict:
+    if pin is None:
+        raise PinError(f"creating a key on token {token_label!r} needs its user PIN")
+    info = generate_keypair(module_path, token_label, pin, key_label, key_type,
+                            key_id=bytes.fromhex(key_id_hex) if key_id_hex else None)
+    return {**asdict(info), "uri": info.uri()}
+
+
+# What a child can run: JSON-able arguments in, a JSON-able result out. PINs arrive as ``pin``/``so_pin``.
+CHILD_OPS: Dict[str, Callable[..., Any]] = {
+    "tokens": lambda module_path: [asdict(t) for t in list_tokens(module_path)],
+    "keys": lambda module_path, token_label, pin=None: [asdict(k) for k in list_keys(module_path, token_label, pin)],
+    "keygen": _keygen_op,
+    "init-token": lambda module_path, label, so_pin, pin: asdict(init_token(module_path, label, so_pin, pin)),
+    "probe": probe,
+}
+
+
+def run_in_child(op: str, *, pin: Optional[str] = None, so_pin: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, timeout: float = 60.0, **args: Any) -> Any:
+    """Run the token operation ``op`` (one of :data:`CHILD_OPS`) in ``python -m lightclient.token`` and
+    return its JSON result.
+
+    ``args`` (JSON-able) and the PINs go to the child as JSON on stdin, never in its arguments or
+    environment; ``env`` is the child's whole environment (default: this process's), e.g. to point it at
+    a SoftHSM config. A :class:`LightClientError` raised in the child is raised here with its class and
+    message; any other failure in the child raises :class:`KeyLoadError`, a crash :class:`ModuleLoadError`,
+    and no answer within ``timeout`` seconds :class:`OperationTimeout`.
+    """
+    if op not in CHILD_OPS:
+        raise ConfigError(f"unknown token operation {op!r}: choose one of {', '.join(CHILD_OPS)}")
+    request: Dict[str, Any] = {"args": args}
+    if pin is not None:
+        request["pin"] = pin
+    if so_pin is not None:
+        request["so_pin"] = so_pin
+    module = args.get("module_path", "the PKCS#11 module")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lightclient.token", op], input=json.dumps(request),
+                              capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise OperationTimeout(f"the token operation {op!r} on {module} did not finish within {timeout:g} s") from None
+    except OSError as exc:
+        raise KeyLoadError(f"cannot start a child process for the token operation {op!r}: {exc}") from None
+    try:
+        answer = json.loads(proc.stdout)
+    except ValueError:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ModuleLoadError(f"{module} crashed the child process running {op!r} (exit {proc.returncode}): "
+                              f"{last}") from None
+    if "error" in answer:
+        raise _rebuild_error(answer["error"])
+    return answer["result"]
+
+
+def _rebuild_error(error: dict) -> LightClientError:
+    cls = getattr(exceptions, str(error.get("type")), None)
+    message = str(error.get("message", ""))
+    if not (isinstance(cls, type) and issubclass(cls, LightClientError)):
+        return KeyLoadError(f"the token operation failed: {error.get('type')}: {message}")
+    try:
+        if error.get("openssl_errors"):
+            return cls(message, error["openssl_errors"])
+        return cls(message)
+    except TypeError:  # a class with another constructor: keep the meaning, if not the class
+        return KeyLoadError(message)
+
+
+def _child_main(argv: List[str]) -> int:
+    """``python -m lightclient.token OP`` (request JSON on stdin): one JSON line on stdout, always."""
+    import os
+
+    # A PKCS#11 module may print on stdout; keep that off the answer channel.
+    answer_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        if len(argv) != 1 or argv[0] not in CHILD_OPS:
+            raise ConfigError(f"usage: python -m lightclient.token {{{'|'.join(CHILD_OPS)}}} (request JSON on stdin)")
+        request = json.loads(sys.stdin.read() or "{}")
+        kwargs = dict(request.get("args", {}))
+        for secret in ("pin", "so_pin"):
+            if secret in request:
+                kwargs[secret] = request[secret]
+        answer: dict = {"result": CHILD_OPS[argv[0]](**kwargs)}
+    except Exception as exc:  # reported to the parent, which raises it; never a traceback
+        answer = {"error": {"type": type(exc).__name__, "message": getattr(exc, "message", None) or str(exc),
+                            "openssl_errors": list(getattr(exc, "openssl_errors", ()))}}
+    with os.fdopen(answer_fd, "w") as out:
+        out.write(json.dumps(answer) + "\n")
+    return 1 if "error" in answer else 0
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    sys.exit(_child_main(sys.argv[1:]))

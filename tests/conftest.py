@@ -7,7 +7,8 @@ import ssl
 
 import pytest
 
-from lightclient import keys, lab
+from lightclient import keys
+from tests import lab
 
 PIN = "4711-pin"          # distinctive, so a leak into any text is easy to spot
 SO_PIN = "so-pin-0815"

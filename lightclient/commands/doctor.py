@@ -7,12 +7,9 @@ per-process state and this process then loads the key through OpenSSL's engine.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import socket
 import ssl
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import List, Optional
 from urllib.parse import unquote, unquote_to_bytes
@@ -72,44 +69,14 @@ def _uri_query(uri: str, name: str) -> Optional[str]:
     return None
 
 
-def probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
-    """Module, token, login and keys as python-pkcs11 sees them (run in a child process)."""
+def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
+    """python-pkcs11's view of module, token, login and keys (lightclient.token.probe), in a child."""
     from .. import token as tk
 
-    out: dict = {"module": None, "tokens": [], "login": None, "keys": None}
     try:
-        out["tokens"] = [t.label for t in tk.list_tokens(module) if t.label]
+        return tk.run_in_child("probe", module_path=module, token_label=token_label, pin=pin, timeout=30)
     except LightClientError as exc:
-        out["module"] = str(exc)
-        return out
-    if token_label is None or token_label not in out["tokens"]:
-        return out
-    if pin is None:
-        out["login"] = "no PIN"
-        return out
-    try:
-        keys = tk.list_keys(module, token_label, pin)
-    except PinError as exc:
-        out["login"] = str(exc)
-        return out
-    out["keys"] = [{"label": k.label, "id": k.id_hex, "type": k.key_type} for k in keys]
-    return out
-
-
-def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
-    arg = json.dumps({"module": module, "token": token_label})
-    try:
-        proc = subprocess.run([sys.executable, "-m", "lightclient.commands.doctor", "probe", arg],
-                              input=(pin or "") + "\n" + ("1" if pin is not None else "0") + "\n",
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return {"module": f"the token probe did not finish: {exc}", "tokens": [], "login": None, "keys": None}
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        err = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"module": f"the PKCS#11 module crashed the probe: {err[0]}", "tokens": [], "login": None,
-                "keys": None}
+        return {"module": f"the token probe failed: {exc}", "tokens": [], "login": None, "keys": None}
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -412,18 +379,3 @@ def run(args) -> int:
             check_handshake(checks, args.connect, cert, key, ca, args.timeout)
     print(render(checks))
     return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK
-
-
-def _probe_main(argv: List[str]) -> int:
-    if len(argv) != 2 or argv[0] != "probe":
-        print("usage: python -m lightclient.commands.doctor probe JSON (PIN on stdin)", file=sys.stderr)
-        return 2
-    params = json.loads(argv[1])
-    lines = sys.stdin.read().split("\n")
-    pin = lines[0] if len(lines) > 1 and lines[1] == "1" else None
-    print(json.dumps(probe(params["module"], params.get("token"), pin)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_probe_main(sys.argv[1:]))

@@ -1,7 +1,10 @@
 """The emulator's certificate authority, server certificate and device certificates.
 
 Everything is made with the ``openssl`` command-line tool, so the emulator needs no crypto library beyond
-the standard library's ``ssl``.  Keys are EC P-256: quick to generate, and what most device stacks use.
+the standard library's ``ssl``.  Keys are EC P-256 (quick to generate, and what most device stacks use)
+unless RSA-2048 is asked for.  This is the project's one certificate authority: the test lab
+(``tests/lab/ca.py``) wraps it too, so it stays standard-library only and imports nothing else from
+lightclient.
 
 Layout of a state directory::
 
@@ -23,7 +26,8 @@ from typing import Iterable, Optional, Tuple
 
 from .errors import EmulatorError
 
-CA_SUBJECT = "/O=lightclient/CN=lightclient emulator CA"
+CA_NAME = "lightclient emulator CA"
+KEY_TYPES = ("ec", "rsa")
 
 _CLIENT_EXTENSIONS = """\
 basicConstraints = critical, CA:FALSE
@@ -49,8 +53,12 @@ def _openssl(*args: str, stdin: Optional[bytes] = None) -> bytes:
     return proc.stdout
 
 
-def _new_key(path: Path) -> None:
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
+def _new_key(path: Path, key_type: str = "ec") -> None:
+    if key_type not in KEY_TYPES:
+        raise EmulatorError(f"unknown key type {key_type!r}: choose one of {', '.join(KEY_TYPES)}")
+    algorithm = (["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"] if key_type == "ec" else
+                 ["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"])
+    _openssl("genpkey", *algorithm, "-out", str(path))
     os.chmod(path, 0o600)
 
 
@@ -59,15 +67,16 @@ def _subject_cn(common_name: str) -> str:
     return "/CN=" + common_name.replace("\\", "\\\\").replace("/", "\\/")
 
 
-def ensure_ca(state_dir: Path) -> CertificateAuthority:
-    """Return the CA in ``state_dir``, creating it on first use (valid ten years)."""
+def ensure_ca(state_dir: Path, name: str = CA_NAME, key_type: str = "ec") -> CertificateAuthority:
+    """Return the CA in ``state_dir``, creating it on first use (valid ten years) as ``O=lightclient, CN=name``
+    with a ``key_type`` key (``"ec"`` P-256 or ``"rsa"`` 2048)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     ca = CertificateAuthority(state_dir / "ca.pem", state_dir / "ca.key")
     if ca.cert_path.exists() and ca.key_path.exists():
         return ca
-    _new_key(ca.key_path)
+    _new_key(ca.key_path, key_type)
     _openssl("req", "-new", "-x509", "-key", str(ca.key_path), "-out", str(ca.cert_path), "-days", "3650",
-             "-subj", CA_SUBJECT, "-addext", "basicConstraints=critical,CA:TRUE",
+             "-subj", "/O=lightclient" + _subject_cn(name), "-addext", "basicConstraints=critical,CA:TRUE",
              "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     return ca
 
@@ -84,8 +93,8 @@ def _sign(ca: CertificateAuthority, csr: Path, out: Path, extensions: str, days:
         ext_file.unlink(missing_ok=True)
 
 
-def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority,
-                              names: Iterable[str]) -> Tuple[Path, Path]:
+def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority, names: Iterable[str],
+                              key_type: str = "ec") -> Tuple[Path, Path]:
     """Return (cert, key) for the hub, re-issuing when the set of names changed since last time."""
     names = sorted(set(names))
     dns = [n for n in names if not _is_ip(n)]
@@ -94,7 +103,7 @@ def ensure_server_certificate(state_dir: Path, ca: CertificateAuthority,
     cert, key, record = state_dir / "server.pem", state_dir / "server.key", state_dir / "server.san"
     if cert.exists() and key.exists() and record.exists() and record.read_text() == san:
         return cert, key
-    _new_key(key)
+    _new_key(key, key_type)
     csr = state_dir / "server.csr"
     _openssl("req", "-new", "-key", str(key), "-subj", _subject_cn(dns[0] if dns else "localhost"),
              "-out", str(csr))
@@ -115,14 +124,15 @@ def _is_ip(name: str) -> bool:
 
 
 def issue_device_certificate(ca: CertificateAuthority, identity: str, out_dir: Path,
-                             days: int = 365) -> Tuple[Path, Path]:
-    """Create a key and a CA-signed certificate with ``CN=identity``; return (cert_path, key_path).
+                             days: int = 365, key_type: str = "ec") -> Tuple[Path, Path]:
+    """Create a key (``"ec"`` P-256 or ``"rsa"`` 2048) and a CA-signed certificate with ``CN=identity``;
+    return (cert_path, key_path).
 
     For a module identity ``device/module`` the files are named ``device__module.pem``/``.key``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = identity.replace("/", "__")
     key, cert, csr = out_dir / f"{stem}.key", out_dir / f"{stem}.pem", out_dir / f"{stem}.csr"
-    _new_key(key)
+    _new_key(key, key_type)
     _openssl("req", "-new", "-key", str(key), "-subj", _subject_cn(identity), "-out", str(csr))
     try:
         _sign(ca, csr, cert, _CLIENT_EXTENSIONS, days)

@@ -11,7 +11,7 @@ from collections import Counter
 
 import paho.mqtt.client as mqtt
 
-from lightclient import lab
+from tests import lab
 
 
 def PersistentMosquitto(root, test_ca, port=None):

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightclient import lab
+from tests import lab
 from lightclient.emulator import Emulator, certs
 from lightclient.emulator.dps import DpsEmulator
 

@@ -11,7 +11,8 @@ import uuid
 
 import pytest
 
-from lightclient import lab, pnp, tls
+from lightclient import pnp, tls
+from tests import lab
 from lightclient.backoff import Backoff
 from lightclient.device import ConnectRefusedError, Device, MethodResponse
 from lightclient.exceptions import ConfigError, OperationTimeout, ServiceError

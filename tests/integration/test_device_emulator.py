@@ -11,7 +11,7 @@ from lightclient.backoff import Backoff
 from lightclient.device import Device, MethodResponse
 from lightclient.emulator.service import Emulator
 from lightclient.identity import Identity
-from lightclient.lab import free_port
+from tests.lab import free_port
 
 from ..conftest import csr_pem
 

@@ -73,7 +73,7 @@ def test_config_file_with_dps_and_flag_override(tmp_path):
     import json
     from pathlib import Path
 
-    from lightclient.lab import free_port
+    from tests.lab import free_port
 
     root = Path(__file__).resolve().parents[2]
     port = free_port()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lightclient import lab, tls
+from lightclient import tls
+from tests import lab
 from lightclient.backoff import Backoff
 from lightclient.device import Device
 from lightclient.emulator.service import Emulator
@@ -319,13 +320,13 @@ def test_raising_and_hanging_method_handlers_never_block_the_network_loop(token_
 
 def _server_context(test_ca, tmp_path, name, cn, san, days, self_signed=False):
     key, csr, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.csr", tmp_path / f"{name}.pem"
-    lab._run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+    lab.run(["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
               "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={cn}"])
     ext = tmp_path / f"{name}.ext"
     ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n")
     signer = ["-signkey", str(key)] if self_signed else ["-CA", str(test_ca.cert), "-CAkey", str(test_ca.key),
                                                           "-CAcreateserial"]
-    lab._run(["openssl", "x509", "-req", "-in", str(csr), *signer, "-days", str(days), "-extfile", str(ext),
+    lab.run(["openssl", "x509", "-req", "-in", str(csr), *signer, "-days", str(days), "-extfile", str(ext),
               "-out", str(cert)])
     ctx = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(cert), str(key))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from lightclient import lab, lab_tpm
+from tests import lab
 from lightclient.emulator import certs
 from lightclient.emulator.dps import DpsEmulator
 
@@ -33,8 +33,8 @@ VERSIONS = ("1.2", "1.3")
 @pytest.fixture(scope="module")
 def tpm(tmp_path_factory):
     root = tmp_path_factory.mktemp("tpm")
-    with lab_tpm.SoftwareTPM(root) as t:
-        token = lab_tpm.Tpm2Pkcs11Token(t)
+    with lab.SoftwareTPM(root) as t:
+        token = lab.Tpm2Pkcs11Token(t)
         token.init_token(TOKEN, PIN, SO_PIN)
         t.token = token
         t.p11 = {name: token.keygen(TOKEN, PIN, f"{name}key", kt)

@@ -66,7 +66,8 @@ def main() -> int:
     if spec.get("import_check"):
         # The engine-free build must be the shim this process imports.
         sys.path.insert(0, spec["import_check"])
-    from lightclient import _native, dps, keys, lab, tls
+    from lightclient import _native, dps, keys, tls
+    from tests import lab
     from lightclient.exceptions import LightClientError
 
     out = {"shim": _native.shim_path(), "engine_support": _native.engine_support(), "errors": {},

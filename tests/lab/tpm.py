@@ -10,7 +10,8 @@ The same set-up as a device with a TPM 2.0 module, minus the hardware:
   foreground as our children and :meth:`SoftwareTPM.stop` ends each one by its PID.
 * :class:`Tpm2Pkcs11Token` is a tpm2-pkcs11 token (``tpm2_ptool init``, then the token made with
   PKCS#11 ``C_InitToken``/``C_InitPIN`` and the keys with :func:`lightclient.token.generate_keypair`,
-  i.e. exactly what ``lightclient keygen`` does), addressed by label through the libp11 engine.
+  i.e. exactly what ``lightclient keygen`` does, in a child through :func:`lightclient.token.run_in_child`),
+  addressed by label through the libp11 engine.
 * :meth:`SoftwareTPM.persistent_key` makes a persistent ``handle:0x81...`` signing key with
   tpm2-tools, and :meth:`SoftwareTPM.tss2_key_file` a TSS2 PEM key file with
   ``openssl genpkey -provider tpm2``; both are used through the tpm2-openssl provider.
@@ -21,17 +22,16 @@ libtpm2-pkcs11-1, libtpm2-pkcs11-tools (tpm2_ptool), tpm2-openssl.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .lab import LabError, _run, free_port, stop_process, wait_port
+from lightclient.token import run_in_child
+
+from .procs import LabError, executable, free_port, run, stop_process, wait_port
 
 TPM2_PKCS11_MODULE_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so",
@@ -48,14 +48,6 @@ def find_tpm2_pkcs11_module() -> str:
         if os.path.exists(path):
             return path
     raise LabError("tpm2-pkcs11 is not installed: apt install libtpm2-pkcs11-1 libtpm2-pkcs11-tools")
-
-
-def _exe(name: str, package: str) -> str:
-    path = shutil.which(name) or next(
-        (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.path.exists(p)), None)
-    if path is None:
-        raise LabError(f"{name} is not installed: apt install {package}")
-    return path
 
 
 def _free_port_pair() -> int:
@@ -128,9 +120,9 @@ class SoftwareTPM:
         return self
 
     def _start(self) -> None:
-        swtpm = _exe("swtpm", "swtpm")
-        dbus = _exe("dbus-daemon", "dbus")
-        abrmd = _exe("tpm2-abrmd", "tpm2-abrmd")
+        swtpm = executable("swtpm", "swtpm")
+        dbus = executable("dbus-daemon", "dbus")
+        abrmd = executable("tpm2-abrmd", "tpm2-abrmd")
         self.state.mkdir(exist_ok=True)
         self.store.mkdir(exist_ok=True)
         # swtpm: the TPM on a free loopback port; the swtpm TCTI expects the control channel on
@@ -172,7 +164,7 @@ class SoftwareTPM:
         while True:
             if self.abrmd.poll() is not None:
                 raise LabError(f"tpm2-abrmd exited with {self.abrmd.returncode} (see {self.root / 'abrmd.log'})")
-            probe = subprocess.run([_exe("tpm2_getcap", "tpm2-tools"), "properties-fixed"], env=self.env,
+            probe = subprocess.run([executable("tpm2_getcap", "tpm2-tools"), "properties-fixed"], env=self.env,
                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if probe.returncode == 0:
                 break
@@ -206,7 +198,7 @@ class SoftwareTPM:
 
     def tools(self, tool: str, *args: str, input: Optional[str] = None) -> str:
         """Run a tpm2-tools command against this TPM."""
-        return _run([_exe(tool, "tpm2-tools"), *args], input=input, env=self.env, cwd=self.root)
+        return run([executable(tool, "tpm2-tools"), *args], input=input, env=self.env, cwd=self.root)
 
     def _storage_primary(self) -> Path:
         """An ECC storage primary (the TCG template), as a context file for tpm2-tools."""
@@ -236,7 +228,7 @@ class SoftwareTPM:
         opts = ["-algorithm", "EC", "-pkeyopt", "group:P-256"] if key_type == "ec" else \
             ["-algorithm", "RSA", "-pkeyopt", "bits:2048"]
         # tpm2 first: with default first, the key would be generated in software.
-        _run(["openssl", "genpkey", "-provider", "tpm2", "-provider", "default", *opts, "-out", str(out)],
+        run(["openssl", "genpkey", "-provider", "tpm2", "-provider", "default", *opts, "-out", str(out)],
              env=self.env, cwd=self.root)
         return Path(out)
 
@@ -252,22 +244,20 @@ class Tpm2Pkcs11Token:
     def init_store(self) -> None:
         """``tpm2_ptool init``: a persistent primary key (0x81000001) under which tokens live."""
         if not self._initialised:
-            _run([_exe("tpm2_ptool", "libtpm2-pkcs11-tools"), "init"], env=self.tpm.env, cwd=self.tpm.root)
+            run([executable("tpm2_ptool", "libtpm2-pkcs11-tools"), "init"], env=self.tpm.env, cwd=self.tpm.root)
             self._initialised = True
-
-    def _child(self, *args: str, secrets: List[str]) -> str:
-        return _run([sys.executable, "-m", "lightclient.lab", *args], input="\n".join(secrets) + "\n",
-                    env=self.tpm.env)
 
     def init_token(self, label: str, pin: str, so_pin: str) -> None:
         """C_InitToken + C_InitPIN on the module's free slot (in a child, PINs on stdin)."""
         self.init_store()
-        self._child("init-token", self.module_path, label, secrets=[so_pin, pin])
+        run_in_child("init-token", module_path=self.module_path, label=label, so_pin=so_pin, pin=pin,
+                     env=self.tpm.env)
 
     def keygen(self, token_label: str, pin: str, key_label: str, key_type: str = "ec-p256") -> dict:
         """A key pair on the token through ``lightclient.token.generate_keypair`` (what ``lightclient
         keygen`` runs), in a child with the PIN on stdin; returns label, id and URI."""
-        info = json.loads(self._child("keygen", self.module_path, token_label, key_label, key_type, secrets=[pin]))
+        info = run_in_child("keygen", module_path=self.module_path, token_label=token_label, key_label=key_label,
+                            key_type=key_type, pin=pin, env=self.tpm.env)
         info["via"] = "lightclient.token.generate_keypair"
         return info
 
