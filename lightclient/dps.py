@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
-from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after
+from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after  # noqa: F401 (dps names since 0.1)
 from .backoff import Backoff
 from .exceptions import ConfigError, ProtocolError, ProvisioningError
 from .identity import check_host
