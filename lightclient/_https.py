@@ -10,7 +10,8 @@ What each feature gets here, so that none can get it wrong on its own:
   naming the status and the ``Location``, and a plain ``http://`` URL is refused before any connection
   (a redirect to plain HTTP would carry the device's registration, and its answer, unprotected);
 * ``Retry-After`` parsed and clamped, otherwise the one :class:`~lightclient.backoff.Backoff`;
-* a failed server certificate check as :class:`~lightclient.exceptions.ServerCertificateError`.
+* a failed server certificate check as :class:`~lightclient.exceptions.ServerCertificateError`;
+* answer bodies read up to :data:`MAX_BODY` bytes, never more.
 
 :func:`new_session` builds the session :func:`lightclient.tls.https_session` returns: besides the
 hardware-key adapter for ``https://`` it refuses ``http://`` and raises instead of following a redirect
@@ -30,6 +31,9 @@ from .backoff import Backoff
 from .exceptions import ConfigError, OperationTimeout, ServiceError
 
 DEFAULT_RETRY_AFTER = 2.0
+#: The largest answer body read (after content decoding): a DPS answer with an issued chain is a few KiB,
+#: and a server must not be able to fill the device's memory.
+MAX_BODY = 1024 * 1024
 _SHOW_LIMIT = 200
 
 
@@ -119,7 +123,7 @@ class Exchange:
                  error: Callable[..., ServiceError] = ServiceError, request_timeout: float = 30.0,
                  backoff: Optional[Backoff] = None, retry_bounds: Tuple[float, float] = (1.0, 60.0),
                  sleep: Callable[[float], None] = time.sleep, rand: Callable[[], float] = random.random,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, max_body: int = MAX_BODY):
         self.session = session
         self.service = service
         self.error = error
@@ -128,6 +132,7 @@ class Exchange:
         self.retry_bounds = retry_bounds
         self.timeout_text = timeout_text
         self._sleep, self._rand, self._clock = sleep, rand, clock
+        self.max_body = max_body
         self.deadline = clock() + timeout
 
     def send(self, request: Request) -> Response:
@@ -141,8 +146,11 @@ class Exchange:
         try:
             resp = self.session.request(request.method, request.url, headers=dict(request.headers),
                                         data=request.body, timeout=min(self.request_timeout, remaining),
-                                        allow_redirects=False)
-            body = resp.content
+                                        allow_redirects=False, stream=True)
+            try:
+                body = self._read_body(resp, request.method)
+            finally:
+                resp.close()  # after a whole body this returns the connection to the pool for the next request
         except requests.exceptions.SSLError as exc:
             verify = find_verify_error(exc)
             if verify is not None:
@@ -164,6 +172,16 @@ class Exchange:
             raise self.error(redirect_message(self.service, response.status, header(response.headers, "Location")),
                              status=response.status)
         return response
+
+    def _read_body(self, resp, method: str) -> bytes:
+        chunks, size = [], 0
+        for chunk in resp.iter_content(64 * 1024):
+            size += len(chunk)
+            if size > self.max_body:
+                raise self.error(f"{self.service} answered {method} with more than {self.max_body} bytes; "
+                                 "refused unread (check the endpoint)", status=resp.status_code)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def send_retrying(self, request: Request) -> Response:
         """:meth:`send`, retrying 429 and 5xx (``Retry-After`` or back-off) until the job's timeout."""

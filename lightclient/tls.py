@@ -180,7 +180,7 @@ def https_session(ctx: ssl.SSLContext):
     """A ``requests.Session`` whose HTTPS connections all use ``ctx`` (and its hardware key).
 
     It never speaks plain HTTP (an ``http://`` URL raises ConfigError before any connection) and never
-    follows a redirect (a 3xx raises ServiceError naming the status and the Location).
+    follows a redirect: where requests would, it raises ServiceError naming the status and the Location.
     """
     from ._https import new_session
 

@@ -73,9 +73,10 @@ class Recorder:
 class RedirectingHttps:
     """An HTTPS server on 127.0.0.1 with the lab's server certificate, playing DPS: it answers ``on``
     ("PUT": the registration, "GET": the operation-status poll) with ``status`` and ``Location``; a
-    register PUT before that gets 202 "assigning" with an operation id to poll."""
+    register PUT before that gets 202 "assigning" with an operation id to poll. ``body`` goes with the
+    ``on`` answer (without ``location`` this plays a DPS sending an oversized answer)."""
 
-    def __init__(self, test_ca, status, location, on="PUT"):
+    def __init__(self, test_ca, status, location, on="PUT", body=b""):
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
         self.requests = []
@@ -95,17 +96,22 @@ class RedirectingHttps:
                 outer.requests.append((self.command, self.path))
                 if self.command == on:
                     self.send_response(status)
-                    self.send_header("Location", location)
-                    self.send_header("Content-Length", "0")
+                    if location:
+                        self.send_header("Location", location)
+                    self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
+                    try:
+                        self.wfile.write(body)
+                    except OSError:
+                        pass  # a client that refused to read it all has gone
                     return
-                body = json.dumps({"operationId": "op-1", "status": "assigning"}).encode()
+                reply = json.dumps({"operationId": "op-1", "status": "assigning"}).encode()
                 self.send_response(202)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Retry-After", "1")
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(reply)
 
             def log_message(self, *args):
                 pass

@@ -347,6 +347,17 @@ def _https_session_plain_http(lab):
         assert recorder.connections == 0 and not recorder.received
 
 
+def _dps_oversized(lab):
+    from lightclient._https import MAX_BODY
+
+    server = RedirectingHttps(lab.ca, 200, None, body=b"{" + b" " * MAX_BODY + b"}")
+    try:
+        dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=server.endpoint,
+                      poll_interval=(0.05, 0.2), timeout=5, request_timeout=2)
+    finally:
+        server.close()
+
+
 def _dps_endpoint(endpoint):
     return lambda lab: dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=endpoint)
 
@@ -359,6 +370,7 @@ CASES.update({
     "dps-redirect-302-get-to-http": (_dps_redirect(302, "http", on="GET"), ProvisioningError, "302 redirecting"),
     "dps-redirect-308-get-to-other-https": (_dps_redirect(308, "https", on="GET"), ProvisioningError,
                                             "308 redirecting"),
+    "dps-oversized-answer": (_dps_oversized, ProvisioningError, "more than 1048576 bytes"),
     "https-session-plain-http": (_https_session_plain_http, ConfigError, "speaks only HTTPS"),
     # host names: DNS names or IP addresses only (issue 12, item 6)
     "identity-host-query": (lambda lab: Identity("hub?x=1", "d"), ConfigError, r"hostname 'hub\?x=1' contains '\?'"),

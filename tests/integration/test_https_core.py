@@ -106,3 +106,15 @@ def test_https_session_does_not_follow_a_redirect_even_when_asked(https_ctx, tes
 def test_context_adapter_is_a_function_name_not_a_class_name():
     assert callable(tls.context_adapter)
     assert not hasattr(tls, "ContextAdapter")
+
+
+def test_an_oversized_answer_is_refused_unread(https_ctx, test_ca):
+    """A DPS answer is a few KiB; one over the core's 1 MiB cap is a typed error, not a memory hog."""
+    from lightclient import _https
+
+    server = RedirectingHttps(test_ca, 200, None, body=b"[" + b" " * (_https.MAX_BODY + 1) + b"]")
+    try:
+        with pytest.raises(ProvisioningError, match=f"more than {_https.MAX_BODY} bytes"):
+            dps.provision(SCOPE, "device-ec", ssl_context=https_ctx, endpoint=server.endpoint, **FAST)
+    finally:
+        server.close()
