@@ -49,7 +49,7 @@ class Request:
 
 @dataclass(frozen=True)
 class Response:
-    """One HTTP answer: the status, the whole body and the headers (names as the server sent them)."""
+    """One HTTP answer: the status, the whole body and the headers (use :func:`header` to look one up)."""
 
     status: int
     body: bytes
@@ -167,7 +167,7 @@ class Exchange:
         except requests.exceptions.RequestException as exc:
             # e.g. a body cut short or an undecodable encoding: the answer is unusable, say so typed
             raise self.error(f"{self.service} sent an unusable answer to {request.method}: {exc}") from None
-        response = Response(resp.status_code, body, dict(resp.headers))
+        response = Response(resp.status_code, body, resp.headers)  # requests: case-insensitive names
         if 300 <= response.status < 400:
             raise self.error(redirect_message(self.service, response.status, header(response.headers, "Location")),
                              status=response.status)
