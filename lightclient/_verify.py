@@ -8,7 +8,7 @@ whose message says what to check. Pure; no I/O.
 from __future__ import annotations
 
 import ssl
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from .exceptions import ServerCertificateError
 
@@ -45,4 +45,27 @@ def server_certificate_error(exc: ssl.SSLCertVerificationError, host: str, port:
     return error
 
 
-__all__ = ["server_certificate_error"]
+def find_verify_error(exc: BaseException) -> Optional[ssl.SSLCertVerificationError]:
+    """The ``ssl.SSLCertVerificationError`` somewhere behind ``exc``, if that is what failed.
+
+    requests and urllib3 wrap it two or three levels deep (``__cause__``, ``__context__``, ``args``
+    and urllib3's ``reason``), so the chain is searched rather than assumed.
+    """
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        stack.extend([current.__cause__, current.__context__,
+                      *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]])
+        reason = getattr(current, "reason", None)
+        if isinstance(reason, BaseException):
+            stack.append(reason)
+    return None
+
+
+__all__ = ["find_verify_error", "server_certificate_error"]

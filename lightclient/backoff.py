@@ -1,5 +1,7 @@
-"""Reconnect delays: exponential back-off with jitter, and a long pause after "not authorized".
+"""Retry delays: exponential back-off with jitter, and a long pause after "not authorized".
 
+The one back-off formula of the package: MQTT reconnects (``Device``) and HTTPS retries after a 429 or
+5xx without ``Retry-After`` (the HTTPS core under DPS) both use :class:`Backoff`.
 Pure (the random source is a parameter), so the policy is unit-tested without sockets or clocks.
 
 Why not paho's own ``reconnect_delay_set(min, max)``: it doubles without jitter, so a fleet of devices

@@ -12,9 +12,10 @@ Two layers:
       GET https://{endpoint}/{idScope}/registrations/{registrationId}/operations/{operationId}?api-version=…
 
 * :func:`provision`, which registers and polls until the device is assigned, failed, disabled or the
-  timeout passes. All requests of one run share one HTTPS connection: with a TPM every TLS
-  handshake costs a hardware signature, so a provisioning costs one handshake when the server keeps
-  the connection open.
+  timeout passes, on the shared HTTPS core (``lightclient._https``). All requests of one run share
+  one HTTPS connection: with a TPM every TLS handshake costs a hardware signature, so a provisioning
+  costs one handshake when the server keeps the connection open. A redirect is never followed: DPS
+  answering 3xx is a :class:`~lightclient.exceptions.ProvisioningError` naming where it pointed.
 
 There is no ``Authorization`` header: the client certificate in the TLS handshake authenticates the
 device, and ``registrationId`` must equal that certificate's subject CN.
@@ -22,9 +23,9 @@ device, and ``registrationId`` must equal that certificate's subject CN.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
-import random
 import re
 import ssl
 import tempfile
@@ -33,30 +34,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
-from .exceptions import ConfigError, OperationTimeout, ProtocolError, ProvisioningError
+from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after  # noqa: F401 (dps names since 0.1)
+from .backoff import Backoff
+from .exceptions import ConfigError, ProtocolError, ProvisioningError
+from .identity import check_host
 
 DEFAULT_ENDPOINT = "global.azure-devices-provisioning.net"
 API_VERSION = "2021-10-01"
 CSR_API_VERSION = "2025-07-01-preview"
-DEFAULT_RETRY_AFTER = 2.0
 FINAL_STATES = ("assigned", "failed", "disabled")
 
 _REG_ID_RE = re.compile(r"^[A-Za-z0-9\-._:]{0,127}[A-Za-z0-9\-]$")
 _ID_SCOPE_RE = re.compile(r"^[A-Za-z0-9]{1,64}$")
-_ENDPOINT_RE = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 # ------------------------------------------------------------------------------------------ requests
-
-
-@dataclass(frozen=True)
-class Request:
-    """One HTTP request, ready to send."""
-
-    method: str
-    url: str
-    headers: Mapping[str, str]
-    body: Optional[bytes] = None
 
 
 def _check_ids(id_scope: str, registration_id: str, endpoint: str) -> None:
@@ -66,8 +59,36 @@ def _check_ids(id_scope: str, registration_id: str, endpoint: str) -> None:
         raise ConfigError(
             f"invalid registration id {registration_id!r}: at most 128 characters of letters, digits and "
             "- . _ :, ending in a letter, digit or '-'; with X.509 it must equal the certificate's CN")
-    if not isinstance(endpoint, str) or not _ENDPOINT_RE.match(endpoint):
-        raise ConfigError(f"invalid DPS endpoint {endpoint!r}: give a host name such as {DEFAULT_ENDPOINT}")
+    _check_endpoint(endpoint)
+
+
+def _check_endpoint(endpoint: object) -> None:
+    """``host``, ``host:port`` or ``[IPv6]:port``; the host a DNS name or an IP address."""
+    form = (f"host or host:port, e.g. {DEFAULT_ENDPOINT!r} or '127.0.0.1:8443' "
+            "(no scheme, path, query or spaces)")
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"endpoint (the DPS host) must be a str, not {type(endpoint).__name__}; give {form}")
+    shown = repr(endpoint[:80]) + ("…" if len(endpoint) > 80 else "")
+    if "://" in endpoint:
+        raise ConfigError(f"endpoint {shown} contains a scheme ('://'); give {form}")
+    if endpoint.startswith("["):
+        inner, bracket, rest = endpoint[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(inner)
+            ipv6 = "%" not in inner  # a zone id would need %25 in the URL; link-local DPS is no use case
+        except ValueError:
+            ipv6 = False
+        if not bracket or not ipv6 or (rest and not rest.startswith(":")):
+            raise ConfigError(f"endpoint {shown}: brackets hold an IPv6 address, e.g. '[::1]:8443'")
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port = endpoint.partition(":")
+        if ":" in port:
+            raise ConfigError(f"endpoint {shown}: put an IPv6 address in brackets, e.g. '[::1]:8443'")
+        check_host(host, argument="endpoint", expected=form)
+        port = port if colon else None
+    if port is not None and (not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536):
+        raise ConfigError(f"endpoint {shown}: the port must be a number from 1 to 65535; give {form}")
 
 
 def csr_to_base64(csr: Union[bytes, str]) -> str:
@@ -260,28 +281,6 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str],
     return ProvisioningError(text, status=status, error_code=code, tracking_id=tracking)
 
 
-def retry_after(headers: Mapping[str, str], *, default: float = DEFAULT_RETRY_AFTER,
-                minimum: float = 1.0, maximum: float = 60.0) -> float:
-    """Seconds to wait from a ``Retry-After`` header (integer seconds), clamped; ``default`` if absent."""
-    value = None
-    for key, raw in headers.items():
-        if key.lower() == "retry-after":
-            value = raw
-            break
-    try:
-        seconds = float(value) if value is not None else default
-    except (TypeError, ValueError):
-        seconds = default  # an HTTP-date or garbage: SDKs ignore it too
-    if seconds != seconds:  # NaN
-        seconds = default
-    return min(max(seconds, minimum), maximum)
-
-
-def backoff_delay(attempt: int, *, base: float = 1.0, cap: float = 30.0, rand: Callable[[], float] = random.random) -> float:
-    """Exponential back-off with full jitter for 429/5xx without ``Retry-After``."""
-    return min(cap, base * (2 ** max(0, attempt))) * (0.5 + rand() / 2)
-
-
 # ------------------------------------------------------------------------------------------ provision
 
 
@@ -296,9 +295,14 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
     Give ``ssl_context`` (from :func:`lightclient.tls.https_context`) or a ready ``session``
     (:func:`lightclient.tls.https_session`). ``Retry-After`` is honoured within ``poll_interval``
     (2 s when absent); 429 and 5xx are retried with back-off and jitter until ``timeout``; other
-    errors, and the ``failed``/``disabled`` outcomes, raise :class:`ProvisioningError`. With
-    ``csr``, the issued chain is written to ``cert_out`` (PEM, leaf first) when given.
+    errors, a redirect (never followed), and the ``failed``/``disabled`` outcomes raise
+    :class:`ProvisioningError`. With ``csr``, the issued chain is written to ``cert_out`` (PEM, leaf
+    first) when given.
     """
+    lo, hi = _check_poll_interval(poll_interval)
+    version = api_version or (CSR_API_VERSION if csr is not None else API_VERSION)
+    request = register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
+                               api_version=version)
     if session is None:
         if ssl_context is None:
             raise ConfigError("provision() needs ssl_context= (lightclient.tls.https_context) or session=")
@@ -308,86 +312,41 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
         own_session = True
     else:
         own_session = False
-    version = api_version or (CSR_API_VERSION if csr is not None else API_VERSION)
-    request = register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
-                               api_version=version)
-    deadline = time.monotonic() + timeout
-    lo, hi = poll_interval
-    attempt = 0
+    initial = max(lo, 0.05)
+    exchange = Exchange(
+        session, service="DPS", error=ProvisioningError, timeout=timeout, request_timeout=request_timeout,
+        backoff=Backoff(initial=initial, maximum=max(hi, initial)), retry_bounds=(lo, hi), sleep=sleep,
+        timeout_text=lambda status: (f"DPS did not finish registering {registration_id!r} within {timeout:g} s "
+                                     f"(last HTTP status {status})"))
     try:
         while True:
-            status, body, headers = _send(session, request, deadline, request_timeout)
-            if status in (200, 201, 202):
-                result = parse_operation(body)
-                attempt = 0
-                if result.done:
-                    return _finish(result, registration_id, cert_out)
-                if not result.operation_id:
-                    raise ProtocolError(f"DPS said {result.status!r} without an operationId to poll")
-                delay = retry_after(headers, minimum=lo, maximum=hi)
-                request = operation_status_request(id_scope, registration_id, result.operation_id,
-                                                   endpoint=endpoint, api_version=version)
-            elif status == 429 or status >= 500:
-                has_header = any(k.lower() == "retry-after" for k in headers)
-                delay = (retry_after(headers, minimum=lo, maximum=hi) if has_header
-                         else backoff_delay(attempt, base=max(lo, 0.05), cap=hi))
-                attempt += 1
-            else:
-                raise error_from_response(status, body, headers, registration_id)
-            if time.monotonic() + delay > deadline:
-                raise OperationTimeout(
-                    f"DPS did not finish registering {registration_id!r} within {timeout:g} s "
-                    f"(last HTTP status {status})")
-            sleep(delay)
+            response = exchange.send_retrying(request)
+            if response.status not in (200, 201, 202):
+                raise error_from_response(response.status, response.body, response.headers, registration_id)
+            result = parse_operation(response.body)
+            if result.done:
+                return _finish(result, registration_id, cert_out)
+            if not result.operation_id:
+                raise ProtocolError(f"DPS said {result.status!r} without an operationId to poll")
+            request = operation_status_request(id_scope, registration_id, result.operation_id,
+                                               endpoint=endpoint, api_version=version)
+            exchange.pause(retry_after(response.headers, minimum=lo, maximum=hi), response.status)
     finally:
         if own_session:
             session.close()
 
 
-def _send(session, request: Request, deadline: float, request_timeout: float):
-    import requests
-
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise OperationTimeout("DPS provisioning timed out before the request could be sent")
+def _check_poll_interval(poll_interval: object) -> Tuple[float, float]:
     try:
-        resp = session.request(request.method, request.url, headers=dict(request.headers), data=request.body,
-                               timeout=min(request_timeout, remaining))
-    except requests.exceptions.SSLError as exc:
-        verify = _cert_verify_error(exc)
-        if verify is not None:
-            from ._verify import server_certificate_error
-            from urllib.parse import urlsplit
-
-            where = urlsplit(request.url)
-            raise server_certificate_error(verify, where.hostname or "?", where.port or 443) from None
-        raise ProvisioningError(
-            f"the TLS handshake with DPS failed: {exc}. Check the trusted roots (ca=) and that the "
-            "device certificate is accepted") from None
-    except requests.exceptions.Timeout:
-        raise OperationTimeout(f"DPS did not answer {request.method} within {request_timeout:g} s") from None
-    except requests.exceptions.ConnectionError as exc:
-        raise ProvisioningError(f"cannot reach DPS at {request.url.split('/')[2]}: {exc}") from None
-    return resp.status_code, resp.content, dict(resp.headers)
-
-
-def _cert_verify_error(exc: BaseException) -> "Optional[ssl.SSLCertVerificationError]":
-    """The ssl.SSLCertVerificationError behind a requests/urllib3 SSLError, if that is what it was."""
-    seen = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return current
-        stack.extend([current.__cause__, current.__context__, *[a for a in getattr(current, "args", ())
-                                                                if isinstance(a, BaseException)]])
-        reason = getattr(current, "reason", None)
-        if isinstance(reason, BaseException):
-            stack.append(reason)
-    return None
+        lo, hi = poll_interval  # type: ignore[misc]
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf")
+                 for v in (lo, hi)) and lo <= hi
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"poll_interval must be (minimum, maximum) seconds with 0 <= minimum <= maximum, "
+                          f"e.g. (1.0, 60.0), not {poll_interval!r}")
+    return float(lo), float(hi)
 
 
 def _finish(result: RegistrationResult, registration_id: str, cert_out: Optional[str]) -> RegistrationResult:

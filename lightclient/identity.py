@@ -13,6 +13,7 @@ percent-encoded with an empty safe set.
 """
 from __future__ import annotations
 
+import ipaddress
 import re
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ _ID_CHARS = r"A-Za-z0-9\-.%_*?!(),:=@$'"
 _ID_RE = re.compile("[%s]{1,%d}" % (_ID_CHARS, _MAX_ID_LENGTH))
 _BAD_ID_CHAR_RE = re.compile("[^%s]" % _ID_CHARS)
 _HOSTNAME_BAD_RE = re.compile(r"[/\s\x00-\x1f\x7f]")
+# Letters, digits, '-' and '.' (RFC 1123), plus '_': not valid in host names, but container and
+# LAN names use it and resolvers accept it, and it is no URL or MQTT metacharacter.
+_HOST_CHAR_BAD_RE = re.compile(r"[^A-Za-z0-9._\-]")
+_HOST_PORT_RE = re.compile(r"[^:]+:[0-9]+")
+_MAX_HOST_LENGTH = 253
+_MAX_LABEL_LENGTH = 63
+_EXAMPLE_HOST = "myhub.azure-devices.net"
 
 
 def default_client_type() -> str:
@@ -74,6 +82,57 @@ def _check_id(kind: str, value: object) -> None:
     )
 
 
+def _shown(value: str) -> str:
+    return repr(value[:80]) + ("…" if len(value) > 80 else "")
+
+
+def check_host(value: object, *, argument: str = "hostname", expected: Optional[str] = None) -> None:
+    """Refuse anything but a DNS host name or an IP address (IPv4, or IPv6 without brackets).
+
+    Raises :class:`~lightclient.exceptions.ConfigError` naming ``argument`` (the caller's keyword) and
+    ``expected`` (the form to give). A host name goes on the wire as it is (MQTT username, URL, TLS SNI),
+    so ``hub?x=1``, ``hub#``, ``hub:8883`` or ``hub/x`` would change what is sent, not only where.
+    """
+    expected = expected or f"only the host name, e.g. {_EXAMPLE_HOST!r} (no scheme, port, path, query or spaces)"
+    if not isinstance(value, str):
+        raise ConfigError(f"{argument} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ConfigError(f"{argument} is empty; give {expected}")
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    bad = _HOSTNAME_BAD_RE.search(value) or _HOST_CHAR_BAD_RE.search(value)
+    if bad:
+        char = bad.group()
+        if char == ":" and _HOST_PORT_RE.fullmatch(value):
+            raise ConfigError(f"{argument} {_shown(value)} contains ':' and a port; give the port separately "
+                              f"(port=), and {expected}")
+        if not char.isascii():
+            raise ConfigError(f"{argument} {_shown(value)} contains {char!r}; give an international name in its "
+                              f"ASCII form (xn--…), and {expected}")
+        raise ConfigError(f"{argument} {_shown(value)} contains {char!r}; give {expected}")
+    if len(value) > _MAX_HOST_LENGTH:
+        raise ConfigError(f"{argument} {_shown(value)} is {len(value)} characters long; a DNS name has at most "
+                          f"{_MAX_HOST_LENGTH}")
+    labels = value.split(".")
+    for label in labels:
+        if not label:
+            raise ConfigError(f"{argument} {_shown(value)} has an empty label (a dot at the start or end, or two "
+                              f"in a row); give {expected}")
+        if len(label) > _MAX_LABEL_LENGTH:
+            raise ConfigError(f"{argument} {_shown(value)} has a label of {len(label)} characters; a DNS label "
+                              f"has at most {_MAX_LABEL_LENGTH}")
+        if label.startswith("-") or label.endswith("-"):
+            raise ConfigError(f"{argument} {_shown(value)} has a label starting or ending with '-' ({label!r}); "
+                              f"give {expected}")
+    if labels[-1].isdigit():
+        # "1.2.3" or "256.0.0.1": resolvers would read some of these as (odd) IPv4 addresses.
+        raise ConfigError(f"{argument} {_shown(value)} is neither an IP address nor a host name (a name "
+                          f"cannot end in an all-digit label); give {expected}")
+
+
 def _q(value: str) -> str:
     # quote(), never quote_plus(): the hub decodes %20 but would keep a '+' as a literal plus.
     return quote(value, safe="")
@@ -94,16 +153,7 @@ class Identity:
     model_id: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.hostname, str):
-            raise ConfigError(f"hostname must be a str, not {type(self.hostname).__name__}")
-        if not self.hostname:
-            raise ConfigError("hostname is empty; give the hub's host name, e.g. 'myhub.azure-devices.net'")
-        bad = _HOSTNAME_BAD_RE.search(self.hostname)
-        if bad:
-            raise ConfigError(
-                f"hostname {self.hostname!r} contains {bad.group()!r}; give only the host name, "
-                "e.g. 'myhub.azure-devices.net' (no scheme, path or spaces)"
-            )
+        check_host(self.hostname, argument="hostname")
         _check_id("device_id", self.device_id)
         if self.module_id is not None:
             _check_id("module_id", self.module_id)
@@ -152,4 +202,4 @@ class Identity:
         return f"{self.hostname}/{self.client_id}/?{query}"
 
 
-__all__ = ["API_VERSION", "Identity", "default_client_type"]
+__all__ = ["API_VERSION", "Identity", "check_host", "default_client_type"]

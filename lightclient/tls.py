@@ -177,12 +177,14 @@ def https_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, **kwa
 
 
 def https_session(ctx: ssl.SSLContext):
-    """A ``requests.Session`` whose HTTPS connections all use ``ctx`` (and its hardware key)."""
-    import requests
+    """A ``requests.Session`` whose HTTPS connections all use ``ctx`` (and its hardware key).
 
-    session = requests.Session()
-    session.mount("https://", ContextAdapter(ctx))
-    return session
+    It never speaks plain HTTP (an ``http://`` URL raises ConfigError before any connection) and never
+    follows a redirect: where requests would, it raises ServiceError naming the status and the Location.
+    """
+    from ._https import new_session
+
+    return new_session(context_adapter(ctx))
 
 
 def _adapter_class():
@@ -225,6 +227,6 @@ def _adapter_class():
     return _ContextAdapter
 
 
-def ContextAdapter(ctx: ssl.SSLContext, **kwargs):
+def context_adapter(ctx: ssl.SSLContext, **kwargs):
     """A requests ``HTTPAdapter`` bound to ``ctx`` (built lazily so requests stays optional here)."""
     return _adapter_class()(ctx, **kwargs)

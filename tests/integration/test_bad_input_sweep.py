@@ -29,6 +29,7 @@ from lightclient.identity import Identity
 
 from ..conftest import PIN
 from .faults import TlsServer
+from .httpservers import Recorder, RedirectingHttps
 from .hubside import HubSide
 from .test_reliability import _server_context
 
@@ -319,6 +320,70 @@ def _fix_cli_wrong_pin(lab):
 
 
 CASES["cli-wrong-pin-file"] = (_fix_cli_wrong_pin, CliFailed, "")
+
+
+def _dps_redirect(status, scheme, on="PUT"):
+    """A DPS redirecting the register PUT (or the status GET) elsewhere: a typed error, nothing sent there."""
+    def run(lab):
+        recorder = Recorder()
+        server = RedirectingHttps(lab.ca, status, f"{scheme}://127.0.0.1:{recorder.port}/x", on=on)
+        try:
+            dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=server.endpoint,
+                          poll_interval=(0.05, 0.2), timeout=5, request_timeout=2)
+        finally:
+            server.close()
+            recorder.close()
+            assert recorder.connections == 0 and not recorder.received, "the redirect target was contacted"
+    return run
+
+
+def _https_session_plain_http(lab):
+    recorder = Recorder()
+    try:
+        with tls.https_session(lab.https) as session:
+            session.put(f"http://127.0.0.1:{recorder.port}/register", data=b"{}")
+    finally:
+        recorder.close()
+        assert recorder.connections == 0 and not recorder.received
+
+
+def _dps_oversized(lab):
+    from lightclient._https import MAX_BODY
+
+    server = RedirectingHttps(lab.ca, 200, None, body=b"{" + b" " * MAX_BODY + b"}")
+    try:
+        dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=server.endpoint,
+                      poll_interval=(0.05, 0.2), timeout=5, request_timeout=2)
+    finally:
+        server.close()
+
+
+def _dps_endpoint(endpoint):
+    return lambda lab: dps.provision(SCOPE, lab.device["ec"]["cn"], ssl_context=lab.https, endpoint=endpoint)
+
+
+CASES.update({
+    # redirects are never followed (issue 12, item 1)
+    "dps-redirect-307-put-to-http": (_dps_redirect(307, "http"), ProvisioningError, "307 redirecting to http://"),
+    "dps-redirect-301-put-to-other-https": (_dps_redirect(301, "https"), ProvisioningError,
+                                            "301 redirecting to https://127.0.0.1"),
+    "dps-redirect-302-get-to-http": (_dps_redirect(302, "http", on="GET"), ProvisioningError, "302 redirecting"),
+    "dps-redirect-308-get-to-other-https": (_dps_redirect(308, "https", on="GET"), ProvisioningError,
+                                            "308 redirecting"),
+    "dps-oversized-answer": (_dps_oversized, ProvisioningError, "more than 1048576 bytes"),
+    "https-session-plain-http": (_https_session_plain_http, ConfigError, "speaks only HTTPS"),
+    # host names: DNS names or IP addresses only (issue 12, item 6)
+    "identity-host-query": (lambda lab: Identity("hub?x=1", "d"), ConfigError, r"hostname 'hub\?x=1' contains '\?'"),
+    "identity-host-fragment": (lambda lab: Identity("hub#", "d"), ConfigError, "contains '#'"),
+    "identity-host-port": (lambda lab: Identity("hub:8883", "d"), ConfigError, r"port separately \(port=\)"),
+    "identity-host-path": (lambda lab: Identity("hub/x", "d"), ConfigError, "contains '/'"),
+    "identity-host-empty-label": (lambda lab: Identity("hub..azure-devices.net", "d"), ConfigError, "empty label"),
+    "identity-host-long-label": (lambda lab: Identity("h" * 64 + ".net", "d"), ConfigError, "at most 63"),
+    "dps-endpoint-query": (_dps_endpoint("dps?x=1"), ConfigError, r"endpoint 'dps\?x=1' contains '\?'"),
+    "dps-endpoint-empty-label": (_dps_endpoint("dps..example:443"), ConfigError, "empty label"),
+    "dps-endpoint-bad-port": (_dps_endpoint("127.0.0.1:99999"), ConfigError, "port must be"),
+    "dps-endpoint-bare-ipv6": (_dps_endpoint("::1:8443"), ConfigError, "brackets"),
+})
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

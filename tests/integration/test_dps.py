@@ -181,3 +181,21 @@ def test_untrusted_dps_server_is_a_typed_certificate_error(emulator, device, tmp
     with pytest.raises(ServerCertificateError) as exc:
         dps.provision(SCOPE, "device-ec", ssl_context=ctx, endpoint=emulator.endpoint, **FAST)
     assert exc.value.reason == "untrusted" and "127.0.0.1" in str(exc.value)
+
+
+def test_retry_delays_honour_retry_after_and_the_clamps(emulator, device, https_ctx):
+    """429 with Retry-After: the server's wait, clamped to poll_interval; 5xx without it: the one Backoff
+    (doubling from poll_interval's minimum, capped at its maximum, jittered into the upper half)."""
+    _enroll(emulator, device, polls=1)
+    emulator.inject("device-ec", 429, 500, 503, 500)
+    waits = []
+    result = dps.provision(SCOPE, "device-ec", ssl_context=https_ctx, endpoint=emulator.endpoint,
+                           poll_interval=(0.05, 0.2), timeout=20, sleep=waits.append)
+    assert result.status == "assigned"
+    assert [s for _, _, s in emulator.requests] == [429, 500, 503, 500, 202, 202, 200]
+    assert waits[0] == 0.2                        # Retry-After: 1, clamped to the maximum 0.2
+    assert 0.05 <= waits[1] <= 0.1                # failure 1: 0.1 with jitter
+    assert 0.1 <= waits[2] <= 0.2                 # failure 2: 0.2 with jitter
+    assert 0.1 <= waits[3] <= 0.2                 # failure 3: capped at 0.2, jittered
+    assert waits[4:] == [0.2, 0.2]                # the 202s' Retry-After: 1, clamped
+    assert emulator.handshakes == {"device-ec": 1}

@@ -1,6 +1,7 @@
 """DPS request building and response parsing (pure; no sockets)."""
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightclient import dps
+from lightclient.backoff import Backoff
 from lightclient.exceptions import ConfigError, ProtocolError, ProvisioningError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "vectors" / "dps.json").read_text())
@@ -123,11 +125,46 @@ def test_retry_after(headers, expect):
 
 
 def test_backoff_grows_with_jitter_and_cap():
-    assert dps.backoff_delay(0, rand=lambda: 0.0) == 0.5
-    assert dps.backoff_delay(3, rand=lambda: 1.0) == 8.0
-    assert dps.backoff_delay(20, rand=lambda: 1.0) == 30.0
+    # The one Backoff (lightclient.backoff) with the old DPS formula's numbers: base 1 s, cap 30 s,
+    # delays drawn from the upper half; rand=1 gives the shortest delay, rand=0 the longest.
+    backoff = Backoff(initial=1.0, maximum=30.0)
+    assert backoff.delay(0, rand=lambda: 1.0) == 0.5
+    assert backoff.delay(3, rand=lambda: 0.0) == 8.0
+    assert backoff.delay(20, rand=lambda: 0.0) == 30.0
+    assert not hasattr(dps, "backoff_delay")  # one back-off formula in the package, not two
 
 
 def test_provision_needs_a_context():
     with pytest.raises(ConfigError, match="ssl_context"):
         dps.provision("0ne1", "d")
+
+
+@pytest.mark.parametrize("endpoint, message", [
+    ("hub?x=1", "contains '?'"), ("hub#", "contains '#'"), ("hub/x", "contains '/'"),
+    ("https://dps.example", "contains a scheme"), ("user@dps.example", "contains '@'"),
+    ("a..b", "empty label"), (".dps.example", "empty label"), ("dps.example.", "empty label"),
+    ("-dps.example", "starting or ending with '-'"), ("d" * 64 + ".example", "label of 64 characters"),
+    (".".join(["d" * 60] * 5), "characters long"), ("1.2.3", "neither an IP address"),
+    ("256.1.1.1:443", "neither an IP address"), ("", "endpoint is empty"),
+    ("dps:0", "port must be"), ("dps:65536", "port must be"), ("dps:", "port must be"), ("dps:https", "port must be"),
+    ("::1", "brackets"), ("dps:1:2", "brackets"), ("[::1", "brackets"), ("[dps]:443", "brackets"),
+    ("[::1]x", "brackets"), ("[fe80::1%eth0]:443", "brackets"),
+])
+def test_invalid_endpoint_names_the_argument_and_the_form(endpoint, message):
+    with pytest.raises(ConfigError, match=re.escape(message)) as exc:
+        dps.register_request("0ne1", "dev", endpoint=endpoint)
+    assert "endpoint" in str(exc.value)
+
+
+def test_endpoint_not_a_str():
+    with pytest.raises(ConfigError, match="endpoint .*must be a str"):
+        dps.operation_status_request("0ne1", "dev", "op", endpoint=8443)
+
+
+@pytest.mark.parametrize("endpoint, prefix", [
+    ("global.azure-devices-provisioning.net", "https://global.azure-devices-provisioning.net/"),
+    ("127.0.0.1:8443", "https://127.0.0.1:8443/"), ("localhost:1", "https://localhost:1/"),
+    ("[::1]:8443", "https://[::1]:8443/"), ("[::1]", "https://[::1]/"), ("dps_lab.local:65535", "https://dps_lab.local:65535/"),
+])
+def test_valid_endpoints(endpoint, prefix):
+    assert dps.register_request("0ne1", "dev", endpoint=endpoint).url.startswith(prefix)
