@@ -198,10 +198,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.device and not args.self_signed:
             lines.append("  no devices registered (use --device ID or the service API)")
         lines.append("ready")
-        print("\n".join(lines), flush=True)
         stop = threading.Event()
+        # Before "ready": whoever waits for that line may send SIGTERM right after it.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+        print("\n".join(lines), flush=True)
         while not stop.wait(0.5):  # a timed wait keeps signal delivery prompt on every platform
             pass
         return 0

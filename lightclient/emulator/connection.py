@@ -11,7 +11,7 @@ import json
 import ssl
 from typing import Optional
 
-from . import codec, namespace
+from . import codec, jsonlimits, namespace
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
 from .registry import Identity, PeerCertificate, authorize
@@ -295,6 +295,13 @@ class Connection:
         rid = self._check_rid(kind, packet)
         if rid is None:
             return
+        depth = jsonlimits.nesting(packet.payload)
+        if depth > jsonlimits.MAX_TWIN_DEPTH + 1:   # + 1: the patch's own object is the section
+            self.diag("twin.reported-depth", f"reported patch nests objects {depth - 1} levels below the "
+                      f"section; the hub allows {jsonlimits.MAX_TWIN_DEPTH} and answers 400",
+                      f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
         try:
             patch = json.loads(packet.payload)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -323,7 +330,11 @@ class Connection:
         payload = None
         if packet.payload:
             try:
-                payload = json.loads(packet.payload)
+                payload = jsonlimits.loads(packet.payload)
+            except jsonlimits.JsonTooDeep as exc:
+                self.diag("method.payload", f"method response body: {exc}; passed on as text",
+                          f"body {packet.payload[:80]!r}")
+                payload = packet.payload.decode("utf-8", "replace")
             except (ValueError, UnicodeDecodeError):
                 self.diag("method.payload", "method response body must be JSON (or empty); passed on "
                           "as text", f"body {packet.payload[:80]!r}")

@@ -18,7 +18,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import codec, namespace
+from . import codec, jsonlimits, namespace
 from .diagnostics import Diagnostic, DiagnosticLog
 from .errors import HubError
 from .events import EventLog
@@ -271,6 +271,12 @@ class Hub:
         self._require(identity)
         if not isinstance(patch, dict):
             raise HubError(400, 400004, "The desired properties patch must be a JSON object.")
+        depth = jsonlimits.depth_of(patch, jsonlimits.MAX_TWIN_DEPTH + 1) - 1   # the patch is the section
+        if depth > jsonlimits.MAX_TWIN_DEPTH:
+            message = (f"The desired properties patch nests objects more than {jsonlimits.MAX_TWIN_DEPTH} "
+                       f"levels deep; IoT Hub allows {jsonlimits.MAX_TWIN_DEPTH}.")
+            self.diag("service.twin-depth", message, identity=identity)
+            raise HubError(400, 400004, message)
         version = self.twin(identity).patch_desired(patch)
         session = self.sessions.get(identity)
         if session is not None:
@@ -322,9 +328,13 @@ class Hub:
             raise HubError(413, 413001, f"Message of {len(body)} bytes exceeds the C2D limit of "
                            f"{C2D_MAX_BYTES} bytes.")
         queue = self.c2d_queues.setdefault(device_id, deque())
-        if len(queue) >= C2D_QUEUE_DEPTH:
+        # As on the hub, a message counts against the queue depth until the device completes it (PUBACK),
+        # so one that never acknowledges cannot make the emulator hold messages without end.
+        session = self.sessions.get(device_id)
+        unacked = sum(1 for _, c2d in session.inflight.values() if c2d is not None) if session else 0
+        if len(queue) + unacked >= C2D_QUEUE_DEPTH:
             raise HubError(403, 403004, f"Device {device_id!r} already has {C2D_QUEUE_DEPTH} messages "
-                           f"queued (DeviceMaximumQueueDepthExceeded).")
+                           f"queued or not yet acknowledged (DeviceMaximumQueueDepthExceeded).")
         message_id = message_id or str(uuid.uuid4())
         pairs: List[Tuple[str, Optional[str]]] = [("$.mid", message_id),
                                                   ("$.to", f"/devices/{device_id}/messages/devicebound")]

@@ -14,6 +14,7 @@ Every method is thread-safe; hub state itself lives on the emulator's own asynci
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 import sys
 import threading
@@ -26,7 +27,7 @@ from .diagnostics import MAX_DIAGNOSTICS, Diagnostic, DiagnosticLog
 from .errors import EmulatorError
 from .events import MAX_EVENTS, Event, EventLog
 from .hub import MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, Hub
-from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry
+from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry, check_id
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,21 @@ class MethodResult:
 
 #: File descriptors kept free beside the connections: listeners, the HTTP API and DPS, state files, stdio.
 FD_HEADROOM = 64
+
+
+def _certificate_der(pem: str, source: str) -> bytes:
+    """The DER of the first certificate in ``pem``, parsed by OpenSSL; EmulatorError naming ``source``."""
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = pem.find(begin)
+    stop = pem.find(end, max(start, 0))
+    if start < 0 or stop < 0:
+        raise EmulatorError(f"{source} holds no PEM certificate ({begin} … {end})")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem[start:stop + len(end)])
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)  # a real X.509 parse
+    except (ValueError, ssl.SSLError) as exc:
+        raise EmulatorError(f"{source} is not a valid X.509 certificate: {exc}") from None
+    return der
 
 
 def _identity_name(device_id: str, module_id: Optional[str]) -> str:
@@ -259,26 +275,43 @@ class Emulator:
     # ------------------------------------------------------------------ registry and certificates
 
     def register_device(self, device_id: str, module_id: Optional[str] = None, *,
-                        certificate=None, thumbprints: Iterable[str] = (), enabled: bool = True) -> Identity:
+                        certificate=None, certificate_pem: Optional[str] = None, thumbprints: Iterable[str] = (),
+                        enabled: bool = True) -> Identity:
         """Register a device (or module) identity.
 
-        Without ``certificate``/``thumbprints`` it is CA-signed: its certificate must come from this
-        emulator's CA with ``CN={device_id}`` (or ``CN={device_id}/{module_id}``).  With a self-signed
-        ``certificate`` file its SHA-1 and SHA-256 thumbprints are registered and the certificate is
-        trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness, but the
-        handshake then fails unless that certificate is trusted some other way."""
+        Without ``certificate``/``certificate_pem``/``thumbprints`` it is CA-signed: its certificate must
+        come from this emulator's CA with ``CN={device_id}`` (or ``CN={device_id}/{module_id}``).  With a
+        self-signed certificate (a PEM file ``certificate``, or the PEM text ``certificate_pem``, which is
+        then kept in ``{state_dir}/registered/``) its SHA-1 and SHA-256 thumbprints are registered and the
+        certificate is trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness,
+        but the handshake then fails unless that certificate is trusted some other way.  Everything is
+        checked before anything is written or trusted."""
+        check_id(device_id, "device id")
+        if module_id is not None:
+            check_id(module_id, "module id")
         prints = tuple(t.replace(":", "").upper() for t in thumbprints)
-        if certificate is not None:
-            prints += certs.thumbprints(Path(certificate))
-            self._trust(Path(certificate))
+        der = None
+        if certificate_pem is not None:
+            der = _certificate_der(certificate_pem, "x509Certificate")
+        elif certificate is not None:
+            try:
+                text = Path(certificate).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EmulatorError(f"cannot read the certificate {certificate}: {exc}") from None
+            der = _certificate_der(text, str(certificate))
+        if der is not None:
+            if self._thread is None:
+                raise EmulatorError("start() the emulator before registering self-signed identities")
+            prints += (hashlib.sha1(der).hexdigest().upper(), hashlib.sha256(der).hexdigest().upper())
         auth = SELF_SIGNED if prints else CA_SIGNED
-        return self.registry.add(Identity(device_id, module_id, auth, prints, enabled))
-
-    def _trust(self, certificate: Path) -> None:
-        der = certs.certificate_der(certificate)
-        if self._thread is None:
-            raise EmulatorError("start() the emulator before registering self-signed identities")
-        self._ssl_context.load_verify_locations(cadata=der)
+        identity = Identity(device_id, module_id, auth, prints, enabled)
+        if der is not None:
+            if certificate_pem is not None:
+                kept = self.state_dir / "registered" / f"{device_id}__{module_id or ''}.pem"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(ssl.DER_cert_to_PEM_cert(der))
+            self._ssl_context.load_verify_locations(cadata=der)
+        return self.registry.add(identity)
 
     def unregister(self, device_id: str, module_id: Optional[str] = None) -> None:
         self.registry.remove(_identity_name(device_id, module_id))
