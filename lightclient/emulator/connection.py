@@ -16,6 +16,7 @@ from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
 from .registry import Identity, PeerCertificate, authorize
 from .tls_channel import TlsChannel
+from .twin import TwinTooLarge
 
 #: IoT Hub's telemetry limit, counted as body + system property values + application names and values.
 D2C_MAX_BYTES = 262_144
@@ -314,7 +315,12 @@ class Connection:
                       f"body {packet.payload[:80]!r}")
             self._respond_twin(400, rid)
             return
-        version = self.hub.twin(self.identity.name).patch_reported(patch)
+        try:
+            version = self.hub.twin(self.identity.name).patch_reported(patch)
+        except TwinTooLarge as exc:
+            self.diag("twin.reported-size", f"{exc}; hub answers 400", f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
         self._respond_twin(204, rid, extra=f"&$version={version}")
 
     def _on_method_response(self, packet: codec.Publish, kind: namespace.MethodResponse) -> None:

@@ -24,7 +24,7 @@ from .errors import HubError
 from .events import EventLog
 from .registry import Registry
 from .tls_channel import TlsChannel
-from .twin import Twin
+from .twin import Twin, TwinTooLarge
 
 #: IoT Hub quotas used here (protocol notes §1 and the hub's quota page).
 C2D_MAX_BYTES = 65_536
@@ -277,7 +277,11 @@ class Hub:
                        f"levels deep; IoT Hub allows {jsonlimits.MAX_TWIN_DEPTH}.")
             self.diag("service.twin-depth", message, identity=identity)
             raise HubError(400, 400004, message)
-        version = self.twin(identity).patch_desired(patch)
+        try:
+            version = self.twin(identity).patch_desired(patch)
+        except TwinTooLarge as exc:
+            self.diag("service.twin-size", str(exc), identity=identity)
+            raise HubError(400, 400004, f"{exc}.") from None
         session = self.sessions.get(identity)
         if session is not None:
             body = json.dumps({**patch, "$version": version}).encode()

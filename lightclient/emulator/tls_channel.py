@@ -10,9 +10,9 @@ before reading from the socket pauses.
 
 Life cycle: the hub's ``on_made(channel)`` decides whether to keep it (False: it was aborted, e.g. over the
 connection cap), ``on_handshake(channel)`` runs once the handshake succeeded, ``on_failure(channel, reason,
-timed_out)`` once it failed, timed out or the peer left first, ``on_lost(channel)`` when the socket is gone;
-after the handshake the owner reads with
-:meth:`read`, writes with :meth:`write` and :meth:`drain`, and ends with :meth:`close` or :meth:`abort`.
+timed_out)`` once it failed, timed out or the peer left first, ``on_lost(channel)`` when the socket is gone.
+After the handshake the owner reads with :meth:`read`, writes with :meth:`write` and :meth:`drain`, and
+ends with :meth:`close` or :meth:`abort`.
 """
 from __future__ import annotations
 
@@ -176,10 +176,12 @@ class TlsChannel(asyncio.BufferedProtocol):
             await self._wait()
         data = bytes(self._plain)
         self._plain.clear()
-        if self._reading_paused and not self._eof:
+        if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()
-            self._pump()  # records already in the BIO would otherwise wait for the next socket read
+            # Records already in the BIO (or the peer's last ones before its EOF) would otherwise wait
+            # for a socket read that may never come.
+            self._pump()
         return data
 
     def write(self, data: bytes) -> None:

@@ -739,6 +739,23 @@ def test_too_deep_desired_patch_from_the_service_gets_400_with_a_diagnostic(emu,
     assert reply.status_code == 200 and reply.json()["properties"]["desired"]["$version"] == 2
 
 
+def test_twin_sections_are_capped_at_32_kb_as_on_the_hub(emu, device, clients):
+    identity, cert, key = device()
+    client = paho_device(emu, clients, identity, cert, key)
+    client.connect()
+    client.subscribe("$iothub/twin/res/#")
+    for n in range(3):   # a device adding keys forever
+        client.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={n}",
+                       json.dumps({f"k{n}": "x" * 12_000}).encode())
+    statuses = [client.wait_message("$iothub/twin/res/").topic.split("/")[3] for _ in range(3)]
+    assert statuses == ["204", "204", "400"]
+    assert "IoT Hub allows 32768" in emu.wait_for_diagnostic("twin.reported-size", identity).message
+    assert sorted(emu.get_twin(identity)["reported"]) == ["$version", "k0", "k1"]
+    with pytest.raises(HubError) as info:
+        emu.update_desired(identity, {"big": "x" * 40_000})
+    assert info.value.status == 400 and emu.get_twin(identity)["desired"] == {"$version": 1}
+
+
 def test_twin_request_without_rid_is_diagnosed(emu, device, clients):
     identity, cert, key = device()
     client = paho_device(emu, clients, identity, cert, key)

@@ -62,3 +62,28 @@ def test_event_log_is_a_ring():
     for n in range(5):
         log.add(Event("d", None, str(n).encode(), {}, {}, "devices/d/messages/events/"))
     assert [e.body for e in log.items("d")] == [b"3", b"4"]
+
+
+def test_twin_section_size_counts_like_the_hub():
+    from lightclient.emulator.twin import section_size
+
+    assert section_size({}) == 0
+    assert section_size({"a": "xyz"}) == 1 + 3
+    assert section_size({"n": 1.5, "b": True, "é": "é"}) == (1 + 8) + (1 + 4) + (2 + 2)
+    assert section_size({"o": {"k": [1, "ab"]}, "$version": 4}) == 1 + 1 + 8 + 2
+
+
+def test_a_patch_that_would_take_a_twin_section_over_32_kb_is_refused_whole():
+    from lightclient.emulator.twin import MAX_SECTION_BYTES, Twin, TwinTooLarge
+
+    twin = Twin()
+    assert twin.patch_reported({"big": "x" * (MAX_SECTION_BYTES - 3)}) == 2   # exactly at the limit
+    with pytest.raises(TwinTooLarge, match="reported properties 32770 bytes; IoT Hub allows 32768"):
+        twin.patch_reported({"k": "v"})
+    with pytest.raises(TwinTooLarge, match="40006 bytes"):
+        twin.patch_reported({"k": "v", "big": None, "more": "x" * 40_000})
+    assert twin.reported_version == 2 and list(twin.reported) == ["big"]
+    assert twin.patch_reported({"big": None, "small": 1}) == 3          # shrinking is always fine
+    with pytest.raises(TwinTooLarge, match="desired"):
+        twin.patch_desired({str(n): n for n in range(5000)})
+    assert twin.desired == {} and twin.desired_version == 1
