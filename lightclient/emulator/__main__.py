@@ -9,7 +9,7 @@ command line win over the file::
     {"port": 8883, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
      "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
      "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
-     "verbose": true}
+     "max_connections": 4096, "handshake_timeout": 10, "connect_timeout": 10, "verbose": true}
 
 Every ``--device`` is registered CA-signed and gets a key and certificate from the emulator's CA in
 ``{state-dir}/devices/`` (kept across runs).  ``--self-signed ID=CERT.pem`` registers a self-signed
@@ -25,12 +25,33 @@ from pathlib import Path
 from typing import List, Optional
 
 from .errors import EmulatorError
+from .hub import MAX_CONNECTIONS
 from .service import Emulator
 
 
 def _split(identity: str):
     device_id, _, module_id = identity.partition("/")
     return device_id, module_id or None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dps-polls", type=int, default=1,
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
     parser.add_argument("--dps-retry-after", type=int, default=1, help="DPS Retry-After seconds (default 1)")
+    parser.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
+                        help=f"open MQTT connections before further ones are closed at once (default "
+                             f"{MAX_CONNECTIONS}); the open-file limit is raised to fit where allowed")
+    parser.add_argument("--handshake-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="close a connection whose TLS handshake is not done within this time (default 10)")
+    parser.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="close a connection that sends no CONNECT within this time after TLS (default 10)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="read settings from a JSON file (command-line flags win)")
@@ -69,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int,
                 "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
-                "server_cert": str, "server_key": str}
+                "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
+                "connect_timeout": float}
 _DPS_KEYS = {"port": "dps_port", "id_scope": "id_scope", "polls": "dps_polls", "retry_after": "dps_retry_after"}
 
 
@@ -90,8 +119,11 @@ def _config_defaults(path: Path) -> dict:
         kind = _CONFIG_KEYS.get(key)
         if kind is None:
             raise EmulatorError(f"unknown setting {key!r} in {path}; known: {', '.join(sorted(_CONFIG_KEYS))}")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        accepted = (int, float) if kind is float else kind  # a whole number of seconds is a number too
+        if not isinstance(value, accepted) or (kind in (int, float) and isinstance(value, bool)):
             raise EmulatorError(f"setting {key!r} in {path} must be a {kind.__name__}, not {type(value).__name__}")
+        if key in ("max_connections", "handshake_timeout", "connect_timeout") and not value > 0:
+            raise EmulatorError(f"setting {key!r} in {path} must be positive, not {value!r}")
         if key == "devices":
             defaults["device"] = [str(d) for d in value]
         elif key == "self_signed":
@@ -122,7 +154,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     emulator = Emulator(args.state_dir, host=args.host, port=args.port, hostname=args.hostname,
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
-                        ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key)
+                        ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
+                        max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
+                        connect_timeout=args.connect_timeout)
     try:
         if args.sign_csr:
             if not args.out:
@@ -134,6 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         emulator.start()
         lines = [f"IoT Hub emulator '{args.hostname}' listening on mqtts://{args.host}:{emulator.port}",
+                 f"  at most {emulator.max_connections} connections"]
+        lines += [f"  warning: {d.message}" for d in emulator.diagnostics(rule="connection.fd-limit")]
+        lines += [
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
         if emulator.http_port is not None:
@@ -161,10 +198,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not args.device and not args.self_signed:
             lines.append("  no devices registered (use --device ID or the service API)")
         lines.append("ready")
-        print("\n".join(lines), flush=True)
         stop = threading.Event()
+        # Before "ready": whoever waits for that line may send SIGTERM right after it.
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
+        print("\n".join(lines), flush=True)
         while not stop.wait(0.5):  # a timed wait keeps signal delivery prompt on every platform
             pass
         return 0

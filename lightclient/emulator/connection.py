@@ -1,4 +1,4 @@
-"""One device connection: TLS handshake, CONNECT, then the hub's rules for every packet.
+"""One device connection once its TLS handshake is done: CONNECT, then the hub's rules for every packet.
 
 A connection that breaks a rule the hub enforces by disconnecting (malformed packet, QoS 2, a topic the
 identity may not use, a message over 256 KB, keep-alive expiry) is closed; nothing it did can affect
@@ -11,15 +11,19 @@ import json
 import ssl
 from typing import Optional
 
-from . import codec, namespace
+from . import codec, jsonlimits, namespace
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
 from .registry import Identity, PeerCertificate, authorize
+from .tls_channel import TlsChannel
+from .twin import TwinTooLarge
 
 #: IoT Hub's telemetry limit, counted as body + system property values + application names and values.
 D2C_MAX_BYTES = 262_144
 #: The Azure load balancer's idle timeout caps the keep-alive window whatever the client asks for.
 MAX_KEEPALIVE_WINDOW = 1767.0
+#: Bytes queued for a device that does not read before the hub gives up on it (50 full C2D messages fit).
+MAX_SEND_BACKLOG = 4 * 1024 * 1024
 
 
 class _Close(Exception):
@@ -27,13 +31,12 @@ class _Close(Exception):
 
 
 class Connection:
-    def __init__(self, hub, transport: asyncio.Transport):
+    """Runs once the TLS handshake is done (see :mod:`.tls_channel`): CONNECT, then the packet loop."""
+
+    def __init__(self, hub, channel: TlsChannel):
         self.hub = hub
-        self.transport = transport  # the plain TCP transport until the TLS handshake replaces it
-        self.reader: Optional[asyncio.StreamReader] = None
-        self.writer: Optional[asyncio.StreamWriter] = None
-        host, port = transport.get_extra_info("peername")[:2]
-        self.peer = f"{host}:{port}"
+        self.channel = channel
+        self.peer = channel.peer
         self.identity: Optional[Identity] = None
         self.session = None
         self.decoder = codec.Decoder(hub.max_packet_size)
@@ -50,22 +53,26 @@ class Connection:
         self.hub.diag(rule, message, received, self.name, self.peer)
 
     def send(self, packet) -> None:
-        if not self.closed:
-            self.transport.write(codec.encode(packet))
+        if self.closed:
+            return
+        self.channel.write(codec.encode(packet))
+        backlog = self.channel.write_buffer_size()
+        if backlog > MAX_SEND_BACKLOG:
+            # Sends from the service side (C2D, desired patches, method calls) do not wait for the
+            # device; one that stops reading would otherwise grow this buffer without end.
+            self.diag("mqtt.send-backlog", f"{backlog} bytes wait to be sent because the device is not "
+                      f"reading (limit {MAX_SEND_BACKLOG}); connection closed")
+            self.abort()
 
     def abort(self) -> None:
         """Drop the connection at once (no TLS close_notify), as the hub does on a violation."""
         self.closed = True
-        self.transport.abort()
+        self.channel.abort()
 
     async def _close_gracefully(self) -> None:
         """Flush what was written (a refusing CONNACK must reach the device), then close."""
         self.closed = True
-        self.writer.close()
-        try:
-            await asyncio.wait_for(self.writer.wait_closed(), 2.0)
-        except (asyncio.TimeoutError, ConnectionError, ssl.SSLError, OSError):
-            self.transport.abort()
+        await self.channel.close(2.0)
 
     async def _next_packet(self, timeout: float) -> Optional[codec.Packet]:
         """The next packet, or None at end of stream; raises TimeoutError, MalformedPacket."""
@@ -73,7 +80,7 @@ class Connection:
             packet = self.decoder.next_packet()
             if packet is not None:
                 return packet
-            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            data = await asyncio.wait_for(self.channel.read(), timeout)
             if not data:
                 return None
             self.decoder.feed(data)
@@ -83,8 +90,6 @@ class Connection:
     async def run(self) -> None:
         clean_exit = False
         try:
-            if not await self._handshake():
-                return
             if not await self._connect():
                 return
             clean_exit = await self._serve()
@@ -105,26 +110,6 @@ class Connection:
             if not self.closed:
                 self.abort()
 
-    async def _handshake(self) -> bool:
-        loop = asyncio.get_running_loop()
-        self.reader = asyncio.StreamReader(limit=2 ** 16)
-        protocol = asyncio.StreamReaderProtocol(self.reader)
-        try:
-            tls = await loop.start_tls(self.transport, protocol, self.hub.ssl_context, server_side=True,
-                                       ssl_handshake_timeout=self.hub.connect_timeout)
-        except (ssl.SSLError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            self.diag("tls.handshake", "TLS handshake failed; the hub requires TLS 1.2+ and a client "
-                      "certificate issued by the emulator's CA or registered as self-signed",
-                      f"{reason}: {exc}")
-            self.abort()
-            return False
-        # start_tls does not call connection_made on the application protocol; the stream needs it.
-        protocol.connection_made(tls)
-        self.transport = tls
-        self.writer = asyncio.StreamWriter(tls, protocol, self.reader, loop)
-        return True
-
     async def _connect(self) -> bool:
         try:
             packet = await self._next_packet(self.hub.connect_timeout)
@@ -138,7 +123,7 @@ class Connection:
             self.diag("connect.first-packet", "the first packet must be CONNECT [MQTT-3.1.0-1]",
                       codec.describe(packet))
             return False
-        ssl_object = self.writer.get_extra_info("ssl_object")
+        ssl_object = self.channel.ssl_object
         peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
         result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
         received = f"client id {packet.client_id!r}, username {packet.username!r}"
@@ -183,7 +168,7 @@ class Connection:
                 self.will = None
                 return True
             self._dispatch(packet)
-            await self.writer.drain()
+            await self.channel.drain()
 
     def _dispatch(self, packet) -> None:
         if isinstance(packet, codec.Publish):
@@ -311,6 +296,13 @@ class Connection:
         rid = self._check_rid(kind, packet)
         if rid is None:
             return
+        depth = jsonlimits.nesting(packet.payload)
+        if depth > jsonlimits.MAX_TWIN_DEPTH + 1:   # + 1: the patch's own object is the section
+            self.diag("twin.reported-depth", f"reported patch nests objects {depth - 1} levels below the "
+                      f"section; the hub allows {jsonlimits.MAX_TWIN_DEPTH} and answers 400",
+                      f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
         try:
             patch = json.loads(packet.payload)
         except (ValueError, UnicodeDecodeError) as exc:
@@ -323,7 +315,12 @@ class Connection:
                       f"body {packet.payload[:80]!r}")
             self._respond_twin(400, rid)
             return
-        version = self.hub.twin(self.identity.name).patch_reported(patch)
+        try:
+            version = self.hub.twin(self.identity.name).patch_reported(patch)
+        except TwinTooLarge as exc:
+            self.diag("twin.reported-size", f"{exc}; hub answers 400", f"body {packet.payload[:80]!r}")
+            self._respond_twin(400, rid)
+            return
         self._respond_twin(204, rid, extra=f"&$version={version}")
 
     def _on_method_response(self, packet: codec.Publish, kind: namespace.MethodResponse) -> None:
@@ -339,7 +336,11 @@ class Connection:
         payload = None
         if packet.payload:
             try:
-                payload = json.loads(packet.payload)
+                payload = jsonlimits.loads(packet.payload)
+            except jsonlimits.JsonTooDeep as exc:
+                self.diag("method.payload", f"method response body: {exc}; passed on as text",
+                          f"body {packet.payload[:80]!r}")
+                payload = packet.payload.decode("utf-8", "replace")
             except (ValueError, UnicodeDecodeError):
                 self.diag("method.payload", "method response body must be JSON (or empty); passed on "
                           "as text", f"body {packet.payload[:80]!r}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 
 @dataclass(frozen=True)
@@ -35,20 +36,41 @@ class Diagnostic:
         return text
 
 
-class DiagnosticLog:
-    """Thread-safe append-only list of diagnostics with listeners (``--verbose`` prints through one)."""
+#: Records kept by default; older ones drop out of the ring, their counts stay.
+MAX_DIAGNOSTICS = 10_000
 
-    def __init__(self) -> None:
-        self._items: List[Diagnostic] = []
+
+class DiagnosticLog:
+    """Thread-safe ring of the most recent diagnostics plus a count per rule of all of them, with listeners
+    (``--verbose`` prints through one). Bounded, so a flood of failed handshakes costs no memory over time."""
+
+    def __init__(self, max_items: int = MAX_DIAGNOSTICS) -> None:
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        self._items: Deque[Diagnostic] = deque(maxlen=max_items)
+        self._counts: Counter = Counter()
         self._cond = threading.Condition()
         self.listeners: List[Callable[[Diagnostic], None]] = []
 
-    def add(self, diagnostic: Diagnostic) -> None:
+    def add(self, diagnostic: Diagnostic, count: bool = True) -> None:
+        """Record ``diagnostic``; ``count=False`` when the caller already counted it (see :meth:`count`)."""
         with self._cond:
             self._items.append(diagnostic)
+            if count:
+                self._counts[diagnostic.rule] += 1
             self._cond.notify_all()
         for listener in list(self.listeners):
             listener(diagnostic)
+
+    def count(self, rule: str) -> None:
+        """Count one occurrence of ``rule`` without keeping a record (for events too frequent to keep)."""
+        with self._cond:
+            self._counts[rule] += 1
+
+    def counts(self) -> Dict[str, int]:
+        """Occurrences per rule since the start, including records that left the ring."""
+        with self._cond:
+            return dict(self._counts)
 
     def items(self, identity: Optional[str] = None, rule: Optional[str] = None) -> List[Diagnostic]:
         with self._cond:

@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import certs
+from . import certs, jsonlimits
 
+#: The largest request body taken (413 beyond); a registration with a CSR is a few KB.
+MAX_BODY_BYTES = 64 * 1024
 CSR_API_VERSION = "2025-07-01-preview"
 KNOWN_API_VERSIONS = ("2019-03-31", "2021-06-01", "2021-10-01", CSR_API_VERSION)
 
@@ -222,7 +224,9 @@ class DpsEmulator:
 
     def _register(self, rid: str, enrollment: Enrollment, body: bytes, api_version: str):
         try:
-            data = json.loads(body or b"{}")
+            data = jsonlimits.loads(body or b"{}")
+        except jsonlimits.JsonTooDeep as exc:
+            return _error(400, 400001, f"the request body is too deeply nested: {exc}")
         except ValueError:
             return _error(400, 400001, "the request body is not JSON")
         if not isinstance(data, dict) or data.get("registrationId") != rid:
@@ -341,21 +345,39 @@ class _Handler(BaseHTTPRequestHandler):
         super().handle()
 
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 64 * 1024:
-            self.send_error(413)
-            return
-        body = self.rfile.read(length) if length else b""
         emu = self.server.emulator
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not re.fullmatch(r"[0-9]{1,18}", text):
+            self.close_connection = True  # the body's end is unknown, so is the next request's start
+            self._send(*_error(400, 400004, f"Content-Length must be a non-negative whole number, got {text!r}"))
+            return
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            self._send(*_error(413, 413000, f"request body of {length} bytes is over {MAX_BODY_BYTES} bytes"))
+            return
+        try:
+            body = self.rfile.read(length) if length else b""
+        except OSError:
+            body = b""
+        if len(body) != length:
+            self.close_connection = True
+            self._send(*_error(400, 400004, f"the body ended after {len(body)} of {length} bytes"))
+            return
         status, data, headers = emu.handle(self.command, self.path, body, self._peer_der, self._peer)
-        payload = json.dumps(data).encode()
         with emu._lock:
             emu.requests.append((self.command, self.path, status))
+        self._send(status, data, headers)
+
+    def _send(self, status: int, data: dict, headers: Dict[str, str]) -> None:
+        payload = json.dumps(data).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
         if status >= 400:
             self.send_header("x-ms-error-code", str(data.get("errorCode", "")))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for key, value in headers.items():
             self.send_header(key, value)
         self.end_headers()

@@ -5,8 +5,9 @@ import base64
 import itertools
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional
 
 _sequence = itertools.count(1)
 
@@ -41,11 +42,16 @@ class Event:
                 "enqueuedTime": self.time, "sequenceNumber": self.sequence}
 
 
-class EventLog:
-    """Thread-safe: the hub appends on its loop thread, tests and the HTTP API read from others."""
+#: Telemetry events kept by default (the newest; older ones drop out).
+MAX_EVENTS = 100_000
 
-    def __init__(self) -> None:
-        self._items: List[Event] = []
+
+class EventLog:
+    """Thread-safe: the hub appends on its loop thread, tests and the HTTP API read from others. A ring of
+    the newest ``max_items`` events, so a long-running emulator does not grow without end."""
+
+    def __init__(self, max_items: int = MAX_EVENTS) -> None:
+        self._items: Deque[Event] = deque(maxlen=max_items)
         self._cond = threading.Condition()
 
     def add(self, event: Event) -> None:

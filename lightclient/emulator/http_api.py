@@ -20,7 +20,9 @@ Routes (``?api-version=…`` is accepted and ignored; module forms insert ``/mod
     GET    /emulator/events[?deviceId=&moduleId=]     accepted telemetry, oldest first
     GET    /emulator/diagnostics[?identity=&rule=]    recorded protocol deviations
 
-Errors come back with the hub's status and a body ``{"errorCode": 404103, "message": …}``.
+Errors come back with the hub's status and a body ``{"errorCode": 404103, "message": …}``; so does every
+malformed request (bad JSON, a body that is not an object, too deep JSON, a wrong Content-Length, a body
+over 1 MiB: 413, an unknown route: 404).
 """
 from __future__ import annotations
 
@@ -32,8 +34,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from . import jsonlimits
+from .diagnostics import Diagnostic
 from .errors import EmulatorError, HubError
 from .registry import CA_SIGNED, SELF_SIGNED
+
+#: The largest request body taken (413 beyond): far above the hub's own limits (C2D 64 KB, twin 32 KB).
+MAX_BODY_BYTES = 1024 * 1024
+#: Seconds a connection may take to send its request before its thread gives up on it.
+REQUEST_TIMEOUT = 30
+#: IoT Hub's range for responseTimeoutInSeconds / connectTimeoutInSeconds.
+MAX_METHOD_SECONDS = 300
 
 _IDENTITY = r"(?P<device>[^/]+)(?:/modules/(?P<module>[^/]+))?"
 _ROUTES = [
@@ -72,6 +83,7 @@ class HttpApi:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "lightclient-iothub-emulator"
     protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT  # a client that stops sending mid-request frees its thread after this
 
     def log_message(self, *args) -> None:  # keep test output clean; diagnostics carry what matters
         pass
@@ -91,26 +103,76 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._route("DELETE")
 
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The base class's answer to a request it cannot parse (bad request line, header too long,
+        unknown method), as JSON like every other answer."""
+        if code == 501:  # an unknown method is the client's mistake here
+            code, message = 405, f"method {self.command!r} is not supported; use GET, PUT, PATCH, POST or DELETE"
+        self.close_connection = True
+        if self.request_version in ("", "HTTP/0.9"):  # a status line even when the request line was garbage
+            self.request_version = self.protocol_version
+        self._reply(code, {"errorCode": code * 1000, "message": message or explain or "bad request"})
+
     # ------------------------------------------------------------------ plumbing
 
     def _route(self, method: str) -> None:
+        try:
+            status, payload = self._dispatch(method)
+        except HubError as exc:
+            status, payload = exc.status, exc.body()
+        except (EmulatorError, ValueError, KeyError, TypeError) as exc:
+            status, payload = 400, {"errorCode": 400004, "message": str(exc)}
+        except Exception as exc:  # a bug here must still answer, and be visible
+            self.emulator.diagnostic_log.add(Diagnostic(
+                "service.internal", f"the service API failed on {method} {self.path}: "
+                f"{type(exc).__name__}: {exc}"))
+            status, payload = 500, {"errorCode": 500001, "message": f"internal emulator error: {exc}"}
+        self._reply(status, payload)
+
+    def _dispatch(self, method: str) -> Tuple[int, Any]:
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-        length = int(self.headers.get("Content-Length") or 0)
-        self.body = self.rfile.read(length) if length else b""
+        self.body = self._read_body()
         path = unquote(url.path)
         for verb, pattern, name in _ROUTES:
             match = pattern.match(path)
             if match and verb == method:
-                try:
-                    status, payload = getattr(self, name)(**match.groupdict())
-                except HubError as exc:
-                    status, payload = exc.status, exc.body()
-                except (EmulatorError, ValueError, KeyError, TypeError) as exc:
-                    status, payload = 400, {"errorCode": 400004, "message": str(exc)}
-                self._reply(status, payload)
-                return
-        self._reply(404, {"errorCode": 404000, "message": f"no route {method} {url.path}"})
+                for value in match.groupdict().values():
+                    if value in (".", ".."):
+                        raise HubError(400, 400004, f"{value!r} is not an identity id: HTTP clients resolve it "
+                                       f"as a path segment, so it could never be addressed")
+                return getattr(self, name)(**match.groupdict())
+        raise HubError(404, 404000, f"no route {method} {url.path}")
+
+    def _read_body(self) -> bytes:
+        """The request body, exactly Content-Length bytes; a request whose framing cannot be trusted is
+        answered and the connection closed, since what follows it cannot be parsed either."""
+        if self.headers.get("Transfer-Encoding", "identity").strip().lower() != "identity":
+            self.close_connection = True
+            raise HubError(411, 411000, "send the body with a Content-Length header; Transfer-Encoding "
+                           "is not supported")
+        values = {v.strip() for v in self.headers.get_all("Content-Length") or ()}
+        if not values:
+            return b""
+        text = values.pop()
+        if values or not re.fullmatch(r"[0-9]{1,18}", text):
+            self.close_connection = True
+            raise HubError(400, 400004, f"Content-Length must be one non-negative whole number, got "
+                           f"{self.headers.get_all('Content-Length')!r}")
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise HubError(413, 413000, f"request body of {length} bytes is over the emulator's limit of "
+                           f"{MAX_BODY_BYTES} bytes")
+        try:
+            body = self.rfile.read(length)
+        except OSError:  # socket.timeout included
+            body = b""
+        if len(body) != length:
+            self.close_connection = True
+            raise HubError(400, 400004, f"the body ended after {len(body)} of the {length} bytes its "
+                           f"Content-Length announced")
+        return body
 
     def _reply(self, status: int, payload: Optional[Any]) -> None:
         data = b"" if payload is None else json.dumps(payload).encode()
@@ -118,14 +180,28 @@ class _Handler(BaseHTTPRequestHandler):
         if data:
             self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(data)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
-    def _json(self) -> Any:
+    def _object(self) -> dict:
+        """The body as a JSON object; anything else is the client's mistake, named."""
+        if not self.body:
+            raise HubError(400, 400004, "the request body is missing; expected a JSON object")
         try:
-            return json.loads(self.body or b"null")
-        except ValueError as exc:
+            value = jsonlimits.loads(self.body)
+        except jsonlimits.JsonTooDeep as exc:
+            message = f"request body: {exc}"
+            self.emulator.diagnostic_log.add(Diagnostic("service.json-depth", message,
+                                                        f"{self.command} {self.path}"))
+            raise HubError(400, 400004, message) from None
+        except ValueError as exc:  # UnicodeDecodeError included
             raise HubError(400, 400004, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise HubError(400, 400004, f"request body must be a JSON object, not {_json_kind(value)}")
+        return value
 
     @property
     def emulator(self):
@@ -137,25 +213,26 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, [_identity_json(i) for i in self.emulator.identities()]
 
     def register(self, device: str, module: Optional[str]) -> Tuple[int, Any]:
-        body = self._json() or {}
-        auth = body.get("authentication") or {"type": CA_SIGNED}
-        kind = auth.get("type", CA_SIGNED)
+        body = self._object()
+        auth = _field(body, "authentication", dict, {"type": CA_SIGNED})
+        kind = _field(auth, "type", str, CA_SIGNED)
+        status = _field(body, "status", str, "enabled")
+        if status not in ("enabled", "disabled"):
+            raise HubError(400, 400004, f"status must be 'enabled' or 'disabled', got {status!r}")
         certificate = None
         prints = []
         if kind == SELF_SIGNED:
-            prints = [t for t in (auth.get("x509Thumbprint") or {}).values() if t]
-            pem = auth.get("x509Certificate")
-            if pem:
-                certificate = self.emulator.state_dir / "registered" / f"{device}__{module or ''}.pem"
-                certificate.parent.mkdir(parents=True, exist_ok=True)
-                certificate.write_text(pem)
+            thumbprints = _field(auth, "x509Thumbprint", dict, {})
+            prints = [_field(thumbprints, k, str, "") for k in thumbprints]
+            prints = [t for t in prints if t]
+            certificate = _field(auth, "x509Certificate", str, "") or None
             if not prints and certificate is None:
                 raise HubError(400, 400004, "a selfSigned identity needs x509Thumbprint or x509Certificate")
         elif kind != CA_SIGNED:
             raise HubError(400, 400004, f"authentication type {kind!r} is not supported by the emulator "
                            f"(use certificateAuthority or selfSigned)")
-        identity = self.emulator.register_device(device, module, certificate=certificate, thumbprints=prints,
-                                                 enabled=body.get("status", "enabled") == "enabled")
+        identity = self.emulator.register_device(device, module, certificate_pem=certificate, thumbprints=prints,
+                                                 enabled=status == "enabled")
         return 200, _identity_json(identity)
 
     def unregister(self, device: str, module: Optional[str]) -> Tuple[int, Any]:
@@ -175,20 +252,19 @@ class _Handler(BaseHTTPRequestHandler):
         return 200, self._twin_json(device, module)
 
     def patch_twin(self, device: str, module: Optional[str]) -> Tuple[int, Any]:
-        body = self._json() or {}
-        desired = (body.get("properties") or {}).get("desired")
+        desired = _field(_field(self._object(), "properties", dict, {}), "desired", dict, None)
         if not isinstance(desired, dict):
             raise HubError(400, 400004, 'expected {"properties": {"desired": {…}}}')
         self.emulator.update_desired(device, desired, module)
         return 200, self._twin_json(device, module)
 
     def invoke(self, device: str, module: Optional[str]) -> Tuple[int, Any]:
-        body = self._json() or {}
-        name = body.get("methodName")
+        body = self._object()
+        name = _field(body, "methodName", str, "")
         if not name:
             raise HubError(400, 400004, "methodName is required")
-        timeout = float(body.get("responseTimeoutInSeconds", 30))
-        connect_timeout = float(body.get("connectTimeoutInSeconds", 0))
+        timeout = _seconds(body, "responseTimeoutInSeconds", 30)
+        connect_timeout = _seconds(body, "connectTimeoutInSeconds", 0)
         deadline = time.monotonic() + connect_timeout
         while True:
             # connectTimeoutInSeconds: how long the hub waits for an offline device to come online.
@@ -218,6 +294,29 @@ class _Handler(BaseHTTPRequestHandler):
         items = self.emulator.diagnostics(self.query.get("identity"), self.query.get("rule"))
         return 200, [{"rule": d.rule, "message": d.message, "received": d.received, "identity": d.identity,
                       "peer": d.peer, "time": d.time, "text": str(d)} for d in items]
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _field(obj: dict, key: str, kind: type, default: Any) -> Any:
+    """``obj[key]`` if it has the JSON type ``kind``; absent or null gives ``default``; else a named 400."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise HubError(400, 400004, f"{key!r} must be {_json_kind(kind())}, not {_json_kind(value)}")
+    return value
+
+
+def _seconds(obj: dict, key: str, default: float) -> float:
+    value = obj.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_METHOD_SECONDS:
+        raise HubError(400, 400004, f"{key!r} must be a number of seconds from 0 to {MAX_METHOD_SECONDS}, "
+                       f"got {value!r}")
+    return float(value)
 
 
 def _identity_json(identity) -> dict:

@@ -18,17 +18,24 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import codec, namespace
+from . import codec, jsonlimits, namespace
 from .diagnostics import Diagnostic, DiagnosticLog
 from .errors import HubError
 from .events import EventLog
 from .registry import Registry
-from .twin import Twin
+from .tls_channel import TlsChannel
+from .twin import Twin, TwinTooLarge
 
 #: IoT Hub quotas used here (protocol notes §1 and the hub's quota page).
 C2D_MAX_BYTES = 65_536
 C2D_QUEUE_DEPTH = 50
 MAX_SUBSCRIPTIONS = 5
+#: Open connections (TLS finished or not) before further ones are closed at once: room for 2,000+ devices.
+MAX_CONNECTIONS = 4096
+#: Socket reads go into one buffer of this size per hub; a TLS record is at most ~16 KiB.
+RECEIVE_BUFFER = 65536
+#: Per-connection send buffer above which the device's packet loop waits (drain) for it to read.
+WRITE_HIGH_WATER = 65536
 
 
 @dataclass
@@ -66,34 +73,12 @@ class Session:
         return max(matches) if matches else None
 
 
-class _Accept(asyncio.Protocol):
-    """Accepts a TCP connection with reading paused, so the TLS layer (started by the Connection)
-    sees the ClientHello.  asyncio.start_server + StreamWriter.start_tls would race: the plain stream
-    can swallow the ClientHello before start_tls runs, and the handshake then hangs."""
-
-    def __init__(self, hub: "Hub"):
-        self.hub = hub
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport.pause_reading()
-        # Python 3.9's socket transport adds its reader in a callback queued *after* this one,
-        # ignoring the pause (3.10 fixed that), and the ClientHello then goes to this protocol and is
-        # lost. Pause again once that callback has run; a no-op on newer Pythons.
-        asyncio.get_running_loop().call_soon(_repause, transport)
-        self.hub._on_accept(transport)
-
-
-def _repause(transport: asyncio.BaseTransport) -> None:
-    if not transport.is_closing():
-        transport.resume_reading()
-        transport.pause_reading()
-
-
 class Hub:
     def __init__(self, *, hostname: str, registry: Registry, diagnostics: DiagnosticLog, events: EventLog,
                  ssl_context: ssl.SSLContext, ca_subject: Dict[str, str],
                  max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, connect_timeout: float = 10.0,
-                 max_subscriptions: int = MAX_SUBSCRIPTIONS):
+                 max_subscriptions: int = MAX_SUBSCRIPTIONS, max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float = 10.0):
         self.hostname = hostname
         self.registry = registry
         self.diagnostics = diagnostics
@@ -103,6 +88,8 @@ class Hub:
         self.max_packet_size = max_packet_size
         self.connect_timeout = connect_timeout
         self.max_subscriptions = max_subscriptions
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
         self.sessions: Dict[str, Session] = {}
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
@@ -111,20 +98,23 @@ class Hub:
         self._method_rids = itertools.count(1)
         self._server: Optional[asyncio.base_events.Server] = None
         self._tasks: Set[asyncio.Task] = set()
+        self._channels: Set[TlsChannel] = set()       # every open TCP connection, secure or not
+        self._at_cap = False
+        # One receive buffer for every socket read on this loop (see tls_channel).
+        self._receive_buffer = memoryview(bytearray(RECEIVE_BUFFER))
 
     # ------------------------------------------------------------------ server lifecycle
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Accept(self), host, port)
+        self._server = await loop.create_server(self._new_channel, host, port)
         return self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-        for session in list(self.sessions.values()):
-            if session.connection is not None:
-                session.connection.abort()
+        for channel in list(self._channels):
+            channel.abort()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -135,17 +125,52 @@ class Hub:
         for future in self.pending_methods.values():
             future.cancel()
 
-    def _on_accept(self, transport: asyncio.Transport) -> None:
+    @property
+    def connection_count(self) -> int:
+        """Open TCP connections, whether their TLS handshake finished or not."""
+        return len(self._channels)
+
+    def _new_channel(self) -> TlsChannel:
+        return TlsChannel(self.ssl_context, self._receive_buffer, on_made=self._on_accept,
+                          on_handshake=self._on_secure, on_failure=self._on_handshake_failure,
+                          on_lost=self._channels.discard,
+                          handshake_timeout=self.handshake_timeout)
+
+    def _on_accept(self, channel: TlsChannel) -> bool:
+        if len(self._channels) >= self.max_connections:
+            channel.abort()
+            self.diagnostics.count("connection.limit")
+            if not self._at_cap:  # one record per episode; the counter has every refusal
+                self._at_cap = True
+                self.diag("connection.limit", f"{self.max_connections} connections are open (the emulator's "
+                          f"connection cap); further connections are closed at once until some end",
+                          peer=channel.peer, count=False)
+            return False
+        self._at_cap = False
+        self._channels.add(channel)
+        channel.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        return True
+
+    def _on_handshake_failure(self, channel: TlsChannel, reason: str, timed_out: bool) -> None:
+        if timed_out:
+            self.diag("tls.handshake-timeout", "TLS handshake not completed in time; connection closed",
+                      reason, peer=channel.peer)
+        else:
+            self.diag("tls.handshake", "TLS handshake failed; the hub requires TLS 1.2+ and a client "
+                      "certificate issued by the emulator's CA or registered as self-signed", reason,
+                      peer=channel.peer)
+
+    def _on_secure(self, channel: TlsChannel) -> None:
         from .connection import Connection  # circular: a Connection needs the Hub it serves
-        task = asyncio.get_running_loop().create_task(Connection(self, transport).run())
+        task = asyncio.get_running_loop().create_task(Connection(self, channel).run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------ diagnostics
 
     def diag(self, rule: str, message: str, received: str = "", identity: Optional[str] = None,
-             peer: str = "") -> None:
-        self.diagnostics.add(Diagnostic(rule, message, received, identity, peer))
+             peer: str = "", count: bool = True) -> None:
+        self.diagnostics.add(Diagnostic(rule, message, received, identity, peer), count=count)
 
     # ------------------------------------------------------------------ sessions
 
@@ -246,7 +271,17 @@ class Hub:
         self._require(identity)
         if not isinstance(patch, dict):
             raise HubError(400, 400004, "The desired properties patch must be a JSON object.")
-        version = self.twin(identity).patch_desired(patch)
+        depth = jsonlimits.depth_of(patch, jsonlimits.MAX_TWIN_DEPTH + 1) - 1   # the patch is the section
+        if depth > jsonlimits.MAX_TWIN_DEPTH:
+            message = (f"The desired properties patch nests objects more than {jsonlimits.MAX_TWIN_DEPTH} "
+                       f"levels deep; IoT Hub allows {jsonlimits.MAX_TWIN_DEPTH}.")
+            self.diag("service.twin-depth", message, identity=identity)
+            raise HubError(400, 400004, message)
+        try:
+            version = self.twin(identity).patch_desired(patch)
+        except TwinTooLarge as exc:
+            self.diag("service.twin-size", str(exc), identity=identity)
+            raise HubError(400, 400004, f"{exc}.") from None
         session = self.sessions.get(identity)
         if session is not None:
             body = json.dumps({**patch, "$version": version}).encode()
@@ -297,9 +332,13 @@ class Hub:
             raise HubError(413, 413001, f"Message of {len(body)} bytes exceeds the C2D limit of "
                            f"{C2D_MAX_BYTES} bytes.")
         queue = self.c2d_queues.setdefault(device_id, deque())
-        if len(queue) >= C2D_QUEUE_DEPTH:
+        # As on the hub, a message counts against the queue depth until the device completes it (PUBACK),
+        # so one that never acknowledges cannot make the emulator hold messages without end.
+        session = self.sessions.get(device_id)
+        unacked = sum(1 for _, c2d in session.inflight.values() if c2d is not None) if session else 0
+        if len(queue) + unacked >= C2D_QUEUE_DEPTH:
             raise HubError(403, 403004, f"Device {device_id!r} already has {C2D_QUEUE_DEPTH} messages "
-                           f"queued (DeviceMaximumQueueDepthExceeded).")
+                           f"queued or not yet acknowledged (DeviceMaximumQueueDepthExceeded).")
         message_id = message_id or str(uuid.uuid4())
         pairs: List[Tuple[str, Optional[str]]] = [("$.mid", message_id),
                                                   ("$.to", f"/devices/{device_id}/messages/devicebound")]

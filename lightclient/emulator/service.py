@@ -14,6 +14,7 @@ Every method is thread-safe; hub state itself lives on the emulator's own asynci
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 import sys
 import threading
@@ -22,11 +23,11 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, TextIO, Tuple
 
 from . import certs, codec
-from .diagnostics import Diagnostic, DiagnosticLog
+from .diagnostics import MAX_DIAGNOSTICS, Diagnostic, DiagnosticLog
 from .errors import EmulatorError
-from .events import Event, EventLog
-from .hub import Hub, MAX_SUBSCRIPTIONS
-from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry
+from .events import MAX_EVENTS, Event, EventLog
+from .hub import MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, Hub
+from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry, check_id
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,25 @@ class MethodResult:
     """The device's JSON response body, decoded (None for an empty body)."""
 
 
+#: File descriptors kept free beside the connections: listeners, the HTTP API and DPS, state files, stdio.
+FD_HEADROOM = 64
+
+
+def _certificate_der(pem: str, source: str) -> bytes:
+    """The DER of the first certificate in ``pem``, parsed by OpenSSL; EmulatorError naming ``source``."""
+    begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+    start = pem.find(begin)
+    stop = pem.find(end, max(start, 0))
+    if start < 0 or stop < 0:
+        raise EmulatorError(f"{source} holds no PEM certificate ({begin} … {end})")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(pem[start:stop + len(end)])
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=der)  # a real X.509 parse
+    except (ValueError, ssl.SSLError) as exc:
+        raise EmulatorError(f"{source} is not a valid X.509 certificate: {exc}") from None
+    return der
+
+
 def _identity_name(device_id: str, module_id: Optional[str]) -> str:
     return f"{device_id}/{module_id}" if module_id else device_id
 
@@ -44,21 +64,35 @@ def _identity_name(device_id: str, module_id: Optional[str]) -> str:
 class Emulator:
     """A strict local IoT Hub.  ``port=0`` / ``http_port=0`` pick free ports; ``http_port=None`` turns
     the HTTP service API off.  Pass ``ca_cert``/``ca_key`` to use an existing CA instead of creating one
-    in ``state_dir``, and ``server_cert``/``server_key`` to use an existing server certificate."""
+    in ``state_dir``, and ``server_cert``/``server_key`` to use an existing server certificate.
+
+    Resource bounds: at most ``max_connections`` open MQTT connections (more are closed at once and
+    counted as ``connection.limit``); a connection must finish TLS within ``handshake_timeout`` seconds and
+    send CONNECT within ``connect_timeout`` seconds after that; the newest ``max_diagnostics`` diagnostics
+    and ``max_events`` telemetry events are kept (:meth:`diagnostic_counts` counts all of them)."""
 
     def __init__(self, state_dir, *, host: str = "127.0.0.1", port: int = 0, hostname: str = "localhost",
                  http_port: Optional[int] = None, verbose: bool = False, output: Optional[TextIO] = None,
                  ca_cert=None, ca_key=None, server_cert=None, server_key=None,
                  max_subscriptions: int = MAX_SUBSCRIPTIONS, connect_timeout: float = 10.0,
-                 max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE):
+                 max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, max_connections: int = MAX_CONNECTIONS,
+                 handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
+                 max_events: int = MAX_EVENTS):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
         self.port = port
         self.http_port = http_port
+        for name, value in (("max_connections", max_connections), ("max_diagnostics", max_diagnostics),
+                            ("max_events", max_events)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EmulatorError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("handshake_timeout", handshake_timeout), ("connect_timeout", connect_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise EmulatorError(f"{name} must be a positive number of seconds, got {value!r}")
         self.registry = Registry()
-        self.diagnostic_log = DiagnosticLog()
-        self.event_log = EventLog()
+        self.diagnostic_log = DiagnosticLog(max_diagnostics)
+        self.event_log = EventLog(max_events)
         self._output = output
         self.verbose = verbose
         self.dps = None
@@ -67,7 +101,8 @@ class Emulator:
         self._ca_paths = (ca_cert, ca_key)
         self._server_paths = (server_cert, server_key)
         self._options = dict(max_subscriptions=max_subscriptions, connect_timeout=connect_timeout,
-                             max_packet_size=max_packet_size)
+                             max_packet_size=max_packet_size, max_connections=max_connections,
+                             handshake_timeout=handshake_timeout)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._hub: Optional[Hub] = None
@@ -103,6 +138,7 @@ class Emulator:
             server_cert, server_key = certs.ensure_server_certificate(self.state_dir, self.ca, names)
         self._server_files = (Path(server_cert), Path(server_key))
         self._ssl_context = self._server_context(Path(server_cert), Path(server_key))
+        self._fit_connection_cap()
         self._loop = asyncio.new_event_loop()
         self._hub = Hub(hostname=self.hostname, registry=self.registry, diagnostics=self.diagnostic_log,
                         events=self.event_log, ssl_context=self._ssl_context,
@@ -119,6 +155,40 @@ class Emulator:
             self.stop()
             raise
         return self
+
+    def _fit_connection_cap(self) -> None:
+        """Make room for ``max_connections`` sockets under the process's open-file limit: raise the soft
+        limit toward the hard one, and where even that is too low, lower the cap to fit and say so (a
+        silent EMFILE would stall accept() instead of refusing cleanly)."""
+        try:
+            import resource
+        except ImportError:  # not on this platform: nothing to fit
+            return
+        wanted = self._options["max_connections"] + FD_HEADROOM
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            cap = max(1, soft - FD_HEADROOM)
+            self.diagnostic_log.add(Diagnostic(
+                "connection.fd-limit", f"the open-file limit is {soft} (hard limit {hard}), too low for "
+                f"{self._options['max_connections']} connections; the connection cap is lowered to {cap} "
+                f"(raise the limit with 'ulimit -n' or lower --max-connections)"))
+            self._options["max_connections"] = cap
+
+    @property
+    def max_connections(self) -> int:
+        """The connection cap in force (lowered at start() if the open-file limit is too low for it)."""
+        return self._options["max_connections"]
+
+    def connection_count(self) -> int:
+        """Open MQTT connections, whether their TLS handshake has finished or not."""
+        return self._call(self._async(lambda: self._hub.connection_count))
 
     def start_dps(self, port: int = 0, *, id_scope: str = "0ne00000001", retry_after: int = 1,
                   group: Optional[str] = "lab-devices", polls: int = 1):
@@ -205,26 +275,43 @@ class Emulator:
     # ------------------------------------------------------------------ registry and certificates
 
     def register_device(self, device_id: str, module_id: Optional[str] = None, *,
-                        certificate=None, thumbprints: Iterable[str] = (), enabled: bool = True) -> Identity:
+                        certificate=None, certificate_pem: Optional[str] = None, thumbprints: Iterable[str] = (),
+                        enabled: bool = True) -> Identity:
         """Register a device (or module) identity.
 
-        Without ``certificate``/``thumbprints`` it is CA-signed: its certificate must come from this
-        emulator's CA with ``CN={device_id}`` (or ``CN={device_id}/{module_id}``).  With a self-signed
-        ``certificate`` file its SHA-1 and SHA-256 thumbprints are registered and the certificate is
-        trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness, but the
-        handshake then fails unless that certificate is trusted some other way."""
+        Without ``certificate``/``certificate_pem``/``thumbprints`` it is CA-signed: its certificate must
+        come from this emulator's CA with ``CN={device_id}`` (or ``CN={device_id}/{module_id}``).  With a
+        self-signed certificate (a PEM file ``certificate``, or the PEM text ``certificate_pem``, which is
+        then kept in ``{state_dir}/registered/``) its SHA-1 and SHA-256 thumbprints are registered and the
+        certificate is trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness,
+        but the handshake then fails unless that certificate is trusted some other way.  Everything is
+        checked before anything is written or trusted."""
+        check_id(device_id, "device id")
+        if module_id is not None:
+            check_id(module_id, "module id")
         prints = tuple(t.replace(":", "").upper() for t in thumbprints)
-        if certificate is not None:
-            prints += certs.thumbprints(Path(certificate))
-            self._trust(Path(certificate))
+        der = None
+        if certificate_pem is not None:
+            der = _certificate_der(certificate_pem, "x509Certificate")
+        elif certificate is not None:
+            try:
+                text = Path(certificate).read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EmulatorError(f"cannot read the certificate {certificate}: {exc}") from None
+            der = _certificate_der(text, str(certificate))
+        if der is not None:
+            if self._thread is None:
+                raise EmulatorError("start() the emulator before registering self-signed identities")
+            prints += (hashlib.sha1(der).hexdigest().upper(), hashlib.sha256(der).hexdigest().upper())
         auth = SELF_SIGNED if prints else CA_SIGNED
-        return self.registry.add(Identity(device_id, module_id, auth, prints, enabled))
-
-    def _trust(self, certificate: Path) -> None:
-        der = certs.certificate_der(certificate)
-        if self._thread is None:
-            raise EmulatorError("start() the emulator before registering self-signed identities")
-        self._ssl_context.load_verify_locations(cadata=der)
+        identity = Identity(device_id, module_id, auth, prints, enabled)
+        if der is not None:
+            if certificate_pem is not None:
+                kept = self.state_dir / "registered" / f"{device_id}__{module_id or ''}.pem"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                kept.write_text(ssl.DER_cert_to_PEM_cert(der))
+            self._ssl_context.load_verify_locations(cadata=der)
+        return self.registry.add(identity)
 
     def unregister(self, device_id: str, module_id: Optional[str] = None) -> None:
         self.registry.remove(_identity_name(device_id, module_id))
@@ -305,6 +392,10 @@ class Emulator:
     def diagnostics(self, identity: Optional[str] = None, rule: Optional[str] = None) -> List[Diagnostic]:
         """Protocol deviations recorded so far; ``rule`` matches a prefix (``"connect."``)."""
         return self.diagnostic_log.items(identity, rule)
+
+    def diagnostic_counts(self) -> Dict[str, int]:
+        """How often each rule fired since start, including diagnostics that left the bounded log."""
+        return self.diagnostic_log.counts()
 
     def wait_for_diagnostic(self, rule: str, identity: Optional[str] = None,
                             timeout: float = 5.0) -> Diagnostic:

@@ -386,6 +386,81 @@ CASES.update({
 })
 
 
+
+# the emulator's service side: every malformed request gets a JSON 4xx, nothing is written before it is checked
+
+
+from lightclient.emulator import EmulatorError, HubError  # noqa: E402  (the emulator rows only)
+
+
+class EmulatorRefused(Exception):
+    """Marks an emulator row answered the expected way: HTTP status and the JSON error message."""
+
+
+def _emulator_http(method, path, body=b"", length=None):
+    def run(lab):
+        import http.client
+        import json
+        import socket
+
+        from lightclient.emulator import Emulator
+
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: " \
+               f"{len(body) if length is None else length}\r\n\r\n"
+        with Emulator(lab.tmp / "emulator", http_port=0) as emu:  # the CA in lab.tmp is made once
+            with socket.create_connection(("127.0.0.1", emu.http_port), timeout=10) as sock:
+                sock.sendall(head.encode() + body)
+                sock.shutdown(socket.SHUT_WR)
+                response = http.client.HTTPResponse(sock)
+                response.begin()
+                answer = json.loads(response.read())
+            assert emu.identities() == [] and not (lab.tmp / "emulator" / "registered").exists()
+        raise EmulatorRefused(f"{response.status} {answer['message']}")
+    return run
+
+
+def _emulator_with_no_room(lab):
+    from lightclient.emulator import Emulator
+
+    Emulator(lab.tmp / "emulator", max_connections=0)
+
+
+def _emulator_call(call):
+    def run(lab):
+        from lightclient.emulator import Emulator
+
+        with Emulator(lab.tmp / "emulator") as emu:
+            emu.register_device("sweep")
+            call(emu)
+    return run
+
+
+CASES.update({
+    "emulator-http-body-not-object": (_emulator_http("PUT", "/devices/x", b"[1]"), EmulatorRefused,
+                                      "^400 .*must be a JSON object"),
+    "emulator-http-content-length-garbage": (_emulator_http("PUT", "/devices/x", b"{}", length="abc"),
+                                             EmulatorRefused, "^400 Content-Length"),
+    "emulator-http-content-length-negative": (_emulator_http("PUT", "/devices/x", b"{}", length="-5"),
+                                              EmulatorRefused, "^400 Content-Length"),
+    "emulator-http-dotdot-id": (_emulator_http("PUT", "/devices/..", b"{}"), EmulatorRefused, "^400 '..'"),
+    "emulator-http-oversized-body": (_emulator_http("PUT", "/devices/x", length=2 ** 40), EmulatorRefused, "^413"),
+    "emulator-http-deep-json": (_emulator_http("PUT", "/devices/x", b"[" * 50_000 + b"]" * 50_000),
+                                EmulatorRefused, "^400 .*nested 50000 levels"),
+    "emulator-http-garbage-certificate": (_emulator_http("PUT", "/devices/x", b'{"authentication": {"type": '
+                                                         b'"selfSigned", "x509Certificate": "garbage"}}'),
+                                          EmulatorRefused, "^400 .*x509Certificate"),
+    "emulator-desired-too-deep": (_emulator_call(lambda emu: emu.update_desired("sweep", _deep_dict(11))),
+                                  HubError, "^400 .*more than 10 levels"),
+    "emulator-zero-connection-cap": (_emulator_with_no_room, EmulatorError, "max_connections must be a positive"),
+})
+
+
+def _deep_dict(levels):
+    root = current = {}
+    for n in range(levels):
+        current[f"l{n}"] = current = {}
+    return root
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_sweep(lab_, name, capfd, caplog):
     caplog.set_level(logging.DEBUG)

@@ -695,6 +695,67 @@ def test_reported_patch_with_invalid_json_gets_400(emu, device, clients):
     assert emu.get_twin(identity)["reported"] == {"$version": 1}
 
 
+def _nested(levels: int) -> bytes:
+    """A twin section with ``levels`` objects nested below its root: {"l1": {"l2": … {"v": 1}}}.
+    IoT Hub's example of the deepest valid section is _nested(10)."""
+    return b"".join(b'{"l%d": ' % i for i in range(1, levels + 1)) + b'{"v": 1}' + b"}" * levels
+
+
+def test_too_deep_reported_patch_gets_400_and_the_device_keeps_working(emu, device, clients):
+    identity, cert, key = device()
+    client = paho_device(emu, clients, identity, cert, key)
+    client.connect()
+    client.subscribe("$iothub/twin/res/#")
+    # Deep enough to overflow json.loads' recursion, and one level over the hub's limit of 10.
+    for rid, body in (("deep", b"[" * 100_000 + b"]" * 100_000), ("eleven", _nested(11))):
+        client.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={rid}", body)
+        assert client.wait_message("$iothub/twin/res/").topic == f"$iothub/twin/res/400/?$rid={rid}"
+    rules = [d for d in emu.diagnostics(identity, "twin.reported-depth")]
+    assert len(rules) == 2 and "the hub allows 10" in rules[1].message
+    assert emu.get_twin(identity)["reported"] == {"$version": 1}
+    # The connection carries on: ten levels is the limit and is accepted, telemetry still flows.
+    client.publish("$iothub/twin/PATCH/properties/reported/?$rid=ten", _nested(10))
+    assert client.wait_message("$iothub/twin/res/").topic == "$iothub/twin/res/204/?$rid=ten&$version=2"
+    client.publish(f"devices/{identity}/messages/events/", b"still here")
+    assert emu.wait_for_events(1, identity)[0].body == b"still here"
+
+
+def test_too_deep_desired_patch_from_the_service_gets_400_with_a_diagnostic(emu, device):
+    identity, _, _ = device()
+    base = f"http://127.0.0.1:{emu.http_port}"
+    desired = json.loads(_nested(11))
+    reply = requests.patch(f"{base}/twins/{identity}", json={"properties": {"desired": desired}}, timeout=10)
+    assert reply.status_code == 400 and "10 levels" in reply.json()["message"]
+    assert emu.wait_for_diagnostic("service.twin-depth", identity)
+    deep = b'{"properties": {"desired": ' + b"[" * 50_000 + b"]" * 50_000 + b"}}"
+    reply = requests.patch(f"{base}/twins/{identity}", data=deep, timeout=10)
+    assert reply.status_code == 400 and "nested" in reply.json()["message"]
+    assert emu.wait_for_diagnostic("service.json-depth")
+    with pytest.raises(HubError) as info:
+        emu.update_desired(identity, desired)
+    assert info.value.status == 400
+    assert emu.update_desired(identity, json.loads(_nested(10))) == 2  # the limit itself is fine
+    reply = requests.get(f"{base}/twins/{identity}", timeout=10)
+    assert reply.status_code == 200 and reply.json()["properties"]["desired"]["$version"] == 2
+
+
+def test_twin_sections_are_capped_at_32_kb_as_on_the_hub(emu, device, clients):
+    identity, cert, key = device()
+    client = paho_device(emu, clients, identity, cert, key)
+    client.connect()
+    client.subscribe("$iothub/twin/res/#")
+    for n in range(3):   # a device adding keys forever
+        client.publish(f"$iothub/twin/PATCH/properties/reported/?$rid={n}",
+                       json.dumps({f"k{n}": "x" * 12_000}).encode())
+    statuses = [client.wait_message("$iothub/twin/res/").topic.split("/")[3] for _ in range(3)]
+    assert statuses == ["204", "204", "400"]
+    assert "IoT Hub allows 32768" in emu.wait_for_diagnostic("twin.reported-size", identity).message
+    assert sorted(emu.get_twin(identity)["reported"]) == ["$version", "k0", "k1"]
+    with pytest.raises(HubError) as info:
+        emu.update_desired(identity, {"big": "x" * 40_000})
+    assert info.value.status == 400 and emu.get_twin(identity)["desired"] == {"$version": 1}
+
+
 def test_twin_request_without_rid_is_diagnosed(emu, device, clients):
     identity, cert, key = device()
     client = paho_device(emu, clients, identity, cert, key)
@@ -859,6 +920,108 @@ def test_http_api_registers_identities(emu, workdir, clients):
     client = paho_device(emu, clients, "httpdev", cert, key)
     client.connect()
     assert "httpdev" in [d["deviceId"] for d in requests.get(f"{base}/devices").json()]
+
+
+def _raw_http(port: int, request: bytes):
+    """Send raw bytes and nothing more, return (status, decoded JSON body) of the answer read with
+    http.client."""
+    import http.client
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # a body shorter than its Content-Length ends here
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        body = response.read()
+        assert response.getheader("Content-Type", "").startswith("application/json"), (response.status, body)
+        return response.status, json.loads(body)
+
+
+def _request(method, path, body=b"", length=None, headers=()):
+    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    if length is not False:
+        head.append(f"Content-Length: {len(body) if length is None else length}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_SELF = '{"authentication": {"type": "selfSigned", "x509Certificate": %s}}'
+MALFORMED_HTTP = [
+    ("register: array body", _request("PUT", "/devices/m1", b"[]"), 400),
+    ("register: string body", _request("PUT", "/devices/m1", b'"x"'), 400),
+    ("register: number body", _request("PUT", "/devices/m1", b"5"), 400),
+    ("register: null body", _request("PUT", "/devices/m1", b"null"), 400),
+    ("register: missing body", _request("PUT", "/devices/m1"), 400),
+    ("register: invalid JSON", _request("PUT", "/devices/m1", b"{nope"), 400),
+    ("register: authentication is an array", _request("PUT", "/devices/m1", b'{"authentication": []}'), 400),
+    ("register: status is a number", _request("PUT", "/devices/m1", b'{"status": 5}'), 400),
+    ("register: thumbprint is a list", _request(
+        "PUT", "/devices/m1", b'{"authentication": {"type": "selfSigned", "x509Thumbprint": {"p": [1]}}}'), 400),
+    ("register: garbage certificate", _request("PUT", "/devices/m1", (_SELF % '"garbage"').encode()), 400),
+    ("register: armoured garbage certificate", _request("PUT", "/devices/m1", (_SELF % json.dumps(
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")).encode()), 400),
+    ("register: certificate is a number", _request("PUT", "/devices/m1", (_SELF % "5").encode()), 400),
+    ("register: id ..", _request("PUT", "/devices/..", b"{}"), 400),
+    ("register: id .", _request("PUT", "/devices/.", b"{}"), 400),
+    ("register: id %2e%2e", _request("PUT", "/devices/%2e%2e", b"{}"), 400),
+    ("register: module ..", _request("PUT", "/devices/m1/modules/..", b"{}"), 400),
+    ("register: id with NUL", _request("PUT", "/devices/a%00b", b"{}"), 400),
+    ("Content-Length: abc", _request("PUT", "/devices/m1", b"{}", length="abc"), 400),
+    ("Content-Length: -5", _request("PUT", "/devices/m1", b"{}", length="-5"), 400),
+    ("Content-Length twice, different", _request("PUT", "/devices/m1", b"{}", headers=["Content-Length: 7"]), 400),
+    ("Content-Length over the body", _request("PUT", "/devices/m1", b"{}", length=10), 400),
+    ("oversized body", _request("PUT", "/devices/m1", b"", length=10 ** 12), 413),
+    ("chunked body", _request("PUT", "/devices/m1", b"2\r\n{}\r\n0\r\n\r\n", length=False,
+                              headers=["Transfer-Encoding: chunked"]), 411),
+    ("twin patch: array body", _request("PATCH", "/twins/m0", b"[1]"), 400),
+    ("twin patch: properties is a string", _request("PATCH", "/twins/m0", b'{"properties": "x"}'), 400),
+    ("twin patch: missing body", _request("PATCH", "/twins/m0"), 400),
+    ("twin patch: too deep", _request("PATCH", "/twins/m0", b"[" * 20_000 + b"]" * 20_000), 400),
+    ("method: string body", _request("POST", "/twins/m0/methods", b'"x"'), 400),
+    ("method: methodName is a number", _request("POST", "/twins/m0/methods", b'{"methodName": 5}'), 400),
+    ("method: timeout is text", _request(
+        "POST", "/twins/m0/methods", b'{"methodName": "m", "responseTimeoutInSeconds": "abc"}'), 400),
+    ("method: timeout is negative", _request(
+        "POST", "/twins/m0/methods", b'{"methodName": "m", "responseTimeoutInSeconds": -1}'), 400),
+    ("unknown route", _request("GET", "/nowhere"), 404),
+    ("known path, wrong method", _request("DELETE", "/emulator/events"), 404),
+    ("unknown method", _request("BREW", "/devices"), 405),
+    ("garbage request line", b"GARBAGE\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize("name,request_bytes,status", MALFORMED_HTTP, ids=[c[0] for c in MALFORMED_HTTP])
+def test_http_api_answers_every_malformed_request_with_a_json_4xx(emu, name, request_bytes, status):
+    emu.register_device("m0")
+    answer_status, answer = _raw_http(emu.http_port, request_bytes)
+    assert answer_status == status, (name, answer)
+    assert isinstance(answer["message"], str) and answer["message"] and answer["errorCode"] // 1000 == status
+    assert emu.registry.get("m1") is None
+    # The server carries on: a valid request right after is served.
+    ok_status, devices = _raw_http(emu.http_port, _request("GET", "/devices", length=False))
+    assert ok_status == 200 and "m0" in [d["deviceId"] for d in devices]
+
+
+def test_garbage_certificate_is_refused_before_anything_is_written(emu, workdir, clients):
+    base = f"http://127.0.0.1:{emu.http_port}"
+    kept = emu.state_dir / "registered"
+    before = sorted(kept.iterdir()) if kept.exists() else []
+    for pem in ("garbage", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"):
+        reply = requests.put(f"{base}/devices/garbled", timeout=10,
+                             json={"authentication": {"type": "selfSigned", "x509Certificate": pem}})
+        assert reply.status_code == 400 and "x509Certificate" in reply.json()["message"]
+    garbage = workdir / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(HubError.__mro__[1]):  # EmulatorError
+        emu.register_device("garbled", certificate=garbage)
+    assert emu.registry.get("garbled") is None
+    assert (sorted(kept.iterdir()) if kept.exists() else []) == before
+    # A real self-signed certificate is kept after it was checked, and its device connects.
+    cert, key = self_signed_cert(workdir, "selfhttp")
+    reply = requests.put(f"{base}/devices/selfhttp", timeout=10, json={"authentication": {
+        "type": "selfSigned", "x509Certificate": cert.read_text()}})
+    assert reply.status_code == 200 and reply.json()["authentication"]["type"] == "selfSigned"
+    assert (kept / "selfhttp__.pem").exists()
+    paho_device(emu, clients, "selfhttp", cert, key).connect()
 
 
 def test_issued_device_certificate_chains_to_the_emulator_ca(emu, workdir):
