@@ -236,7 +236,12 @@ class Device:
         self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
         self._topics: Dict[Any, Tuple[str, str, int]] = {}
         #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
-        self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
+        try:
+            self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
+        except BaseException:
+            if self._own_outbox and outbox is not None:
+                outbox.close()
+            raise
 
     # ---------------------------------------------------------------------------------- lifecycle
 
