@@ -1,10 +1,11 @@
 """The twin side of Device: desired-property bookkeeping, and twin requests waiting for their answers.
 
-:class:`DesiredState` (pure): JSON merge patches, and what changed while offline. The hub sends desired changes only while a device is connected (``$iothub/twin/PATCH/properties/
-desired/?$version=n``, body ``{"key": value, …, "$version": n}``, ``null`` deleting a key), so after a
-reconnect the device reads the whole twin and works out the patch it missed: :func:`diff` of the desired
-document it knew and the one it just read. Patches older than what the device already has are dropped,
-which also keeps the callback in version order.
+:class:`DesiredState` (pure): JSON merge patches, and what changed while offline. The hub sends desired
+changes only while a device is connected (``$iothub/twin/PATCH/properties/desired/?$version=n``, body
+``{"key": value, …, "$version": n}``, ``null`` deleting a key), so after a reconnect the device reads the
+whole twin and works out the patch it missed: :func:`diff` of the desired document it knew and the one it
+just read. Patches older than what the device already has are dropped, which also keeps the callback in
+version order.
 
 :class:`TwinRequests`: every twin GET / reported PATCH in flight, by ``$rid``, until its
 ``$iothub/twin/res/{status}/?$rid=…`` answer arrives; retried on 429/5xx, on a lost answer and after a

@@ -627,7 +627,7 @@ class Device:
         if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
             # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
             if not isinstance(payload, (bytes, str)):
-                raise ConfigError(f"payload must be bytes, bytearray, memoryview or str (sent as UTF-8), not "
+                raise ConfigError(f"payload must be bytes or str (sent as UTF-8), bytearray or memoryview, not "
                                   f"{type(payload).__name__}; send b'' for a message without a body")
             system_properties["message_id"] = message_id
             topics.check_message_size(payload, properties, topics.system_properties(**system_properties))

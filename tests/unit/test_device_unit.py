@@ -158,7 +158,7 @@ def test_send_refuses_a_payload_that_is_not_bytes_or_str(payload):
     with pytest.raises(ConfigError) as err:
         device.send(payload)
     message = str(err.value)
-    assert "payload must be bytes, bytearray, memoryview or str" in message
+    assert "payload must be bytes or str (sent as UTF-8), bytearray or memoryview" in message
     assert type(payload).__name__ in message and "b''" in message
     assert device.queued == 0
     # The accepted kinds still go through (queued: this device never connects).
