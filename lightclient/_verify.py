@@ -1,4 +1,5 @@
-"""Server certificate verification failures in plain words: which of untrusted, expired, wrong host.
+"""Server certificate verification failures in plain words: which of untrusted, expired, wrong host;
+and the other TLS failures that no retry can cure (no TLS version in common).
 
 ``ssl.SSLCertVerificationError`` carries OpenSSL's X509_V_ERR code (``verify_code``) and text
 (``verify_message``); :func:`server_certificate_error` turns it into a
@@ -10,7 +11,7 @@ from __future__ import annotations
 import ssl
 from typing import Dict, Optional, Tuple
 
-from .exceptions import ServerCertificateError
+from .exceptions import ConfigError, ServerCertificateError, TlsVersionError
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) -> (reason, advice)
 _UNTRUSTED = ("untrusted", "the server's certificate chain does not lead to a CA this device trusts; "
@@ -68,4 +69,34 @@ def find_verify_error(exc: BaseException) -> Optional[ssl.SSLCertVerificationErr
     return None
 
 
-__all__ = ["find_verify_error", "server_certificate_error"]
+
+# OpenSSL reasons for "no TLS version in common": the server's alert, or its choice of a version we refuse.
+_VERSION_REASONS = frozenset({"TLSV1_ALERT_PROTOCOL_VERSION", "UNSUPPORTED_PROTOCOL", "WRONG_SSL_VERSION",
+                              "VERSION_TOO_LOW", "NO_PROTOCOLS_AVAILABLE"})
+
+
+def tls_version_error(exc: ssl.SSLError, host: str, port: int, context: ssl.SSLContext) -> Optional[TlsVersionError]:
+    """The typed error if ``exc`` says the server and ``context`` share no TLS version, else None."""
+    if getattr(exc, "reason", None) not in _VERSION_REASONS:
+        return None
+    newest = context.maximum_version
+    if newest in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3):
+        why = ("the server only offers TLS 1.0/1.1; IoT Hub requires 1.2+ (is host= an IoT Hub endpoint, or is "
+               "a TLS-terminating proxy in the way?)")
+    else:
+        why = (f"the server offers no TLS version this device allows ({context.minimum_version.name} to "
+               f"{newest.name}): either it only offers TLS 1.0/1.1 (IoT Hub requires 1.2+) or it requires a "
+               "newer version than maximum_version allows")
+    return TlsVersionError(f"TLS handshake with {host}:{port} failed: {why} (OpenSSL: {exc.reason})")
+
+
+def permanent_tls_error(exc: OSError, host: str, port: int, context: ssl.SSLContext) -> Optional[ConfigError]:
+    """The typed error for a connect failure that retrying cannot fix (certificate, TLS version), else None."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return server_certificate_error(exc, host, port)
+    if isinstance(exc, ssl.SSLError):
+        return tls_version_error(exc, host, port, context)
+    return None
+
+
+__all__ = ["find_verify_error", "permanent_tls_error", "server_certificate_error", "tls_version_error"]

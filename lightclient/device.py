@@ -15,18 +15,17 @@ Threads (all named ``lightclient-{client id}-…``):
 """
 from __future__ import annotations
 
-import collections
 import functools
 import itertools
 import json
 import logging
 import os
 import ssl
+import sys
 import threading
 import time
-import urllib.parse
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
 
@@ -35,13 +34,14 @@ if TYPE_CHECKING:
 
 from . import paho as glue
 from . import topics
-from ._twin import DesiredState
-from ._verify import server_certificate_error
+from ._pipeline import Pipeline, SendHandle, queue_settings
+from ._twin import DesiredState, TwinRequests
+from ._verify import permanent_tls_error
 from .backoff import Backoff
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         QueueFullError, ServerCertificateError, ServiceError)
+                         QueueFullError, ServerCertificateError, ServiceError, TlsVersionError)
 from .identity import API_VERSION, Identity
-from .outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES, REJECT_NEW, Outbox, check_limits
+from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
 
 log = logging.getLogger("lightclient.device")
@@ -83,361 +83,6 @@ class MethodResponse:
 
     status: int
     payload: Any = None
-
-
-class _Message:
-    """One telemetry message from send() until its PUBACK (or until it is dropped)."""
-
-    __slots__ = ("topic", "payload", "cost", "key", "handle")
-
-    def __init__(self, topic: str, payload: bytes, handle: "SendHandle", key: Optional[int] = None):
-        self.topic = topic
-        self.payload = payload
-        self.cost = len(topic) + len(payload)  # the topic is ASCII (ids are ASCII, the bag is %-encoded)
-        self.key = key
-        self.handle = handle
-
-
-class _Pipeline:
-    """Telemetry from :meth:`Device.send` to the hub's PUBACK (one per Device).
-
-    Every accepted message is counted against ``max_messages`` / ``max_bytes`` until acknowledged.
-    At most ``window`` (= ``max_inflight``) of them are handed to paho at a time, and only while
-    connected; the rest wait in ``queue``, in order, where ``drop_oldest`` can still take them back
-    (a message paho holds is resent by paho after a reconnect and cannot be recalled). With an outbox,
-    every message is committed to it before :meth:`put` returns and deleted from it on its PUBACK.
-
-    Locking: ``lock`` is never held while calling paho (paho's network thread holds paho's own lock when
-    it calls :meth:`acked`). A PUBACK can be handled on the network thread before ``publish()`` has
-    returned the packet id to the sending thread; such an ack is parked in ``early`` with the sequence
-    number of that moment, and :meth:`_register` accepts it only if it is not older than its own publish
-    (a parked ack for a reused packet id of a twin request or method answer is older and ignored).
-    Only one thread at a time moves messages from ``queue`` to paho (``pumping``), so the wire order is
-    the order of acceptance.
-    """
-
-    def __init__(self, client: mqtt.Client, window: int, max_messages: int, max_bytes: int, policy: str,
-                 outbox: Optional[Outbox]):
-        self.client = client
-        self.window = window
-        self.max_messages = max_messages
-        self.max_bytes = max_bytes
-        self.policy = policy
-        self.outbox = outbox
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.put_lock = threading.Lock()           # with an outbox: file order = queue order
-        self.waiting = 0                           # threads in drained()
-        self.queue: Deque[_Message] = collections.deque()
-        self.inflight: Dict[int, _Message] = {}    # handed to paho, by MQTT packet id
-        self.early: Dict[int, int] = {}
-        self.seq = 0
-        self.sending = 0                           # publishes in progress (each holds a window slot)
-        self.pumping = False
-        self.repump = False
-        self.count = 0
-        self.bytes = 0
-        self.online = False
-
-    # ----------------------------------------------------------------------------- accepting
-
-    def _room(self, cost: int) -> int:
-        """How many queued messages must be dropped for one of ``cost`` bytes; QueueFullError if it cannot fit."""
-        count, size = self.count + 1, self.bytes + cost
-        if count <= self.max_messages and size <= self.max_bytes:
-            return 0
-        where = "outbox" if self.outbox is not None else "offline queue"
-        limits = (f"{self.count} messages, {self.bytes} bytes pending; limits {self.max_messages} messages, "
-                  f"{self.max_bytes} bytes")
-        if cost > self.max_bytes:
-            raise QueueFullError(f"the message ({cost} bytes with its topic) is larger than the {where}'s "
-                                 f"max_bytes ({self.max_bytes}); it was not accepted")
-        if self.policy == REJECT_NEW:
-            raise QueueFullError(f"the {where} is full ({limits}); the message was not accepted: wait for the "
-                                 "connection to come back, or use full_policy='drop_oldest'")
-        dropped = 0
-        for message in self.queue:
-            dropped += 1
-            count -= 1
-            size -= message.cost
-            if count <= self.max_messages and size <= self.max_bytes:
-                return dropped
-        raise QueueFullError(f"the {where} is full ({limits}) and the oldest messages are already in flight "
-                             "(they cannot be recalled); the message was not accepted")
-
-    def put(self, topic: str, payload: bytes, message_id: str) -> "SendHandle":
-        handle = SendHandle(self, message_id)
-        message = _Message(topic, payload, handle)
-        cost = message.cost
-        dropped: List[_Message] = []
-        if self.outbox is None:
-            with self.lock:
-                for _ in range(self._room(cost)):
-                    dropped.append(self._drop_first())
-                direct = self._accept(message)
-        else:
-            with self.put_lock:
-                with self.lock:
-                    drops = self._room(cost)
-                    if not drops:
-                        self.count += 1   # reserve the room while the file is written
-                        self.bytes += cost
-                if not drops:
-                    try:
-                        message.key = self.outbox.add(topic, payload)
-                    except BaseException:
-                        with self.lock:
-                            self.count -= 1
-                            self.bytes -= cost
-                        raise
-                    with self.lock:
-                        self.count -= 1
-                        self.bytes -= cost
-                        direct = self._accept(message)
-                else:
-                    # Rare (full with drop_oldest): the lock stays held over the write, so the queue cannot
-                    # move between choosing the victims and deleting them in the same transaction.
-                    with self.lock:
-                        drops = self._room(cost)
-                        victims = [self.queue[i] for i in range(drops)]
-                        message.key = self.outbox.add(topic, payload, drop=[m.key for m in victims if m.key])
-                        for _ in range(drops):
-                            dropped.append(self._drop_first())
-                        direct = self._accept(message)
-        for victim in dropped:
-            victim.handle._fail(MessageDroppedError(
-                f"message {victim.handle.message_id!r} was dropped unsent to make room for newer ones "
-                f"(full_policy='drop_oldest', limits {self.max_messages} messages, {self.max_bytes} bytes)"))
-        if direct is not None:
-            self._publish([(message, direct)])
-        return handle
-
-    def _drop_first(self) -> _Message:
-        message = self.queue.popleft()
-        self.count -= 1
-        self.bytes -= message.cost
-        return message
-
-    def _accept(self, message: _Message) -> Optional[int]:
-        """Count ``message`` in; the sequence number to publish it with now, or None (queued). Holds ``lock``."""
-        self.count += 1
-        self.bytes += message.cost
-        if self.online and not self.queue and not self.pumping and len(self.inflight) + self.sending < self.window:
-            self.sending += 1
-            self.seq += 1
-            return self.seq
-        self.queue.append(message)
-        return None
-
-    def load(self, pending: List[Tuple[int, str, bytes]]) -> List["SendHandle"]:
-        """Queue what an outbox still held when it was opened (before any new message)."""
-        handles = []
-        with self.lock:
-            for key, topic, payload in pending:
-                message_id = _message_id_of(topic)
-                handle = SendHandle(self, message_id)
-                message = _Message(topic, payload, handle, key)
-                self.count += 1
-                self.bytes += message.cost
-                self.queue.append(message)
-                handles.append(handle)
-        return handles
-
-    # ------------------------------------------------------------------------------ handing out
-
-    def _take(self) -> List[Tuple[_Message, int]]:
-        """Messages to hand to paho now (holds ``lock``); the caller then owns the pump."""
-        taken = []
-        while self.online and self.queue and len(self.inflight) + self.sending < self.window:
-            message = self.queue.popleft()
-            self.sending += 1
-            self.seq += 1
-            taken.append((message, self.seq))
-        return taken
-
-    def pump(self) -> None:
-        """Hand queued messages to paho while the window has room (any thread)."""
-        with self.lock:
-            if self.pumping:
-                self.repump = True
-                return
-            taken = self._take()
-            if not taken:
-                return
-            self.pumping = True
-        self._publish(taken, pumping=True)
-
-    def _publish(self, batch: List[Tuple[_Message, int]], pumping: bool = False) -> None:
-        while True:
-            for message, started in batch:
-                try:
-                    info = self.client.publish(message.topic, message.payload, qos=1)
-                except Exception as exc:  # validated in send(); only a paho bug gets here
-                    log.exception("paho refused a queued message")
-                    with self.lock:
-                        self.sending -= 1
-                        self.count -= 1
-                        self.bytes -= message.cost
-                    message.handle._fail(LightClientError(f"paho refused the message: {exc}"))
-                    if message.key is not None and self.outbox is not None:
-                        self.outbox.remove(message.key)
-                    continue
-                self._register(message, info.mid, started)
-            with self.lock:
-                if not pumping:
-                    if self.pumping or not self.queue:
-                        return
-                    pumping = True
-                    self.pumping = True  # a direct send that freed a slot and found a queue: pump it
-                self.repump = False
-                batch = self._take()
-                if not batch:
-                    self.pumping = False
-                    return
-
-    def _register(self, message: _Message, mid: int, started: int) -> None:
-        handle = message.handle
-        handle.mid = mid
-        with self.lock:
-            self.sending -= 1
-            acked_at = self.early.pop(mid, None)
-            if acked_at is not None and acked_at >= started:
-                self._done(message)
-            else:
-                self.inflight[mid] = message
-                acked_at = None
-            if not self.sending and self.early:
-                self.early.clear()  # what is left belongs to publishes that were not telemetry
-        if acked_at is not None:
-            self._after_ack(message)
-
-    def _done(self, message: _Message) -> None:
-        """Holds ``lock``."""
-        self.count -= 1
-        self.bytes -= message.cost
-        handle = message.handle
-        handle._done = True
-        if handle._event is not None:
-            handle._event.set()
-        if self.waiting and not self.count:
-            self.cond.notify_all()  # only disconnect()'s flush waits here
-
-    def _after_ack(self, message: _Message) -> None:
-        if message.key is not None and self.outbox is not None:
-            self.outbox.remove(message.key)
-        self.pump()
-
-    def acked(self, mid: int) -> None:
-        """paho's on_publish (network thread)."""
-        with self.lock:
-            message = self.inflight.pop(mid, None)
-            if message is None:
-                if self.sending:
-                    self.early[mid] = self.seq
-                return
-            self._done(message)
-        self._after_ack(message)
-
-    def set_online(self, online: bool) -> None:
-        with self.lock:
-            self.online = online
-        if online:
-            self.pump()
-
-    def drained(self, timeout: Optional[float]) -> bool:
-        """Wait until every accepted message is acknowledged."""
-        predicate = lambda: not self.count  # noqa: E731
-        with self.cond:
-            self.waiting += 1
-            try:
-                return self.cond.wait_for(predicate, timeout)
-            finally:
-                self.waiting -= 1
-
-
-def _message_id_of(topic: str) -> str:
-    """The ``$.mid`` of a telemetry topic ('' if it has none): for messages reloaded from an outbox."""
-    bag = topic.split("/messages/events/", 1)[-1]
-    for pair in bag.split("&"):
-        if pair.startswith("%24.mid="):
-            return urllib.parse.unquote(pair[len("%24.mid="):])
-    return ""
-
-
-class SendHandle:
-    """A telemetry message on its way; :meth:`wait` blocks until the hub acknowledged it (PUBACK).
-
-    ``message_id`` is its ``$.mid`` (yours, or a unique one lightclient chose); ``mid`` the MQTT packet id once
-    the message is handed to the network (None while it waits in the queue).
-    """
-
-    __slots__ = ("mid", "message_id", "_done", "_error", "_book", "_event")
-
-    def __init__(self, book: _Pipeline, message_id: str):
-        self.mid: Optional[int] = None
-        self.message_id = message_id
-        self._done = False
-        self._error: Optional[LightClientError] = None
-        self._book = book
-        # Made only when someone waits: one Event per waited-for message, so an ack wakes only the
-        # thread waiting for that message (a shared Condition would wake every waiter on every ack).
-        self._event: Optional[threading.Event] = None
-
-    def done(self) -> bool:
-        """True once the hub has acknowledged the message."""
-        return self._done
-
-    @property
-    def error(self) -> Optional[LightClientError]:
-        """:class:`MessageDroppedError` if the message was dropped unsent (``drop_oldest``), else None."""
-        return self._error
-
-    def _fail(self, error: LightClientError) -> None:
-        with self._book.lock:
-            self._error = error
-            if self._event is not None:
-                self._event.set()
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        """Block until acknowledged; raise :class:`OperationTimeout` after ``timeout`` seconds.
-
-        A message not yet acknowledged stays queued: it is resent after a reconnect, so waiting again
-        later is fine. Raises :class:`MessageDroppedError` if it was dropped to make room for newer ones.
-        """
-        if self._done:
-            return
-        with self._book.lock:
-            if self._done:
-                return
-            if self._error is not None:
-                raise self._error
-            if self._event is None:
-                self._event = threading.Event()
-            event = self._event
-        if not event.wait(timeout):
-            raise OperationTimeout(
-                f"message {self.message_id!r} was not acknowledged within {timeout} s; it stays queued "
-                "and is sent again after a reconnect, so wait again or check the connection")
-        if self._error is not None:
-            raise self._error
-
-    def __repr__(self) -> str:
-        state = "done" if self._done else "dropped" if self._error is not None else "pending"
-        return f"<SendHandle {self.message_id!r} mid={self.mid} {state}>"
-
-
-class _Pending:
-    """A twin request waiting for its ``$iothub/twin/res/{status}/?$rid=…`` answer."""
-
-    __slots__ = ("event", "record", "payload", "error", "resend", "publish")
-
-    def __init__(self, publish: Callable[[str], Any]) -> None:
-        self.event = threading.Event()
-        self.record: Optional[TwinResponse] = None
-        self.payload = b""
-        self.error: Optional[LightClientError] = None
-        self.resend = False  # set after a reconnect: the answer is lost, ask again
-        self.publish = publish
 
 
 MethodHandler = Callable[[Any], Any]
@@ -530,25 +175,8 @@ class Device:
             raise ConfigError(f"twin_timeout must be a positive number of seconds, not {twin_timeout!r}")
         if backoff is not None and not isinstance(backoff, Backoff):
             raise ConfigError(f"backoff must be a lightclient.backoff.Backoff, not {type(backoff).__name__}")
-        self._own_outbox = False
-        if isinstance(outbox, Outbox):
-            if (max_queue, max_queue_bytes, full_policy) != (None, None, None):
-                raise ConfigError("with an Outbox object, set max_messages, max_bytes and full_policy on the "
-                                  "Outbox, not max_queue, max_queue_bytes and full_policy on the Device")
-            max_queue, max_queue_bytes, full_policy = outbox.max_messages, outbox.max_bytes, outbox.full_policy
-        else:
-            max_queue = DEFAULT_MAX_MESSAGES if max_queue is None else max_queue
-            max_queue_bytes = DEFAULT_MAX_BYTES if max_queue_bytes is None else max_queue_bytes
-            full_policy = REJECT_NEW if full_policy is None else full_policy
-            try:
-                check_limits(max_queue, max_queue_bytes, full_policy)
-            except ConfigError as exc:
-                raise ConfigError(str(exc).replace("max_messages", "max_queue").replace("max_bytes", "max_queue_bytes")) from None
-            if outbox is not None:
-                if not isinstance(outbox, (str, os.PathLike)):
-                    raise ConfigError(f"outbox must be a file path or a lightclient.outbox.Outbox, not {type(outbox).__name__}")
-                outbox = Outbox(outbox, max_messages=max_queue, max_bytes=max_queue_bytes, full_policy=full_policy)
-                self._own_outbox = True
+        outbox, self._own_outbox, max_queue, max_queue_bytes, full_policy = queue_settings(
+            outbox, max_queue, max_queue_bytes, full_policy)
         self.outbox: Optional[Outbox] = outbox
         self.identity = identity
         self.host = identity.hostname if host is None else host
@@ -574,6 +202,7 @@ class Device:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
+        client.on_pre_connect = self._on_pre_connect
         client.on_publish = self._on_publish
         glue.route(client, identity,
                    on_c2d=None if identity.is_module else self._got_message,
@@ -581,9 +210,10 @@ class Device:
                    on_method=self._got_method, on_twin_response=self._got_twin_response,
                    on_desired=self._got_desired)
         self._client = client
+        self._ssl_context = ssl_context
         self._subscriptions = glue.subscriptions(identity)
 
-        self._lock = threading.Lock()             # connection lifecycle and pending twin requests
+        self._lock = threading.Lock()             # connection lifecycle
         self._running = False
         self._stopping = threading.Event()
         self._connected = threading.Event()
@@ -591,8 +221,9 @@ class Device:
         self._first_error: Optional[LightClientError] = None
         self._sub_mid: Optional[int] = None
         self._attempt = 0                          # reconnect failures in a row
+        self._attempt_failed = False               # this connection (attempt) already counted as a failure
         self._refused: Optional[int] = None        # return code of the last refused CONNACK
-        self._pending: Dict[str, _Pending] = {}
+        self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
         self._desired_state = DesiredState()
         self._events: Optional["ThreadPoolExecutor"] = None
         self._twin_worker: Optional["ThreadPoolExecutor"] = None
@@ -602,10 +233,15 @@ class Device:
         self._methods_idle = threading.Condition()
         self._methods_active = 0
 
-        self._acks = _Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
+        self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
         self._topics: Dict[Any, Tuple[str, str, int]] = {}
         #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
-        self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
+        try:
+            self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
+        except BaseException:
+            if self._own_outbox and outbox is not None:
+                outbox.close()
+            raise
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -647,7 +283,10 @@ class Device:
         TLS, CONNACK 3) are retried with back-off until ``timeout``, then :class:`OperationTimeout` says
         what went wrong last. A CONNACK refusal raises :class:`ConnectRefusedError` at once; a server
         certificate that fails verification raises :class:`ServerCertificateError` (a :class:`ConfigError`
-        whose ``reason`` is ``untrusted``, ``expired``, ``not_yet_valid``, ``hostname``, ``revoked`` or ``other``). Does nothing if already started.
+        whose ``reason`` is ``untrusted``, ``expired``, ``not_yet_valid``, ``hostname``, ``revoked`` or ``other``),
+        a server that offers no TLS version from 1.2 up :class:`~lightclient.exceptions.TlsVersionError`, both at
+        once. After the first connect every failure is retried (and logged with its reason). Does nothing if
+        already started.
         """
         with self._lock:
             if self._running:
@@ -684,9 +323,10 @@ class Device:
             try:
                 self._client.connect(self.host, self.port, self.keepalive)
                 return
-            except ssl.SSLCertVerificationError as exc:
-                raise server_certificate_error(exc, self.host, self.port) from exc
             except OSError as exc:
+                permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
+                if permanent is not None:
+                    raise permanent from exc
                 delay = self._backoff.delay(attempt)
                 attempt += 1
                 if time.monotonic() + delay >= deadline:
@@ -732,13 +372,10 @@ class Device:
             except Exception:  # the rows are deleted on the next write, or sent again: never lost
                 log.warning("could not delete acknowledged messages from the outbox yet", exc_info=True)
         with self._lock:
-            pending, self._pending = self._pending, {}
             self._running = False
             workers = (self._events, self._twin_worker, self._method_pool)
             self._events = self._twin_worker = self._method_pool = None
-        for request in pending.values():
-            request.error = OperationTimeout("the device was disconnected before the hub answered")
-            request.event.set()
+        self._twin_requests.fail_all(OperationTimeout("the device was disconnected before the hub answered"))
         # A handler calling disconnect() runs on one of these threads and cannot wait for itself.
         inside = threading.current_thread().name.startswith(self._threads)
         for worker in workers:
@@ -810,25 +447,43 @@ class Device:
         self._outcome.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
         self._acks.set_online(True)
-        self._resend_twin_requests()
+        self._twin_requests.resend_all()
         self._submit(self._events, self._notify_state, True, "connected")
         if self.on_desired is not None:
             self._submit(self._twin_worker, self._resync_twin)
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._attempt_failed = False
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
         self._acks.set_online(False)
-        if self._stopping.is_set():
+        # paho 2 reports a keep-alive timeout twice (its PINGREQ check and its PINGRESP check both close
+        # the socket and call on_disconnect): one lost connection is one log line and one back-off step.
+        if self._stopping.is_set() or self._attempt_failed:
             return
+        self._attempt_failed = True
         delay = self._next_delay()
         log.warning("connection to %s:%d lost (%s); reconnecting in %.1f s", self.host, self.port, reason, delay)
         if was_connected:
             self._submit(self._events, self._notify_state, False, str(reason))
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        if not self._stopping.is_set():
-            delay = self._next_delay()
+        if self._stopping.is_set() or self._attempt_failed:
+            return
+        self._attempt_failed = True
+        # paho calls this from inside its `except OSError:` around reconnect(), so the error is at hand.
+        error = sys.exc_info()[1]
+        delay = self._next_delay()
+        if isinstance(error, OSError):
+            permanent = permanent_tls_error(error, self.host, self.port, self._ssl_context)
+            if permanent is not None:  # retried all the same: the server side may be fixed meanwhile
+                log.error("reconnecting to %s:%d failed: %s; next attempt in %.1f s", self.host, self.port,
+                          permanent, delay)
+                return
+            log.info("reconnecting to %s:%d failed (%s); next attempt in %.1f s", self.host, self.port, error, delay)
+        else:
             log.info("reconnecting to %s:%d failed; next attempt in %.1f s", self.host, self.port, delay)
 
     def _next_delay(self) -> float:
@@ -853,13 +508,7 @@ class Device:
             self._submit(self._twin_worker, self._apply_desired, patch.version, payload)
 
     def _got_twin_response(self, response: TwinResponse, payload: bytes) -> None:
-        with self._lock:
-            pending = self._pending.pop(response.rid, None)
-        if pending is None:
-            log.debug("twin response for unknown $rid=%s (late, or not ours)", response.rid)
-            return
-        pending.record, pending.payload = response, payload
-        pending.event.set()
+        self._twin_requests.answered(response, payload)
 
     # ------------------------------------------------------------------------- workers (user code)
 
@@ -977,6 +626,9 @@ class Device:
             topic, _, overhead = self._topic(properties, system_properties, False)
         if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
             # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
+            if not isinstance(payload, (bytes, str)):
+                raise ConfigError(f"payload must be bytes or str (sent as UTF-8), bytearray or memoryview, not "
+                                  f"{type(payload).__name__}; send b'' for a message without a body")
             system_properties["message_id"] = message_id
             topics.check_message_size(payload, properties, topics.system_properties(**system_properties))
             if not isinstance(payload, bytes):
@@ -1088,75 +740,8 @@ class Device:
 
     def _twin_request(self, what: str, publish: Callable[[str], Any],
                       timeout: Optional[float]) -> Tuple[TwinResponse, bytes]:
-        """Publish a twin request and wait for its answer, retrying until ``timeout`` s have passed.
-
-        Retried: an answer with status 429 or 5xx (after a back-off delay), no answer within an attempt's
-        share of the timeout (a third, at least 1 s), and a reconnect while waiting (the answer, QoS 0, is
-        lost with the old connection, so the request is sent again at once). The caller gets the first
-        success, or the last error once the time is up.
-        """
-        timeout = self._twin_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        attempt_timeout = max(1.0, timeout / 3)
-        rid = glue.new_rid()
-        attempt = 0
-        last: Optional[LightClientError] = None
-        while True:
-            pending = _Pending(publish)
-            with self._lock:
-                self._pending[rid] = pending  # before publishing: the answer can beat publish()'s return
-            try:
-                publish(rid)
-            except BaseException:
-                with self._lock:
-                    self._pending.pop(rid, None)
-                raise
-            remaining = deadline - time.monotonic()
-            answered = pending.event.wait(max(0.0, min(remaining, attempt_timeout)))
-            if not answered:
-                with self._lock:
-                    self._pending.pop(rid, None)
-                state = "" if self._connected.is_set() else " (the device is not connected)"
-                last = OperationTimeout(f"no answer to the twin {what} ($rid={rid}) within {timeout} s{state}")
-                if deadline - time.monotonic() <= 0:
-                    raise last
-                if self._connected.is_set():
-                    attempt += 1
-                    log.info("no answer to the twin %s ($rid=%s) yet; asking again", what, rid)
-                else:
-                    self._connected.wait(max(0.0, deadline - time.monotonic()))
-                continue
-            if pending.error is not None:
-                raise pending.error
-            if pending.resend and pending.record is None:
-                log.info("reconnected while waiting for the twin %s ($rid=%s); asking again", what, rid)
-                continue
-            record = pending.record
-            assert record is not None
-            if record.status < 300:
-                return record, pending.payload
-            detail = pending.payload[:200].decode("utf-8", "replace").strip()
-            retryable = record.status == 429 or record.status >= 500
-            last = ServiceError(
-                f"the hub answered the twin {what} with status {record.status}"
-                f"{': ' + detail if detail else ''}{'; retry later' if retryable else ''}", record.status)
-            if not retryable:
-                raise last
-            delay = self._backoff.delay(attempt)
-            attempt += 1
-            if time.monotonic() + delay >= deadline:
-                raise last
-            log.info("the hub answered the twin %s with %d; retrying in %.1f s", what, record.status, delay)
-            if self._stopping.wait(delay):
-                raise OperationTimeout(f"the device was disconnected while retrying the twin {what}") from last
-
-    def _resend_twin_requests(self) -> None:
-        """After a (re)connect: wake every twin request still waiting, so it is sent again at once."""
-        with self._lock:
-            pending, self._pending = list(self._pending.values()), {}
-        for request in pending:
-            request.resend = True
-            request.event.set()
+        return self._twin_requests.request(what, publish, glue.new_rid(),
+                                           self._twin_timeout if timeout is None else timeout)
 
 
 #: Deeper JSON from the network is refused: IoT Hub itself allows 10 levels in twins, and the recursive
@@ -1191,4 +776,4 @@ def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:
 
 
 __all__ = ["ConnectRefusedError", "Device", "MAX_KEEPALIVE", "MessageDroppedError", "MethodResponse", "Outbox",
-           "QueueFullError", "SendHandle", "ServerCertificateError"]
+           "QueueFullError", "SendHandle", "ServerCertificateError", "TlsVersionError"]

@@ -6,7 +6,8 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     LightClientError
     ├── ConfigError (ValueError)            the caller passed something unusable
     │   ├── MessageTooLargeError            a message the hub would refuse for its size
-    │   └── ServerCertificateError          the server's certificate failed verification (says why)
+    │   ├── ServerCertificateError          the server's certificate failed verification (says why)
+    │   └── TlsVersionError                 the server offers no TLS version this client allows (1.2+)
     ├── ProtocolError (ValueError)          the hub (or a broker) sent something malformed
     ├── CertificateError (ValueError)       a certificate file is missing, unreadable or unusable
     │   └── KeyMismatchError                the certificate does not belong to the private key
@@ -55,6 +56,10 @@ class ServerCertificateError(ConfigError):
         self.reason = reason
         self.verify_code = verify_code
         self.verify_message = verify_message
+
+
+class TlsVersionError(ConfigError):
+    """The server and this client share no TLS version (a TLS 1.0/1.1-only server: IoT Hub requires 1.2+)."""
 
 
 class QueueFullError(LightClientError):

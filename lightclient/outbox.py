@@ -140,7 +140,7 @@ class Outbox:
             conn.execute("CREATE TABLE IF NOT EXISTS messages (id INTEGER PRIMARY KEY AUTOINCREMENT, "
                          "topic TEXT NOT NULL, payload BLOB NOT NULL, created REAL NOT NULL)")
             conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            for key, cost in conn.execute("SELECT id, length(CAST(topic AS BLOB)) + length(payload) "
+            for key, cost in conn.execute("SELECT id, length(CAST(topic AS BLOB)) + length(CAST(payload AS BLOB)) "
                                           "FROM messages ORDER BY id"):
                 self._sizes[key] = cost
                 self._bytes += cost
@@ -257,16 +257,31 @@ class Outbox:
                 raise
 
     def pending(self) -> List[Tuple[int, str, bytes]]:
-        """Every message not yet acknowledged, oldest first: ``(key, topic, payload)``."""
+        """Every message not yet acknowledged, oldest first: ``(key, topic, payload)``.
+
+        A payload stored as TEXT (or a number) rather than a BLOB, as an older writer or a hand edit may
+        leave it, is sent as the bytes SQLite holds for it (the UTF-8 text), so nothing is lost; a topic
+        that is not UTF-8 text cannot be sent at all and raises :class:`OutboxError` naming the row.
+        """
         with self._db_lock:
             self._check_open()
             with self._state:
                 live = set(self._sizes)
             try:
-                rows = self._conn.execute("SELECT id, topic, payload FROM messages ORDER BY id").fetchall()
+                rows = self._conn.execute(
+                    "SELECT id, CAST(topic AS BLOB), CAST(payload AS BLOB) FROM messages ORDER BY id").fetchall()
             except sqlite3.Error as exc:
                 raise OutboxError(f"could not read the outbox {str(self.path)!r}: {exc}") from exc
-        return [(key, topic, bytes(payload)) for key, topic, payload in rows if key in live]
+        return [(key, self._topic_of(key, topic), payload) for key, topic, payload in rows if key in live]
+
+    def _topic_of(self, key: int, topic: bytes) -> str:
+        try:
+            return topic.decode("utf-8")
+        except UnicodeDecodeError:
+            raise OutboxError(
+                f"row {key} of the outbox {str(self.path)!r} has a topic that is not UTF-8 text, so the message "
+                f"cannot be sent; delete that row (DELETE FROM messages WHERE id = {key}) or move the file away"
+            ) from None
 
     def close(self) -> None:
         """Delete what was acknowledged, stop the delete thread and close the file. Safe to call twice."""

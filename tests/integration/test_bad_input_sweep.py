@@ -24,14 +24,15 @@ from lightclient.emulator.dps import DpsEmulator
 from lightclient.exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyMismatchError,
                                     KeyLoadError, KeyNotFoundError, LightClientError, MessageTooLargeError, ModuleLoadError,
                                     OperationTimeout, OutboxError, PinError, ProtocolError, ProvisioningError,
-                                    QueueFullError, ServerCertificateError, ServiceError, TokenNotFoundError)
+                                    QueueFullError, ServerCertificateError, ServiceError, TlsVersionError,
+                                    TokenNotFoundError)
 from lightclient.identity import Identity
 
 from ..conftest import PIN
 from .faults import TlsServer
 from .httpservers import Recorder, RedirectingHttps
 from .hubside import HubSide
-from .test_reliability import _server_context
+from .test_reliability import _server_context, _tls11_only_context
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = Backoff(initial=0.05, maximum=0.3, not_authorized=1.0)
@@ -311,7 +312,28 @@ CASES = {
                            CliFailed, ""),
     "cli-invalid-device-id": (_cli_row(["send", "x"], code=2, text="error:", **{"--device-id": "bad/id"}),
                               CliFailed, ""),
+    "payload-none": (_send_offline(payload=None), ConfigError, "payload must be bytes or str.*not NoneType"),
+    "outbox-row-topic-not-text": (lambda lab: _outbox_with_bad_topic_row(lab), OutboxError, "row 1 .*not UTF-8"),
+    "server-tls-1.1-only": (lambda lab: _connect_tls11_only(lab), TlsVersionError, "only offers TLS 1.0/1.1"),
 }
+
+
+def _outbox_with_bad_topic_row(lab):
+    import sqlite3
+
+    path = lab.tmp / f"{uuid.uuid4().hex}.db"
+    Device(Identity("localhost", "d"), lab.ctx, outbox=path).close()
+    with sqlite3.connect(path) as peer:
+        peer.execute("INSERT INTO messages (topic, payload, created) VALUES (x'ff', x'00', 0)")
+    Device(Identity("localhost", "d"), lab.ctx, outbox=path)
+
+
+def _connect_tls11_only(lab):
+    server = TlsServer(_tls11_only_context(lab.ca, lab.tmp))
+    try:
+        lab.device_to(server.port).connect(timeout=5)
+    finally:
+        server.close()
 
 
 def _fix_cli_wrong_pin(lab):

@@ -7,13 +7,19 @@
 * Twin requests answered 429 / 500 / 503 / not at all before succeeding.
 * Method handlers that raise or hang while the network loop keeps going.
 * Server certificates that are untrusted, expired or for another host: a typed error saying which.
+* A TLS 1.0/1.1-only server: refused at once on the first connect, retried (and logged why) later.
+* A keep-alive timeout (the broker stops answering PINGREQ): one disconnect, one log line, one back-off step.
 """
+import logging
 import queue
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,7 +29,7 @@ from tests import lab
 from lightclient.backoff import Backoff
 from lightclient.device import Device
 from lightclient.emulator.service import Emulator
-from lightclient.exceptions import ServerCertificateError, ServiceError
+from lightclient.exceptions import ConfigError, ServerCertificateError, ServiceError, TlsVersionError
 from lightclient.identity import Identity
 
 from ..conftest import PIN
@@ -356,3 +362,116 @@ def test_bad_server_certificates_are_refused_saying_which(token_context, test_ca
         assert not dev.is_connected
     finally:
         server.close()
+
+
+# ------------------------------------------------------------------------------------ TLS versions
+
+
+def _tls11_only_context(test_ca, tmp_path):
+    """A real TLS 1.0/1.1 server: OpenSSL 3 allows those versions only at security level 0."""
+    ctx = _server_context(test_ca, tmp_path, "tls11", "localhost", "DNS:localhost", 30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSVersion.TLSv1 / TLSv1_1 are deprecated names
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        # Prove it: a client that still allows TLS 1.1 gets a TLS 1.1 session from this server.
+        server = TlsServer(ctx)
+        old_client = ssl.create_default_context(cafile=str(test_ca.cert))
+        old_client.minimum_version = ssl.TLSVersion.TLSv1
+        old_client.maximum_version = ssl.TLSVersion.TLSv1_1
+        old_client.set_ciphers("DEFAULT:@SECLEVEL=0")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            with old_client.wrap_socket(raw, server_hostname="localhost") as probe:
+                assert probe.version() == "TLSv1.1"
+    finally:
+        server.close()
+    return ctx
+
+
+def test_a_tls_1_1_only_server_fails_the_first_connect_at_once_saying_why(token_context, test_ca, tmp_path):
+    server = TlsServer(_tls11_only_context(test_ca, tmp_path))
+    try:
+        dev = Device(Identity("localhost", "d1"), token_context, port=server.port, backoff=FAST)
+        started = time.monotonic()
+        with pytest.raises(TlsVersionError, match=r"the server only offers TLS 1.0/1.1; IoT Hub requires 1.2\+") as err:
+            dev.connect(timeout=10)
+        assert time.monotonic() - started < 3  # not retried for the whole timeout: retrying cannot help
+        assert f"localhost:{server.port}" in str(err.value)
+        assert isinstance(err.value, ConfigError) and PIN not in str(err.value)
+        assert not dev.is_connected
+    finally:
+        server.close()
+
+
+def test_a_tls_version_failure_after_the_first_connect_is_retried_and_logged_with_its_reason(
+        token_context, test_ca, broker, tmp_path, caplog):
+    server = TlsServer(_tls11_only_context(test_ca, tmp_path))
+    proxy = TcpProxy(broker.port)
+    states = queue.Queue()
+    dev = None
+    try:
+        dev = Device(Identity("localhost", f"rel-{uuid.uuid4().hex[:8]}"), token_context, port=proxy.port,
+                     backoff=FAST, on_connection_state=lambda up, why: states.put(up))
+        dev.connect(timeout=10)
+        assert states.get(timeout=10) is True
+        caplog.set_level(logging.INFO, logger="lightclient.device")
+        proxy.upstream = ("127.0.0.1", server.port)   # the endpoint now answers with an old TLS stack
+        proxy.cut()
+        assert states.get(timeout=10) is False
+
+        def failures():
+            return [r for r in caplog.records if r.getMessage().startswith("reconnecting to")
+                    and "the server only offers TLS 1.0/1.1; IoT Hub requires 1.2+" in r.getMessage()]
+
+        deadline = time.monotonic() + 20
+        while len(failures()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(failures()) >= 3, caplog.text   # still retrying, and every attempt says why
+        assert all(r.levelno == logging.ERROR for r in failures())
+        proxy.upstream = ("127.0.0.1", broker.port)   # fixed: the device comes back by itself
+        assert states.get(timeout=20) is True
+        assert dev.is_connected
+    finally:
+        if dev is not None:
+            dev.disconnect(timeout=0)
+        proxy.close()
+        server.close()
+
+
+# ------------------------------------------------------------------------------- keep-alive timeout
+
+
+def test_a_keepalive_timeout_is_one_disconnect_one_log_line_and_one_backoff_step(token_context, broker, caplog):
+    proxy = TcpProxy(broker.port)
+    states = queue.Queue()
+    dev = None
+    try:
+        # jitter=0: the logged delay shows which back-off step was taken (2 s first, 4 s second).
+        dev = Device(Identity("localhost", f"rel-{uuid.uuid4().hex[:8]}"), token_context, port=proxy.port,
+                     keepalive=1, backoff=Backoff(initial=2, maximum=8, jitter=0),
+                     on_connection_state=lambda up, why: states.put(up))
+        dev.connect(timeout=10)
+        assert states.get(timeout=10) is True
+        caplog.set_level(logging.INFO, logger="lightclient.device")
+        proxy.black_hole()   # the connection stays open, but PINGREQ is never answered
+
+        def lost():
+            return [r for r in caplog.records if "lost" in r.getMessage()]
+
+        assert states.get(timeout=10) is False
+        # paho reports the timeout from two checks in one pass of its loop; give a second report time to land.
+        deadline = time.monotonic() + 1.0
+        while len(lost()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(lost()) == 1, [r.getMessage() for r in lost()]
+        assert "(Keep alive timeout); reconnecting in 2.0 s" in lost()[0].getMessage()
+        assert dev._attempt == 1
+        # The next attempt (a new connection through the proxy) succeeds and resets the count.
+        assert states.get(timeout=15) is True
+        assert dev._attempt == 0 and len(lost()) == 1
+    finally:
+        if dev is not None:
+            dev.disconnect(timeout=0)
+        proxy.close()

@@ -150,3 +150,18 @@ def test_device_refuses_bad_messages_before_the_wire():
         device.send(b"x" * (256 * 1024), {"k": "v"})
     with pytest.raises(ConfigError, match="dict"):
         device.patch_reported([1])
+
+
+@pytest.mark.parametrize("payload", [None, 5, 2.5, {"t": 1}, [b"x"], object()])
+def test_send_refuses_a_payload_that_is_not_bytes_or_str(payload):
+    device = Device(DEVICE, ssl.create_default_context())
+    with pytest.raises(ConfigError) as err:
+        device.send(payload)
+    message = str(err.value)
+    assert "payload must be bytes or str (sent as UTF-8), bytearray or memoryview" in message
+    assert type(payload).__name__ in message and "b''" in message
+    assert device.queued == 0
+    # The accepted kinds still go through (queued: this device never connects).
+    for good in (b"x", bytearray(b"x"), memoryview(b"x"), "x", b""):
+        device.send(good)
+    assert device.queued == 5

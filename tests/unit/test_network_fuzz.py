@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightclient import device as device_module
+from lightclient._pipeline import message_id_of as _message_id_of
 from lightclient._twin import DesiredState, merge_patch
-from lightclient.device import Device, _message_id_of
+from lightclient.device import Device
 from lightclient.emulator import namespace
 from lightclient.identity import Identity
 from lightclient.topics import MethodRequest

@@ -218,3 +218,46 @@ def test_removals_from_another_thread_and_concurrent_adds_stay_consistent(tmp_pa
     with sqlite3.connect(tmp_path / "o.db") as peer:
         assert peer.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
     assert not [t for t in threading.enumerate() if t.name == "lightclient-outbox-delete"]
+
+
+def test_rows_with_text_payloads_are_recovered_as_their_utf8_bytes(tmp_path):
+    # An older writer or a hand edit can leave payloads stored as TEXT (or numbers) instead of BLOBs.
+    path = tmp_path / "outbox.db"
+    dev = offline_device(outbox=path)
+    handles = [dev.send(b"blob %d" % i) for i in range(4)]
+    dev.close()
+    with sqlite3.connect(path) as peer:
+        ids = [row[0] for row in peer.execute("SELECT id FROM messages ORDER BY id")]
+        peer.execute("UPDATE messages SET payload = 'abc' WHERE id = ?", (ids[0],))
+        peer.execute("UPDATE messages SET payload = 'température 21 °C' WHERE id = ?", (ids[1],))
+        peer.execute("UPDATE messages SET payload = 42 WHERE id = ?", (ids[2],))
+        assert [r[0] for r in peer.execute("SELECT typeof(payload) FROM messages ORDER BY id")] == [
+            "text", "text", "integer", "blob"]
+    with Outbox(path) as box:
+        topics = [topic for _, topic, _ in box.pending()]
+        assert [payload for _, _, payload in box.pending()] == [
+            b"abc", "température 21 °C".encode("utf-8"), b"42", b"blob 3"]
+        assert box.bytes == sum(message_cost(t, p) for _, t, p in box.pending())
+    again = offline_device(outbox=path)
+    assert [h.message_id for h in again.recovered] == [h.message_id for h in handles]
+    with again._acks.lock:
+        queued = [(m.topic, m.payload) for m in again._acks.queue]
+    assert queued == list(zip(topics, [b"abc", "température 21 °C".encode("utf-8"), b"42", b"blob 3"]))
+    again.close()
+
+
+def test_a_row_whose_topic_is_not_text_is_refused_naming_the_row(tmp_path):
+    path = tmp_path / "outbox.db"
+    with Outbox(path) as box:
+        box.add("devices/d1/messages/events/", b"fine")
+        bad = box.add("devices/d1/messages/events/", b"bad topic")
+    with sqlite3.connect(path) as peer:
+        peer.execute("UPDATE messages SET topic = x'ff00fe' WHERE id = ?", (bad,))
+    with Outbox(path) as box:
+        with pytest.raises(OutboxError, match=f"row {bad} of the outbox .* not UTF-8 text.*DELETE FROM messages "
+                                              f"WHERE id = {bad}"):
+            box.pending()
+    with pytest.raises(OutboxError, match=f"row {bad} "):
+        offline_device(outbox=path)
+    with sqlite3.connect(path) as peer:  # nothing was deleted: the operator decides
+        assert peer.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
