@@ -32,7 +32,7 @@ import paho.mqtt.client as mqtt
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
-from . import paho as glue
+from . import paho as lcpaho
 from . import topics
 from ._pipeline import Pipeline, SendHandle, queue_settings
 from ._twin import DesiredState, TwinRequests
@@ -192,7 +192,7 @@ class Device:
         self._methods: Dict[str, MethodHandler] = {}
         self._threads = f"lightclient-{identity.client_id}"
 
-        client = glue.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
+        client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
                                  api_version=api_version, client_type=client_type)
         client.max_inflight_messages_set(max_inflight)
         # A bug in a lightclient callback must not kill the network thread: log it and carry on.
@@ -204,14 +204,14 @@ class Device:
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
         client.on_publish = self._on_publish
-        glue.route(client, identity,
+        lcpaho.route(client, identity,
                    on_c2d=None if identity.is_module else self._got_message,
                    on_input=self._got_message if identity.is_module else None,
                    on_method=self._got_method, on_twin_response=self._got_twin_response,
                    on_desired=self._got_desired)
         self._client = client
         self._ssl_context = ssl_context
-        self._subscriptions = glue.subscriptions(identity)
+        self._subscriptions = lcpaho.subscriptions(identity)
 
         self._lock = threading.Lock()             # connection lifecycle
         self._running = False
@@ -532,11 +532,11 @@ class Device:
     def _run_method(self, request: MethodRequest, payload: bytes) -> None:
         status, body = self._method_result(request, payload)
         try:
-            encoded = glue.json_body(body)
+            encoded = lcpaho.json_body(body)
         except ConfigError:
             log.error("method %r returned a value that is not JSON-serialisable; answering 500", request.name)
-            status, encoded = 500, glue.json_body({"error": "the method result is not JSON-serialisable"})
-        glue.answer_method(self._client, request, status, encoded)
+            status, encoded = 500, lcpaho.json_body({"error": "the method result is not JSON-serialisable"})
+        lcpaho.answer_method(self._client, request, status, encoded)
 
     def _method_result(self, request: MethodRequest, payload: bytes) -> Tuple[int, Any]:
         handler = self._methods.get(request.name)
@@ -716,7 +716,7 @@ class Device:
         (default ``twin_timeout``); then the last error is raised: :class:`ServiceError` for an error
         status (``retryable`` for 429 and 5xx) or :class:`OperationTimeout`. Other statuses raise at once.
         """
-        _, payload = self._twin_request("GET", lambda rid: glue.request_twin(self._client, rid=rid), timeout)
+        _, payload = self._twin_request("GET", lambda rid: lcpaho.request_twin(self._client, rid=rid), timeout)
         try:
             twin = _json(payload)
         except ValueError:
@@ -733,14 +733,14 @@ class Device:
         """
         if not isinstance(patch, dict):
             raise ConfigError(f"a reported patch is a dict (a JSON object), not {type(patch).__name__}")
-        body = glue.json_body(patch)  # fail here, not on the network thread, if it is not JSON
+        body = lcpaho.json_body(patch)  # fail here, not on the network thread, if it is not JSON
         record, _ = self._twin_request(
-            "reported PATCH", lambda rid: glue.patch_reported(self._client, body, rid=rid), timeout)
+            "reported PATCH", lambda rid: lcpaho.patch_reported(self._client, body, rid=rid), timeout)
         return record.version
 
     def _twin_request(self, what: str, publish: Callable[[str], Any],
                       timeout: Optional[float]) -> Tuple[TwinResponse, bytes]:
-        return self._twin_requests.request(what, publish, glue.new_rid(),
+        return self._twin_requests.request(what, publish, lcpaho.new_rid(),
                                            self._twin_timeout if timeout is None else timeout)
 
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import lightclient.paho as glue
+from lightclient import paho as lcpaho
 from lightclient import pnp
 from lightclient._twin import DesiredState, diff, merge_patch
 from lightclient.backoff import Backoff
@@ -94,36 +94,36 @@ def test_writable_property_ack_follows_the_convention():
 
 
 def test_new_client_is_an_iothub_client():
-    client = glue.new_client(MODULE)
+    client = lcpaho.new_client(MODULE)
     assert client.protocol == mqtt.MQTTv311
     assert client.username == "hub.azure-devices.net/d1/m1/?api-version=2021-04-12&DeviceClientType=lightclient%2F0.1.0"
     assert client.password is None
     with pytest.raises(ConfigError, match="client_id"):
-        glue.new_client(DEVICE, client_id="other")
+        lcpaho.new_client(DEVICE, client_id="other")
 
 
 def test_subscriptions_are_four_documented_filters():
-    assert glue.subscriptions(DEVICE) == [("devices/d1/messages/devicebound/#", 1), ("$iothub/methods/POST/#", 0),
+    assert lcpaho.subscriptions(DEVICE) == [("devices/d1/messages/devicebound/#", 1), ("$iothub/methods/POST/#", 0),
                                           ("$iothub/twin/res/#", 0), ("$iothub/twin/PATCH/properties/desired/#", 1)]
-    assert glue.subscriptions(MODULE)[0] == ("devices/d1/modules/m1/#", 1)
+    assert lcpaho.subscriptions(MODULE)[0] == ("devices/d1/modules/m1/#", 1)
 
 
 def test_route_refuses_the_wrong_message_kind():
-    client = glue.new_client(MODULE)
+    client = lcpaho.new_client(MODULE)
     with pytest.raises(ConfigError, match="on_input"):
-        glue.route(client, MODULE, on_c2d=print)
+        lcpaho.route(client, MODULE, on_c2d=print)
     with pytest.raises(ConfigError, match="on_c2d"):
-        glue.route(glue.new_client(DEVICE), DEVICE, on_input=print)
-    assert glue.route(client, MODULE, on_input=print, on_method=print).filters == (
+        lcpaho.route(lcpaho.new_client(DEVICE), DEVICE, on_input=print)
+    assert lcpaho.route(client, MODULE, on_input=print, on_method=print).filters == (
         "devices/d1/modules/m1/#", "$iothub/methods/POST/#")
 
 
 def test_json_body_and_fresh_rids():
-    assert glue.json_body({"a": "ä"}) == '{"a":"ä"}'.encode()
-    assert glue.json_body(None) == b"null" and glue.json_body(b"{}") == b"{}"
+    assert lcpaho.json_body({"a": "ä"}) == '{"a":"ä"}'.encode()
+    assert lcpaho.json_body(None) == b"null" and lcpaho.json_body(b"{}") == b"{}"
     with pytest.raises(ConfigError, match="JSON"):
-        glue.json_body({"x": object()})
-    rids = {glue.new_rid() for _ in range(1000)}
+        lcpaho.json_body({"x": object()})
+    rids = {lcpaho.new_rid() for _ in range(1000)}
     assert len(rids) == 1000 and all(r.replace("-", "").isalnum() for r in rids)
 
 

@@ -99,7 +99,7 @@ def test_method_bodies_always_get_an_answer_status(payload):
     status, body = dev._method_result(MethodRequest("m", "r1"), payload)
     assert status in (200, 400)
     if status == 200:
-        device_module.glue.json_body(body)
+        device_module.lcpaho.json_body(body)
 
 
 @FUZZ
