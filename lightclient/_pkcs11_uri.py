@@ -117,9 +117,8 @@ def parse(uri: str) -> Pkcs11Uri:
             continue
         name, eq, value = item.partition("=")
         if not eq or not _NAME.match(name):
-            if section == QUERY:
-                where = "" if _PIN_VALUE.search(uri) or not _NAME.match(name) else f" {name!r}"
-                raise ConfigError(f"malformed pkcs11: URI query attribute{where}: expected name=value, "
+            if section == QUERY:   # never quoted: any part of a query may be a mangled PIN
+                raise ConfigError("malformed pkcs11: URI query attribute: expected name=value, "
                                   "e.g. ?module-path=/path/to/module.so (percent-encode '&' in values as %26)")
             raise ConfigError(
                 f"malformed pkcs11: URI path attribute {_shown(uri, item)}: expected name=value, "

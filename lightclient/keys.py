@@ -51,7 +51,7 @@ class KeyRef:
     """
 
     backend: str
-    target: str                          # engine key id, store URI, or file path (never holds a PIN)
+    target: str      # what OpenSSL gets: engine key id, store URI or file path; never shown (see __str__)
     engine_id: Optional[str] = None
     module_path: Optional[str] = None
     providers: Tuple[str, ...] = ()
@@ -71,7 +71,7 @@ class KeyRef:
         if self.providers:
             extra += f", providers={self.providers!r}"
         pin = ", pin=<set>" if self.has_pin else ""
-        return f"KeyRef({self.backend}: {self.target!r}{extra}{pin})"
+        return f"KeyRef({self.backend}: {redact(self.target)!r}{extra}{pin})"
 
     def __str__(self) -> str:
         return self.original or self.target
@@ -95,8 +95,8 @@ class KeyRef:
 
     @property
     def has_pin_value(self) -> bool:
-        """The reference holds the PIN itself (pin-value), which the CLI warns about."""
-        return self._pin_value is not None
+        """The reference holds the PIN itself (a pin-value, also inside a store URI); the CLI warns about it."""
+        return self._pin_value is not None or bool(_pkcs11_uri.pin_values(self.target))
 
     @property
     def needs_pin(self) -> bool:
