@@ -135,7 +135,7 @@ class KeyRef:
             propq=self.propq or propq,
         )
 
-    def resolve_pin(self, pin: Optional[str] = None, pin_file: Optional[str] = None,
+    def resolve_pin(self, pin: Optional[str] = None, pin_file: Optional[Union[str, os.PathLike]] = None,
                     pin_callback: Optional[PinCallback] = None) -> Optional[str]:
         """The PIN to use, from the first source that has one (see module docstring)."""
         if pin is not None:
@@ -165,11 +165,15 @@ def _check_pin(pin: str, where: str) -> str:
     return pin
 
 
-def read_pin_file(path: str) -> str:
+def read_pin_file(path: Union[str, os.PathLike]) -> str:
     """The PIN stored in a file (``file:`` URIs too); one trailing newline is not part of it.
 
     The file must be a regular file of at most 4 KiB holding UTF-8 text; errors never show its content.
     """
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise ConfigError(f"pin_file must be a path (str or os.PathLike), got {type(path).__name__}")
     if path.startswith("file:"):
         path = unquote(path[5:])
         if path.startswith("//"):

@@ -248,3 +248,11 @@ class _NotAKey:
 def test_sign_csr_refuses_what_is_not_a_loaded_key():
     with pytest.raises(ConfigError, match="loaded key"):
         keys.sign_csr(_NotAKey(), "dev-1")
+
+
+def test_pin_file_may_be_a_path_object(tmp_path):
+    f = tmp_path / "pin"
+    f.write_text("from-path\n")
+    assert parse_key_ref("pkcs11:object=k").resolve_pin(pin_file=f) == "from-path"
+    with pytest.raises(ConfigError, match="pin_file must be a path"):
+        keys.read_pin_file(1234)
