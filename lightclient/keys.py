@@ -33,6 +33,7 @@ PinCallback = Callable[[], str]
 
 TSS2_PEM_HEADER = b"-----BEGIN TSS2 PRIVATE KEY-----"
 _HANDLE_RE = re.compile(r"^handle:0x[0-9a-fA-F]{1,8}$")
+_ENGINE_ID_RE = re.compile(r"^[A-Za-z0-9/][A-Za-z0-9/_.-]*$")
 
 #: The kinds of key reference, one per syntax in the module docstring.
 KINDS = ("pkcs11", "engine", "store", "provider", "handle", "file")
@@ -71,7 +72,7 @@ class KeyRef:
         if self.providers:
             extra += f", providers={self.providers!r}"
         pin = ", pin=<set>" if self.has_pin else ""
-        return f"KeyRef({self.backend}: {redact(self.target)!r}{extra}{pin})"
+        return f"KeyRef({self.kind}: {str(self)!r}{extra}{pin})"
 
     def __str__(self) -> str:
         return self.original or self.target
@@ -230,7 +231,7 @@ def parse_key_ref(ref: Union[str, os.PathLike, KeyRef]) -> KeyRef:
         return _parse_pkcs11(ref, ref)
     if ref.startswith("engine:"):
         engine_id, sep, key_id = ref[len("engine:"):].partition(":")
-        if not sep or not engine_id or not key_id:
+        if not sep or not _ENGINE_ID_RE.match(engine_id) or not key_id:
             raise ConfigError(f"malformed engine key reference {shown!r}: expected engine:<engine-id>:<key-id>")
         if key_id.startswith("pkcs11:"):
             inner = _parse_pkcs11(key_id, ref)

@@ -91,10 +91,8 @@ def test_redact():
 
 # ------------------------------------------------------------------ RFC 7512 parsing (one parser)
 
-from urllib.parse import quote  # noqa: E402
 
 from lightclient import keys  # noqa: E402
-from lightclient.exceptions import KeyConfigError, KeyLoadError  # noqa: E402
 
 
 @pytest.mark.parametrize("uri, attrs, pin, module", [
