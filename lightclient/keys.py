@@ -15,7 +15,14 @@ Accepted forms::
                                          the tpm2 provider instead, so the key stays in the TPM.
 
 The PIN comes from (first match wins) the ``pin`` argument, ``pin_file``, ``pin_callback``, the
-URI's ``pin-value`` or ``pin-source``. ``repr()``/``str()`` of a :class:`KeyRef` never show it.
+URI's ``pin-value`` or ``pin-source``. ``repr()``/``str()`` of a :class:`KeyRef` never show it, and
+:func:`redact` hides the whole ``pin-value`` of any text (``pin-value=12;34`` included).
+
+:class:`KeyRef` is the one place that knows what a reference needs (its ``kind``, ``needs_pin``,
+``needs_engine``, ``needs_provider``, pkcs11 attributes); the CLI and ``doctor`` ask it rather than
+looking at prefixes. A new backend is a kind here, one loader in :func:`load_key`, and the shim.
+Files named here (key files, PIN files) are read bounded: regular files only, PIN files up to 4 KiB,
+key files up to 64 KiB.
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ the original Azure IoT samples use are accepted, so existing set-ups work unchan
     --key          KEY_IDENTIFIER, LIGHTCLIENT_KEY
     --module-path  LIGHTCLIENT_MODULE_PATH, PKCS11_MODULE_PATH
 
-PINs never come from a plain command-line value unless the user insists (``--pin``, with a warning):
+PINs never come from a plain command-line value unless the user insists (``--pin``, or a ``pin-value``
+inside ``--key``, each with a warning):
 ``--pin-file FILE``, ``--pin-env VAR`` (default ``LIGHTCLIENT_PIN``), or a prompt on a terminal.
 """
 from __future__ import annotations
