@@ -16,7 +16,8 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     │   ├── TokenNotFoundError (LookupError) no token matches the key reference
     │   ├── KeyNotFoundError (LookupError)   the token (or store) holds no such private key
     │   ├── ModuleLoadError                 the PKCS#11 module could not be loaded
-    │   └── BackendUnavailableError (ImportError) the ENGINE or provider is not installed
+    │   ├── BackendUnavailableError (ImportError) the ENGINE or provider is not installed
+    │   └── KeyConfigError (ConfigError)    OpenSSL refused a key reference, key setting or CSR field
     ├── OpenSSLMismatchError (ImportError)  Python's ssl module and the shim use different OpenSSL copies
     ├── NativeError                         any other failure inside OpenSSL (carries OpenSSL's errors)
     ├── QueueFullError                      the offline queue or outbox is full; the message was refused
@@ -120,6 +121,10 @@ class ModuleLoadError(KeyLoadError):
 
 class BackendUnavailableError(KeyLoadError, ImportError):
     """The OpenSSL ENGINE or provider the key reference needs is not installed or not usable."""
+
+
+class KeyConfigError(KeyLoadError, ConfigError):
+    """OpenSSL refused a key reference, property query or CSR field as malformed (carries OpenSSL's errors)."""
 
 
 class OpenSSLMismatchError(LightClientError, ImportError):

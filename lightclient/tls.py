@@ -13,7 +13,8 @@ import ssl
 from typing import Optional, Sequence, Union
 
 from . import _native
-from .exceptions import CertificateError, ConfigError, KeyMismatchError, PinError
+from ._files import CA_BUNDLE_LIMIT, CHAIN_LIMIT, KEY_LIMIT, check_user_file, prepare_private_file, read_user_file
+from .exceptions import CertificateError, ConfigError, KeyMismatchError, LightClientError, PinError
 from .keys import TSS2_PEM_HEADER, KeyRef, PinCallback, load_key, parse_key_ref
 
 PathOrPem = Union[str, bytes, os.PathLike]
@@ -35,13 +36,8 @@ def _read_chain(cert: PathOrPem) -> "tuple[bytes, str]":
     elif isinstance(cert, (str, os.PathLike)):
         path = os.fspath(cert)
         name = f"the certificate file {path!r}"
-        try:
-            with open(path, "rb") as fh:
-                data = fh.read()
-        except OSError as exc:
-            raise CertificateError(
-                f"cannot read {name}: {exc.strerror}. Give the PEM certificate (chain) issued for "
-                "this device's key.") from None
+        data = read_user_file(path, what=name, limit=CHAIN_LIMIT, unreadable=CertificateError,
+                              hint=". Give the PEM certificate (chain) issued for this device's key.")
     else:
         raise ConfigError(f"cert must be a file path or PEM data, got {type(cert).__name__}")
     if _PEM_CERT not in data:
@@ -62,9 +58,23 @@ def _load_trust(ctx: ssl.SSLContext, ca: Optional[PathOrPem]) -> None:
             if os.path.isdir(path):
                 ctx.load_verify_locations(capath=path)
             else:
+                # OpenSSL reads the file itself; make sure it is a regular file of a sane size first.
+                check_user_file(path, what=f"the CA file {path!r}", limit=CA_BUNDLE_LIMIT,
+                                unreadable=CertificateError)
                 ctx.load_verify_locations(cafile=path)
     except (OSError, ssl.SSLError) as exc:
         raise CertificateError(f"cannot load the trusted CA certificates from {ca!r}: {exc}") from None
+
+
+def private_keylog(path: Union[str, os.PathLike]) -> str:
+    """``path`` made ready as an owner-only (0600) key log file; set the result as ``ctx.keylog_filename``.
+
+    Python's ssl would create the file with the default mode (0644 under umask 022) although it holds
+    the session secrets; this creates it 0600 first and refuses an existing file others can read.
+    """
+    path = os.fspath(path)
+    prepare_private_file(path, what=f"the key log file {path!r}")
+    return path
 
 
 def _base_context(ca: Optional[PathOrPem], minimum_version: ssl.TLSVersion,
@@ -113,10 +123,9 @@ def attach_key(ctx: ssl.SSLContext, *, cert: PathOrPem, key: Union[str, os.PathL
 def _plain_pem_key(path: str) -> bool:
     """A readable PEM key file that is not TPM-wrapped (TSS2 keys need the tpm2 provider)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(64 * 1024)
-    except OSError:
-        return False  # the shim path reports the problem with the usual message
+        head = read_user_file(path, what=f"the key file {path!r}", limit=KEY_LIMIT)
+    except LightClientError:
+        return False  # load_key reports the problem with the usual message
     return b"-----BEGIN" in head and TSS2_PEM_HEADER not in head
 
 

@@ -9,7 +9,8 @@ the original Azure IoT samples use are accepted, so existing set-ups work unchan
     --key          KEY_IDENTIFIER, LIGHTCLIENT_KEY
     --module-path  LIGHTCLIENT_MODULE_PATH, PKCS11_MODULE_PATH
 
-PINs never come from a plain command-line value unless the user insists (``--pin``, with a warning):
+PINs never come from a plain command-line value unless the user insists (``--pin``, or a ``pin-value``
+inside ``--key``, each with a warning):
 ``--pin-file FILE``, ``--pin-env VAR`` (default ``LIGHTCLIENT_PIN``), or a prompt on a terminal.
 """
 from __future__ import annotations
@@ -174,17 +175,25 @@ def resolve_pin(args: argparse.Namespace, what: str = "the token", prompt: bool 
     return pin
 
 
-def key_needs_pin(ref: str) -> bool:
-    return ref.startswith(("pkcs11:", "engine:"))
+def key_ref(args: argparse.Namespace, required: bool = True):
+    """The parsed --key / KEY_IDENTIFIER (a :class:`lightclient.keys.KeyRef`), warning once about a pin-value in it."""
+    ref = setting(args, "key", required=required, what="the key reference")
+    if ref is None:
+        return None
+    kr = keys.parse_key_ref(ref)
+    if kr.has_pin_value and not getattr(args, "_pin_value_warned", False):
+        where = "--key" if getattr(args, "key", None) is not None else f"the key reference in {_env_name('key')}"
+        warn(f"{where} holds a pin-value, which puts the PIN in the process list and shell history; use "
+             f"--pin-file FILE, --pin-env VAR or {PIN_ENV_DEFAULT}, or pin-source=FILE in the URI")
+        args._pin_value_warned = True
+    return kr
 
 
 def load_key(args: argparse.Namespace):
     """Load the key named by --key / KEY_IDENTIFIER (prompting for a PIN on a terminal if needed)."""
-    from ..keys import load_key as _load
-
-    ref = setting(args, "key", required=True, what="the key reference")
-    pin = resolve_pin(args, f"the key {ref.split('?')[0]}", prompt=key_needs_pin(ref))
-    return _load(ref, pin=pin, module_path=setting(args, "module_path"))
+    kr = key_ref(args)
+    pin = resolve_pin(args, f"the key {str(kr).split('?')[0]}", prompt=kr.needs_pin)
+    return keys.load_key(kr, pin=pin, module_path=setting(args, "module_path"))
 
 
 def identity(args: argparse.Namespace, need_hub: bool = True):

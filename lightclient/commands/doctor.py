@@ -12,13 +12,13 @@ import socket
 import ssl
 from dataclasses import dataclass
 from typing import List, Optional
-from urllib.parse import unquote, unquote_to_bytes
 
-from .. import _native
+from .. import diagnostics
 from ..exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyLoadError, KeyNotFoundError,
                           LightClientError, ModuleLoadError, OpenSSLMismatchError, PinError, TokenNotFoundError)
-from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, key_needs_pin,
-                     resolve_pin, setting)
+from ..keys import KeyRef
+from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, key_ref, resolve_pin,
+                     setting)
 
 OK, FAIL, SKIP, WARN = "✓", "✗", "–", "!"
 EXPIRY_WARNING_DAYS = 7
@@ -50,25 +50,6 @@ def register(sub) -> None:
 # ------------------------------------------------------------------------------------------------ probe
 
 
-def _uri_attrs(uri: str) -> dict:
-    body = uri[len("pkcs11:"):].split("?", 1)[0]
-    attrs = {}
-    for item in body.split(";"):
-        name, eq, value = item.partition("=")
-        if eq:
-            attrs[name] = unquote_to_bytes(value).hex() if name == "id" else unquote(value)
-    return attrs
-
-
-def _uri_query(uri: str, name: str) -> Optional[str]:
-    query = uri.split("?", 1)[1] if "?" in uri else ""
-    for item in query.split("&"):
-        key, eq, value = item.partition("=")
-        if eq and key == name:
-            return unquote(value)
-    return None
-
-
 def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> dict:
     """python-pkcs11's view of module, token, login and keys (lightclient.token.probe), in a child."""
     from .. import token as tk
@@ -84,11 +65,11 @@ def _run_probe(module: str, token_label: Optional[str], pin: Optional[str]) -> d
 
 def check_openssl(checks: List[Check]) -> bool:
     try:
-        facts = _native.openssl_facts()
-        _native.check_same_openssl(facts)
+        facts = diagnostics.openssl_facts()
+        diagnostics.check_same_openssl(facts)
     except OpenSSLMismatchError as exc:
         checks.append(Check("Python and the shim share one OpenSSL", FAIL, str(exc).split(". ")[0],
-                            _native.WORKING_PYTHONS))
+                            diagnostics.WORKING_PYTHONS))
         return False
     except LightClientError as exc:
         checks.append(Check("Python and the shim share one OpenSSL", FAIL, str(exc),
@@ -99,11 +80,10 @@ def check_openssl(checks: List[Check]) -> bool:
     return True
 
 
-def check_backend(checks: List[Check], ref: str) -> bool:
-    engine, provider = _native.engine_support(), _native.provider_support()
+def check_backend(checks: List[Check], ref: KeyRef) -> bool:
+    engine, provider = diagnostics.engine_support(), diagnostics.provider_support()
     have = ", ".join(n for n, ok in (("ENGINE", engine), ("provider", provider)) if ok) or "neither"
-    needs_engine = ref.startswith(("pkcs11:", "engine:"))
-    needs_provider = ref.startswith(("store:", "provider:", "handle:"))
+    needs_engine, needs_provider = ref.needs_engine, ref.needs_provider
     if (needs_engine and not engine) or (needs_provider and not provider):
         want = "ENGINE" if needs_engine else "provider"
         checks.append(Check("OpenSSL engine or provider support", FAIL, f"{want} needed; this OpenSSL has {have}",
@@ -114,16 +94,17 @@ def check_backend(checks: List[Check], ref: str) -> bool:
     return True
 
 
-def check_token(checks: List[Check], ref: str, module: Optional[str], pin: Optional[str]) -> bool:
+def check_token(checks: List[Check], ref: KeyRef, module: Optional[str], pin: Optional[str]) -> bool:
     """Module loads, token present, login works, key found. False if the key cannot be loaded."""
     names = ("PKCS#11 module loads", "token present", "login with the PIN works", "key found on the token")
-    if not ref.startswith("pkcs11:") and not (ref.startswith("engine:") and "pkcs11:" in ref):
+    if ref.pkcs11_uri is None:
         for name in names:
             checks.append(Check(name, SKIP, "not a PKCS#11 key reference"))
         return True
-    uri = ref[ref.index("pkcs11:"):]
-    module = _uri_query(uri, "module-path") or module
-    attrs = _uri_attrs(uri)
+    module = ref.module_path or module
+    key_id = ref.attribute_bytes("id")
+    attrs = {"token": ref.attribute("token"), "object": ref.attribute("object"),
+             "id": key_id.hex() if key_id is not None else None}
     rest = names[1:]
     if not module:
         checks.append(Check(names[0], FAIL, "no module given",
@@ -191,7 +172,7 @@ _KEY_FIXES = (
 )
 
 
-def load_key_check(checks: List[Check], ref: str, module: Optional[str], pin: Optional[str]):
+def load_key_check(checks: List[Check], ref, module: Optional[str], pin: Optional[str]):
     from ..keys import load_key
 
     name = "key loads through OpenSSL"
@@ -216,12 +197,11 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
         _skip(checks, names[1:], "no certificate")
         return None
     try:
-        with open(cert, "rb") as fh:
-            chain = fh.read()
+        chain = diagnostics.read_certificate_file(cert)
         if b"-----BEGIN CERTIFICATE-----" not in chain:
             raise ValueError("no PEM certificate in it")
-        info = _native.certificate_info(chain)
-    except (OSError, ValueError, ssl.SSLError) as exc:
+        info = diagnostics.certificate_info(chain)
+    except (LightClientError, OSError, ValueError, ssl.SSLError) as exc:
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         checks.append(Check(names[0], FAIL, f"{cert}: {detail}",
                             "give the PEM certificate issued for this key (DER: openssl x509 -inform der -in "
@@ -258,7 +238,7 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
         checks.append(Check(names[3], SKIP, "the key did not load"))
     else:
         try:
-            same = _native.cert_matches_key(chain, key)
+            same = diagnostics.cert_matches_key(chain, key)
         except CertificateError as exc:
             checks.append(Check(names[3], FAIL, str(exc), "give the PEM certificate for this key"))
         else:
@@ -280,8 +260,9 @@ def check_roots(checks: List[Check], ca: Optional[str]):
         if os.path.isdir(path):
             ctx.load_verify_locations(capath=path)
         else:
+            diagnostics.check_ca_file(path)
             ctx.load_verify_locations(cafile=path)
-    except (OSError, ssl.SSLError) as exc:
+    except (LightClientError, OSError, ssl.SSLError) as exc:
         checks.append(Check("trusted server roots present", FAIL, f"{path}: {exc}",
                             "give a PEM CA file with --ca (or leave it out to use the bundled IoT Hub roots)"))
         return False
@@ -351,23 +332,28 @@ def render(checks: List[Check]) -> str:
 
 def run(args) -> int:
     checks: List[Check] = []
-    ref = setting(args, "key")
     module = setting(args, "module_path")
     device_id = setting(args, "device_id")
     module_id = setting(args, "module_id")
     expected_cn = f"{device_id}/{module_id}" if device_id and module_id else device_id
     ssl_ok = check_openssl(checks)
     key = None
-    if not ref:
-        checks.append(Check("key reference given", FAIL, "no key reference",
-                            "pass --key or set KEY_IDENTIFIER (see `lightclient tokens`)"))
+    try:
+        kr = key_ref(args, required=False)
+    except ConfigError as exc:
+        kr = None
+        checks.append(Check("key loads through OpenSSL", FAIL, str(exc), "check the key reference"))
     else:
-        check_backend(checks, ref)
-        pin = resolve_pin(args, f"the key {ref.split('?')[0]}", prompt=key_needs_pin(ref))
-        if check_token(checks, ref, module, pin) and ssl_ok:
-            key = load_key_check(checks, ref, module, pin)
+        if kr is None:
+            checks.append(Check("key reference given", FAIL, "no key reference",
+                                "pass --key or set KEY_IDENTIFIER (see `lightclient tokens`)"))
         else:
-            checks.append(Check("key loads through OpenSSL", SKIP, "see above"))
+            check_backend(checks, kr)
+            pin = resolve_pin(args, f"the key {str(kr).split('?')[0]}", prompt=kr.needs_pin)
+            if check_token(checks, kr, module, pin) and ssl_ok:
+                key = load_key_check(checks, kr, module, pin)
+            else:
+                checks.append(Check("key loads through OpenSSL", SKIP, "see above"))
     cert = setting(args, "cert")
     check_certificate(checks, cert, expected_cn, key)
     ca = setting(args, "ca")

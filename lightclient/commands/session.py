@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .. import paho as lcpaho
 from .. import tls, topics
 from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, setting
+from .common import AuthRefused, ConnectionFailed, identity, load_key, setting, warn
 
 DEFAULT_PORT = 8883
 
@@ -63,7 +63,9 @@ class Session:
         key = load_key(args)
         ctx = tls.client_context(cert=cert, key=key, ca=setting(args, "ca"))
         if getattr(args, "keylog", None):
-            ctx.keylog_filename = args.keylog
+            ctx.keylog_filename = tls.private_keylog(args.keylog)
+            warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
+                 "decrypt the captured traffic. Delete it when done.")
         self.client = lcpaho.new_client(self.identity, ssl_context=ctx)
         self.on_record = on_record
         self._connected = threading.Event()

@@ -200,9 +200,14 @@ def test_doctor_render_shows_fixes_only_for_problems():
 
 
 def test_doctor_reads_pkcs11_uri_attributes():
-    uri = "pkcs11:token=my%20lab;object=dev;id=%01%a2;type=private?module-path=/m.so&pin-source=/p"
-    assert doctor._uri_attrs(uri) == {"token": "my lab", "object": "dev", "id": "01a2", "type": "private"}
-    assert doctor._uri_query(uri, "module-path") == "/m.so" and doctor._uri_query(uri, "x") is None
+    # doctor reads URIs through KeyRef, the one owner of key-reference knowledge
+    from lightclient.keys import parse_key_ref
+
+    ref = parse_key_ref("pkcs11:token=my%20lab;object=dev;id=%01%a2;type=private?module-path=/m.so&pin-source=/p")
+    assert {n: ref.attribute(n) for n in ("token", "object", "type")} == {"token": "my lab", "object": "dev",
+                                                                         "type": "private"}
+    assert ref.attribute_bytes("id").hex() == "01a2" and ref.attribute("x") is None
+    assert ref.module_path == "/m.so"
 
 
 def test_doctor_validity_check_with_a_fixed_clock(tmp_path):

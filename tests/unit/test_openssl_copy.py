@@ -1,8 +1,8 @@
 """The same-OpenSSL-copy check: pure logic over facts, plus the facts of this very process."""
 import pytest
 
-from lightclient import _native
-from lightclient._native import OpenSSLFacts, check_same_openssl
+from lightclient import _openssl_copy
+from lightclient._openssl_copy import OpenSSLFacts, check_same_openssl
 from lightclient.exceptions import OpenSSLMismatchError
 
 SYS_SSL = "/lib/x86_64-linux-gnu/libssl.so.3"
@@ -61,6 +61,6 @@ def test_symlinked_paths_to_one_file_pass(tmp_path):
 
 
 def test_this_process_shares_one_copy():
-    f = _native.openssl_facts()
+    f = _openssl_copy.openssl_facts()
     assert f.python_ssl_origin and f.shim_ssl_origin
     check_same_openssl(f)
