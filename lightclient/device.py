@@ -443,11 +443,14 @@ class Device:
         refused = [sub for (sub, _), rc in zip(self._subscriptions, reason_codes) if rc.is_failure]
         if refused:
             log.error("the hub refused the subscriptions %s; those messages will not arrive", refused)
+        # Twin requests sent on the old connection lost their answers (QoS 0): wake them to ask again.
+        # This must happen before connect() can return (_outcome), or a request the caller makes right
+        # after connect() would be taken for an old one and sent twice.
+        self._twin_requests.resend_all()
         self._connected.set()
         self._outcome.set()
         log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
         self._acks.set_online(True)
-        self._twin_requests.resend_all()
         self._submit(self._events, self._notify_state, True, "connected")
         if self.on_desired is not None:
             self._submit(self._twin_worker, self._resync_twin)
