@@ -143,7 +143,9 @@ class TestCA:
                   "-out", str(self.server_cert), "-days", "30", "-subj", "/CN=localhost",
                   "-CA", str(self.cert), "-CAkey", str(self.key),
                   "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-                  "-addext", "extendedKeyUsage=serverAuth"])
+                  "-addext", "extendedKeyUsage=serverAuth", "-addext", "basicConstraints=critical,CA:FALSE",
+                  # Without these, `req -x509` makes the server certificate a CA, which Python 3.13 rejects.
+                  "-addext", "keyUsage=critical,digitalSignature,keyEncipherment"])
             self.ext.write_text(CLIENT_EXT)
 
     def sign_csr(self, csr_pem: bytes, out: Path, days: int = 30) -> Path:
