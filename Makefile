@@ -14,7 +14,7 @@ APT_PACKAGES := gcc libc6-dev libssl-dev libffi-dev openssl ca-certificates curl
                 swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
                 libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-openssl
 
-.PHONY: all demo test unit bench bench-smoke system-deps venv shim clean
+.PHONY: all demo test test-matrix unit bench bench-smoke system-deps venv shim clean
 
 all: venv
 
@@ -34,7 +34,8 @@ system-deps:
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml native/lc_shim.c native/lc_shim.h native/build_shim.py | system-deps
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	@rm -f lightclient/_shim*.so
+	@# Only this interpreter's shim: the Python matrix's shims (other ABI tags) lie beside it.
+	@rm -f lightclient/_shim$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 	$(PY) -m pip install -q -e '.[test,token]'
 	@touch $@
 
@@ -55,6 +56,11 @@ bench-smoke: venv
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
+
+# The unit suite and the SoftHSM/emulator integration tests on every CPython 3.9-3.13 present (pyenv),
+# each in its own .venv-matrix/3.X with its own shim; prints a table, fails if any present version fails.
+test-matrix: system-deps
+	$(PYTHON) tools/python_matrix.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info lightclient/_shim*.so .pytest_cache
