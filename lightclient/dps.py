@@ -36,7 +36,8 @@ from urllib.parse import quote
 
 from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after  # noqa: F401 (dps names since 0.1)
 from .backoff import Backoff
-from .exceptions import ConfigError, ProtocolError, ProvisioningError
+from ._files import CHAIN_LIMIT, CSR_LIMIT, read_user_file
+from .exceptions import ConfigError, LightClientError, ProtocolError, ProvisioningError
 from .identity import check_host
 
 DEFAULT_ENDPOINT = "global.azure-devices-provisioning.net"
@@ -89,6 +90,12 @@ def _check_endpoint(endpoint: object) -> None:
         port = port if colon else None
     if port is not None and (not _PORT_RE.fullmatch(port) or not 0 < int(port) < 65536):
         raise ConfigError(f"endpoint {shown}: the port must be a number from 1 to 65535; give {form}")
+
+
+def read_csr(path: Union[str, "os.PathLike[str]"]) -> bytes:
+    """A CSR file's bytes (PEM or DER) for ``provision(csr=…)``, read bounded like every file a user names."""
+    path = os.fspath(path)
+    return read_user_file(path, what=f"the CSR file {path!r}", limit=CSR_LIMIT)
 
 
 def csr_to_base64(csr: Union[bytes, str]) -> str:
@@ -384,6 +391,14 @@ def _atomic_write(path: str, data: bytes, mode: int) -> None:
 # ------------------------------------------------------------------------------------------ cache
 
 
+class _CacheUnreadable(LightClientError):
+    """The cache file is missing or unreadable (not an error: provision again)."""
+
+
+# An assignment plus an issued chain in base64 (4/3 of the chain) and a little JSON.
+_CACHE_LIMIT = 2 * CHAIN_LIMIT
+
+
 class ProvisioningCache:
     """The last assignment on disk (owner-only file), so a reboot does not mean a new registration.
 
@@ -395,10 +410,16 @@ class ProvisioningCache:
         self.path = path
 
     def load(self, id_scope: str, registration_id: str, endpoint: str = DEFAULT_ENDPOINT) -> Optional[RegistrationResult]:
+        # A FIFO, device or oversized file is the caller's mistake (ConfigError); a missing, unreadable
+        # or damaged cache is as good as none: provision again.
         try:
-            with open(self.path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, ValueError):
+            raw = read_user_file(self.path, what=f"the provisioning cache {self.path!r}", limit=_CACHE_LIMIT,
+                                 unreadable=_CacheUnreadable)
+        except _CacheUnreadable:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
             return None
         if not isinstance(data, dict) or data.get("key") != [id_scope, registration_id, endpoint]:
             return None

@@ -50,11 +50,7 @@ def run(args) -> int:
         raise ConfigError("--cert-out is for certificate issuance: add --csr FILE or --new-csr")
     csr = None
     if args.csr:
-        try:
-            with open(args.csr, "rb") as fh:
-                csr = fh.read()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the CSR {args.csr!r}: {exc.strerror}") from None
+        csr = dps.read_csr(args.csr)
     key = load_key(args)
     if args.new_csr:
         csr = keys.csr_pem(keys.sign_csr(key, [("CN", reg_id)]))

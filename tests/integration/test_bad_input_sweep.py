@@ -594,6 +594,14 @@ CASES.update({
                                                **{"--key": _user_file(lab, "fifo")})(lab), CliFailed, ""),
     "cli-cert-dev-zero": (_cli_row(["send", "x"], code=2, text="character device", **{"--cert": "/dev/zero"}),
                           CliFailed, ""),
+    "csr-file-fifo": (lambda lab: dps.read_csr(_user_file(lab, "fifo")), ConfigError, "FIFO"),
+    "provisioning-cache-dev-zero": (lambda lab: dps.ProvisioningCache("/dev/zero").load(SCOPE, "d"), ConfigError,
+                                    "character device"),
+    "cli-provision-csr-fifo": (lambda lab: _cli(
+        "provision", "--id-scope", SCOPE, "--device-id", lab.device["ec"]["cn"], "--cert", lab.device["ec"]["cert"],
+        "--key", lab.device["ec"]["uri"], "--pin-file", lab.pin_file, "--endpoint", lab.dps.endpoint,
+        "--csr", _user_file(lab, "fifo"), "--cert-out", lab.tmp / "issued.pem", code=2, text="FIFO")(lab),
+        CliFailed, ""),
 })
 
 

@@ -1,6 +1,7 @@
 """DPS request building and response parsing (pure; no sockets)."""
 import base64
 import json
+import os
 import re
 from pathlib import Path
 
@@ -168,3 +169,27 @@ def test_endpoint_not_a_str():
 ])
 def test_valid_endpoints(endpoint, prefix):
     assert dps.register_request("0ne1", "dev", endpoint=endpoint).url.startswith(prefix)
+
+
+def test_the_provisioning_cache_reads_bounded_and_treats_a_missing_or_damaged_file_as_none(tmp_path):
+    missing = dps.ProvisioningCache(str(tmp_path / "nope.json"))
+    assert missing.load("0ne00000001", "d") is None
+    damaged = tmp_path / "damaged.json"
+    damaged.write_bytes(b"{not json")
+    assert dps.ProvisioningCache(str(damaged)).load("0ne00000001", "d") is None
+    with pytest.raises(ConfigError, match="directory"):
+        dps.ProvisioningCache(str(tmp_path)).load("0ne00000001", "d")
+
+
+def test_read_csr_refuses_what_is_not_a_small_regular_file(tmp_path):
+    fifo = tmp_path / "csr.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="FIFO"):
+        dps.read_csr(fifo)
+    big = tmp_path / "big.csr"
+    big.write_bytes(b"0" * (64 * 1024 + 1))
+    with pytest.raises(ConfigError, match="too large"):
+        dps.read_csr(big)
+    pem = tmp_path / "ok.csr"
+    pem.write_bytes(b"-----BEGIN CERTIFICATE REQUEST-----\nMAA=\n-----END CERTIFICATE REQUEST-----\n")
+    assert dps.read_csr(str(pem)) == pem.read_bytes()
