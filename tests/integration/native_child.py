@@ -39,9 +39,10 @@ def one_round(uri, cert, ca, pin) -> None:
 
 
 def main(argv) -> int:
-    uri, cert, ca, pin, n = argv[:5]
+    uri, cert, ca, n = argv[:4]
+    pin = sys.stdin.readline().rstrip("\n")  # on stdin: a PIN never goes into process arguments
     n = int(n)
-    measure = len(argv) > 5 and argv[5] == "rss"
+    measure = len(argv) > 4 and argv[4] == "rss"
     warm = max(1, n // 10)
     for i in range(n):
         one_round(uri, cert, ca, pin)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _args(device, test_ca, n, *extra):
     return [sys.executable, "-m", "tests.integration.native_child", device["ec"]["uri"], str(device["ec"]["cert"]),
-            str(test_ca.cert), PIN, str(n), *extra]
+            str(test_ca.cert), str(n), *extra]
 
 
 def _ours(error: ET.Element) -> bool:
@@ -30,7 +30,7 @@ def test_shim_is_clean_under_valgrind(softhsm, device, test_ca, tmp_path):
     cmd = ["valgrind", "--error-exitcode=0", "--num-callers=40", "--leak-check=full", "--show-leak-kinds=definite",
            "--errors-for-leak-kinds=definite", "--xml=yes", f"--xml-file={xml}", *_args(device, test_ca, 3)]
     env = {**softhsm.env, "PYTHONMALLOC": "malloc"}  # let valgrind see every allocation
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(cmd, input=PIN + "\n", capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert "CHILD-OK" in proc.stdout, proc.stderr[-2000:]
     errors = ET.parse(xml).getroot().findall("error")
     ours = [(e.findtext("kind"), e.findtext("what") or e.findtext("xwhat/text")) for e in errors if _ours(e)]
@@ -38,8 +38,8 @@ def test_shim_is_clean_under_valgrind(softhsm, device, test_ca, tmp_path):
 
 
 def test_thousand_rounds_do_not_grow_memory(softhsm, device, test_ca):
-    proc = subprocess.run(_args(device, test_ca, 1000, "rss"), capture_output=True, text=True, cwd=ROOT,
-                          env=softhsm.env, timeout=300)
+    proc = subprocess.run(_args(device, test_ca, 1000, "rss"), input=PIN + "\n", capture_output=True, text=True,
+                          cwd=ROOT, env=softhsm.env, timeout=300)
     assert "CHILD-OK" in proc.stdout, proc.stderr[-2000:]
     values = dict(line.split() for line in proc.stdout.splitlines() if line.startswith("RSS-"))
     growth_kib = int(values["RSS-END"]) - int(values["RSS-WARM"])
