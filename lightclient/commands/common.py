@@ -84,7 +84,7 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code for an error that ends a command (the table in the README, one class per row)."""
     if isinstance(exc, (ServerCertificateError, TlsVersionError)):
         return EXIT_SERVICE                   # the server (or --hub/--endpoint/--ca) is wrong, found on connecting
-    if isinstance(exc, (ConnectRefusedError, AuthRefused)):
+    if isinstance(exc, AuthRefused) or (isinstance(exc, ConnectRefusedError) and exc.return_code in (4, 5)):
         return EXIT_AUTH
     if isinstance(exc, ServiceError) and exc.status in (401, 403):
         return EXIT_AUTH                      # DPS refused the device's credentials
