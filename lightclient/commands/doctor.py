@@ -2,7 +2,11 @@
 
 Each ✗ comes with the fix. Checks that depend on a failed one are shown as skipped (–). The token checks
 (module, token, login, key) run through python-pkcs11 in a child process, because a PKCS#11 module keeps
-per-process state and this process then loads the key through OpenSSL's engine.
+per-process state and this process then loads the key through OpenSSL's engine; without python-pkcs11
+those rows are skipped and the key is still checked through OpenSSL. ``--connect HOST:PORT`` goes on
+through TLS, MQTT CONNECT and SUBSCRIBE (the same code as ``send``/``listen``); a refused CONNECT lists
+its likely causes, and against the emulator (its ``service-api`` file beside ``--ca``) shows the
+emulator's own diagnostic for the connection.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class Check:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("doctor", help="check OpenSSL, token, key, certificate and (optionally) a TLS handshake",
+    p = sub.add_parser("doctor", help="check OpenSSL, token, key, certificate and (--connect) TLS, MQTT CONNECT and SUBSCRIBE",
                        description="Check every link from Python's OpenSSL to the hub and print ✓/✗ with a fix "
                                    "for each ✗. Exit code 0 when everything passes, 1 otherwise.")
     add_identity_options(p)
