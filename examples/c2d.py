@@ -13,7 +13,10 @@ Configuration comes from the environment (the library itself never reads it):
     LIGHTCLIENT_RUN_SECONDS   how long to listen (default 300; Ctrl-C stops earlier)
     LIGHTCLIENT_COUNT         stop after this many messages (optional)
 
-Send one with ``az iot device c2d-message send --hub-name myhub --device-id dev1 --data hello``.
+Send one with ``az iot device c2d-message send --hub-name myhub --device-id dev1 --data hello``, or
+against the emulator's service API (``--http-port 8080``; see the README)::
+
+    curl -X POST http://127.0.0.1:8080/devices/dev1/messages/deviceBound -d hello
 Messages sent while the device was offline arrive when it connects (the session is persistent).
 """
 import os

@@ -14,7 +14,9 @@ Configuration comes from the environment (the library itself never reads it):
     LIGHTCLIENT_COUNT         stop after answering this many calls (optional)
 
 Try ``az iot hub invoke-device-method --hub-name myhub --device-id dev1 --method-name setInterval
---method-payload '{"seconds": 5}'``.
+--method-payload '{"seconds": 5}'``, or against the emulator's service API (``--http-port 8080``)::
+
+    curl -X POST http://127.0.0.1:8080/twins/dev1/methods -d '{"methodName": "setInterval", "payload": {"seconds": 5}, "responseTimeoutInSeconds": 10}'
 """
 import os
 import threading

@@ -14,7 +14,9 @@ Configuration comes from the environment (the library itself never reads it):
     LIGHTCLIENT_COUNT         stop after this many desired-property changes (optional)
 
 Change a desired property with ``az iot hub device-twin update --hub-name myhub --device-id dev1
---desired '{"interval": 10}'``; the device applies it and reports the value it now uses.
+--desired '{"interval": 10}'`` (emulator, ``--http-port 8080``: ``curl -X PATCH
+http://127.0.0.1:8080/twins/dev1 -d '{"properties": {"desired": {"interval": 10}}}'``); the device applies it
+and reports the value it now uses.
 """
 import os
 import threading

@@ -28,13 +28,41 @@ from urllib.parse import urlsplit
 
 from ._verify import find_verify_error, server_certificate_error
 from .backoff import Backoff
-from .exceptions import ConfigError, OperationTimeout, ServiceError
+from .exceptions import ConfigError, OperationTimeout, ServiceError, wording
 
 DEFAULT_RETRY_AFTER = 2.0
 #: The largest answer body read (after content decoding): a DPS answer with an issued chain is a few KiB,
 #: and a server must not be able to fill the device's memory.
 MAX_BODY = 1024 * 1024
 _SHOW_LIMIT = 200
+
+
+def network_reason(exc: BaseException) -> str:
+    """Why a connection failed, in one short line, from the OS error deep inside requests' and urllib3's
+    wrappers (whose own text is ``HTTPSConnectionPool(host=…): Max retries exceeded … NameResolutionError(…)``)."""
+    import socket
+    import ssl
+
+    seen, stack = set(), [exc]
+    while stack:
+        current = stack.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, socket.gaierror):
+            return f"the host name does not resolve ({current.strerror or current})"
+        if isinstance(current, ssl.SSLError):
+            return f"TLS error {current.reason or current}"
+        if isinstance(current, OSError) and current.strerror and type(current).__module__ == "builtins":
+            return current.strerror[:1].lower() + current.strerror[1:]
+        stack.extend([current.__cause__, current.__context__, getattr(current, "reason", None),
+                      *[a for a in getattr(current, "args", ()) if isinstance(a, BaseException)]])
+    text = str(exc)
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return "the host name does not resolve"
+    if "Connection refused" in text:
+        return "connection refused"
+    return text.splitlines()[0][:200]
 
 
 @dataclass(frozen=True)
@@ -156,14 +184,15 @@ class Exchange:
             if verify is not None:
                 where = urlsplit(request.url)
                 raise server_certificate_error(verify, where.hostname or "?", where.port or 443) from None
-            raise self.error(
-                f"the TLS handshake with {self.service} failed: {exc}. Check the trusted roots (ca=) and that "
-                "the device certificate is accepted") from None
+            raise self.error(wording(
+                f"the TLS handshake with {self.service} failed: {network_reason(exc)}. Check the trusted roots "
+                "({ca}) and that the device certificate is accepted", ca="ca=")) from None
         except requests.exceptions.Timeout:
             raise OperationTimeout(
                 f"{self.service} did not answer {request.method} within {self.request_timeout:g} s") from None
         except requests.exceptions.ConnectionError as exc:
-            raise self.error(f"cannot reach {self.service} at {urlsplit(request.url).netloc}: {exc}") from None
+            raise self.error(f"cannot reach {self.service} at {urlsplit(request.url).netloc}: "
+                             f"{network_reason(exc)}") from None
         except requests.exceptions.RequestException as exc:
             # e.g. a body cut short or an undecodable encoding: the answer is unusable, say so typed
             raise self.error(f"{self.service} sent an unusable answer to {request.method}: {exc}") from None

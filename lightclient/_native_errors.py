@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
 from . import _pkcs11_uri
-from .exceptions import (BackendUnavailableError, KeyConfigError, KeyLoadError, KeyNotFoundError, ModuleLoadError,
+from .exceptions import (wording, BackendUnavailableError, KeyConfigError, KeyLoadError, KeyNotFoundError, ModuleLoadError,
                          PinError, TokenNotFoundError)
 
 ENGINE_PACKAGE_HINT = (
@@ -130,9 +130,9 @@ def key_load_error(rc: int, pin_status: int, errors: Tuple[str, ...], ctx: LoadC
             "(SoftHSM: /usr/lib/softhsm/libsofthsm2.so; tpm2-pkcs11: "
             "/usr/lib/<arch>/pkcs11/libtpm2_pkcs11.so) and that it is a PKCS#11 module.", errors)
     if pin_status == lib.LC_PIN_MISSING:
-        return PinError(
-            f"{ref} needs a PIN (or pass phrase) but none was given: pass pin=..., a pin_file, "
-            "or pin-source in the pkcs11: URI.", errors)
+        return PinError(wording(
+            f"{ref} needs a PIN (or pass phrase) but none was given: give {{pin}}, or pin-source in the "
+            "pkcs11: URI.", pin="pin=, pin_file= or pin_callback="), errors)
     if _has(errors, _PIN_MARKERS) and pin_status != lib.LC_PIN_NOT_ASKED:
         return PinError(
             f"the PIN (or pass phrase) for {ref} was refused: check it; repeated wrong PINs can "

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ssl
 from typing import Dict, Optional, Tuple
 
-from .exceptions import ConfigError, ServerCertificateError, TlsVersionError
+from .exceptions import ConfigError, ServerCertificateError, TlsVersionError, wording
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) -> (reason, advice)
 _UNTRUSTED = ("untrusted", "the server's certificate chain does not lead to a CA this device trusts; "
-              "check host= (is it the hub?) and the CA given to tls.client_context(ca=…)")
+              "check {host} (is it the hub?) and the trusted CA ({ca})")
 _CODES: Dict[int, Tuple[str, str]] = {
     2: _UNTRUSTED,     # unable to get issuer certificate
     18: _UNTRUSTED,    # self-signed certificate
@@ -29,7 +29,7 @@ _CODES: Dict[int, Tuple[str, str]] = {
     12: ("expired", "the server's CRL has expired"),
     9: ("not_yet_valid", "the server's certificate is not valid yet; the device clock is probably wrong"),
     62: ("hostname", "the server's certificate is for another host name; connect with the hub's own host "
-                     "name (host= must match the certificate)"),
+                     "name ({host} must match the certificate)"),
     64: ("hostname", "the server's certificate does not cover this IP address; connect by host name"),
     23: ("revoked", "the server's certificate has been revoked"),
 }
@@ -39,10 +39,11 @@ def server_certificate_error(exc: ssl.SSLCertVerificationError, host: str, port:
     """The typed error for a failed server certificate check of ``host:port``."""
     code = getattr(exc, "verify_code", None)
     text = getattr(exc, "verify_message", None) or str(exc)
-    reason, advice = _CODES.get(code, ("other", "check host= and the trusted CA"))  # type: ignore[arg-type]
-    error = ServerCertificateError(
-        f"the server certificate of {host}:{port} failed verification: {reason.replace('_', ' ')} "
-        f"({text}); {advice}", reason, code, text)
+    reason, advice = _CODES.get(code, ("other", "check {host} and the trusted CA ({ca})"))  # type: ignore[arg-type]
+    # The advice names settings as parameters: the CLI shows its flags, the library its keyword arguments.
+    message = wording(f"the server certificate of {host}:{port} failed verification: {reason.replace('_', ' ')} "
+                      f"({text}); {advice}", host="host=", ca="ca= of tls.client_context()/https_context()")
+    error = ServerCertificateError(message, reason, code, text)
     return error
 
 

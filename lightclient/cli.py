@@ -5,9 +5,10 @@
     lightclient doctor --hub myhub.azure-devices.net --device-id dev1 --cert dev1.pem --key '…'
     lightclient send --hub … --device-id dev1 --cert dev1.pem --key '…' '{"temp": 21}'
 
-Exit codes: 0 success; 1 the command ran and found a problem (doctor, a wait that ended empty);
-2 usage or settings; 3 key, PIN, token, certificate or credentials refused; 4 connection or service
-error. Errors are one line (``error: …``); ``--debug`` adds the traceback.
+Exit codes (the README's table): 0 success; 1 the command ran and found a problem (doctor, a wait that
+ended empty); 2 usage or settings; 3 key, PIN, token, certificate, or the hub/DPS refused the device's
+credentials; 4 connection, server certificate, timeout or service error; 130 interrupted (Ctrl-C).
+Errors are one line (``error: …``) naming CLI flags; ``--debug`` adds the traceback.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.register(sub)
     messaging.register(sub)
     sub.add_parser("emulator", add_help=False,
-                   help="run the local IoT Hub emulator (arguments go to python -m lightclient.emulator)")
+                   help="run the local IoT Hub + DPS emulator (`lightclient emulator --help` lists its options)")
     return parser
 
 
@@ -58,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if split is not None and all(a == "--debug" for a in split[0]):
         from .emulator.__main__ import main as emulator_main
 
-        return emulator_main(split[1])
+        return emulator_main(split[1], prog="lightclient emulator")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -68,22 +69,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return common.EXIT_INTERRUPTED
     except (common.LightClientError, OSError) as exc:
         if args.debug:
             import traceback
 
             traceback.print_exc()
-        if isinstance(exc, OSError):
+        # LightClientError first: OperationTimeout is also an OSError (TimeoutError).
+        if isinstance(exc, common.LightClientError):
+            text = common.error_text(exc, args)
+            queue = getattr(exc, "openssl_errors", ())
+            if args.debug and queue:                # one line; OpenSSL's error queue only with --debug
+                text += "\n  OpenSSL said: " + "\n  OpenSSL said: ".join(queue)
+        else:
             text = _os_error(exc)
-        else:   # one line; the OpenSSL error queue only with --debug
-            text = str(exc) if args.debug else (getattr(exc, "message", None) or str(exc))
         print(f"error: {text}", file=sys.stderr)
-        code = common.exit_code_for(exc) if not isinstance(exc, OSError) else common.EXIT_USAGE
-        return code
+        return common.exit_code_for(exc)
 
 
 def _os_error(exc: OSError) -> str:
+    from .diagnostics import network_reason
+
+    if common.is_network_error(exc):
+        return f"network error: {network_reason(exc)}"
     where = f" {exc.filename!r}" if getattr(exc, "filename", None) else ""
     return f"{exc.strerror or exc}{where}"
 

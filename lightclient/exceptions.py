@@ -30,10 +30,61 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
 
 Exceptions carrying OpenSSL errors expose them as ``openssl_errors`` (a tuple of strings, oldest first).
 No exception text ever contains a PIN.
+
+Advice that names a setting is written once, with the setting as a parameter (:func:`wording`):
+``str(exc)`` names the library's keyword argument (``ca=``), and a front end such as the CLI renders
+the same message with its own names (``--ca``) through :func:`in_terms`::
+
+    raise ConfigError(wording("… check the CA given as {ca}", ca="ca= of tls.client_context()"))
+    in_terms(exc, {"ca": "--ca"})          # '… check the CA given as --ca'
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Tuple
+import re
+from typing import Iterable, Mapping, Optional, Tuple
+
+
+class Wording(str):
+    """A message whose advice names settings: the text in the library's terms, plus ``template`` and
+    ``params`` (setting name -> library wording) so that :meth:`render` can name them another way."""
+
+    template: str
+    params: Mapping[str, str]
+
+    def __new__(cls, template: str, params: Mapping[str, str]) -> "Wording":
+        obj = super().__new__(cls, _fill(template, params))
+        obj.template, obj.params = template, dict(params)
+        return obj
+
+    def render(self, names: Mapping[str, str]) -> str:
+        """The message with each setting named by ``names`` where it has an entry, else as the library does."""
+        return _fill(self.template, {k: names.get(k, v) for k, v in self.params.items()})
+
+    def __reduce__(self):
+        return (Wording, (self.template, self.params))
+
+
+def _fill(template: str, params: Mapping[str, str]) -> str:
+    # Only the named placeholders are replaced: other braces (JSON, URIs) in the text stay as they are.
+    if not params:
+        return template
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, params)) + r")\}")
+    return pattern.sub(lambda m: params[m.group(1)], template)
+
+
+def wording(template: str, **params: str) -> Wording:
+    """A message naming settings as ``{name}`` placeholders; ``params`` give the library's words for each."""
+    return Wording(template, params)
+
+
+def in_terms(exc: BaseException, names: Mapping[str, str]) -> str:
+    """The one-line message of ``exc`` with its settings named by ``names`` (e.g. CLI flags).
+
+    For errors carrying OpenSSL's queue this is the plain-words message without the queue."""
+    message = getattr(exc, "message", None)
+    if not isinstance(message, str):
+        message = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    return message.render(names) if isinstance(message, Wording) else message
 
 
 class LightClientError(Exception):
@@ -176,4 +227,5 @@ class OperationTimeout(LightClientError, TimeoutError):
     """A request (connect, twin, method, provisioning) got no answer within its timeout."""
 
 
-__all__ = [name for name in dir() if name.endswith("Error") or name in ("OperationTimeout",)]
+__all__ = [name for name in dir() if name.endswith("Error")
+           or name in ("OperationTimeout", "Wording", "wording", "in_terms")]

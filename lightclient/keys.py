@@ -34,7 +34,7 @@ from urllib.parse import unquote
 
 from . import _pkcs11_uri
 from ._files import KEY_LIMIT, PIN_LIMIT, read_user_file
-from .exceptions import ConfigError, KeyLoadError, KeyNotFoundError, PinError, TokenNotFoundError
+from .exceptions import ConfigError, KeyLoadError, KeyNotFoundError, PinError, TokenNotFoundError, wording
 
 PinCallback = Callable[[], str]
 
@@ -296,11 +296,11 @@ def load_key(ref: Union[str, os.PathLike, KeyRef], *, pin: Optional[str] = None,
     secret = kr.resolve_pin(pin, pin_file, pin_callback)
     if kr.backend == "engine":
         if kr.kind == "pkcs11" and not kr.module_path:
-            raise ConfigError(
+            raise ConfigError(wording(
                 f"no PKCS#11 module given for {kr}: add ?module-path=/path/to/module.so to the URI or "
-                "pass module_path= (SoftHSM: /usr/lib/softhsm/libsofthsm2.so; TPM: "
+                "pass {module_path} (SoftHSM: /usr/lib/softhsm/libsofthsm2.so; TPM: "
                 "/usr/lib/<arch>/pkcs11/libtpm2_pkcs11.so). To use the engine as configured in "
-                "OPENSSL_CONF instead, write engine:pkcs11:<pkcs11-uri>.")
+                "OPENSSL_CONF instead, write engine:pkcs11:<pkcs11-uri>.", module_path="module_path="))
         try:
             return _native.load_engine_key(kr.target, engine_id=kr.engine_id or "pkcs11",
                                            module_path=kr.module_path, pin=secret, description=str(kr),

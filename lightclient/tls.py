@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 from . import _native
 from ._files import CA_BUNDLE_LIMIT, CHAIN_LIMIT, KEY_LIMIT, check_user_file, prepare_private_file, read_user_file
-from .exceptions import CertificateError, ConfigError, KeyMismatchError, LightClientError, PinError
+from .exceptions import CertificateError, ConfigError, KeyMismatchError, LightClientError, PinError, wording
 from .keys import TSS2_PEM_HEADER, KeyRef, PinCallback, load_key, parse_key_ref
 
 PathOrPem = Union[str, bytes, os.PathLike]
@@ -149,7 +149,8 @@ def _load_file_pair(ctx: ssl.SSLContext, cert_path: str, cert_name: str, ref: Ke
                 "differs from the key's. Use the certificate issued for this key.") from None
         if asked:
             if pin is None:
-                raise PinError(f"the key file {ref.target!r} is encrypted: give its pass phrase (pin=, pin_file=)") from None
+                raise PinError(wording(f"the key file {ref.target!r} is encrypted: give its pass phrase ({{pin}})",
+                                     pin="pin=, pin_file=")) from None
             raise PinError(f"the pass phrase for the key file {ref.target!r} was refused") from None
         # Python's ssl reports only "PEM lib": let the shim load the pair and name the actual problem.
         return False

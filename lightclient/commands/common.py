@@ -22,15 +22,17 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import keys
-from ..exceptions import (CertificateError, ConfigError, KeyLoadError, LightClientError, OpenSSLMismatchError,
-                          OperationTimeout, PinError, ProtocolError, ServiceError)
+from ..exceptions import (CertificateError, ConfigError, ConnectRefusedError, KeyLoadError, LightClientError,
+                          OpenSSLMismatchError, OperationTimeout, PinError, ProtocolError, ServerCertificateError,
+                          ServiceError, TlsVersionError, in_terms)
 
 # Exit codes.
 EXIT_OK = 0
 EXIT_FAILED = 1        # the command ran and found a problem (doctor) or did not get what it waited for
 EXIT_USAGE = 2         # bad arguments or settings (argparse uses 2 as well)
 EXIT_AUTH = 3          # key, PIN, token, certificate, or the hub/DPS refused the device's credentials
-EXIT_SERVICE = 4       # cannot connect, timed out, or the hub/DPS answered with an error
+EXIT_SERVICE = 4       # cannot connect, server certificate refused, timed out, or the hub/DPS answered an error
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT), after the command's summary
 
 PIN_ENV_DEFAULT = "LIGHTCLIENT_PIN"
 
@@ -54,9 +56,39 @@ FLAG = {"hub": "--hub", "device_id": "--device-id", "module_id": "--module-id", 
         "id_scope": "--id-scope", "registration_id": "--registration-id", "endpoint": "--endpoint"}
 
 
+#: Library parameter names -> the CLI's flags, for errors whose advice names a setting
+#: (:func:`lightclient.exceptions.in_terms`); ``host`` is --hub for the hub and --endpoint for DPS.
+CLI_NAMES: Dict[str, str] = {
+    "host": "--hub", "port": "--port", "ca": "--ca", "cert": "--cert", "key": "--key",
+    "module_path": "--module-path", "pin": "--pin-file FILE or --pin-env VAR (default LIGHTCLIENT_PIN)",
+    "hostname": "--hub", "device_id": "--device-id",
+}
+
+
+def error_text(exc: BaseException, args: Optional[argparse.Namespace] = None) -> str:
+    """An error's one-line message naming this CLI's flags instead of the library's keyword arguments."""
+    names = dict(CLI_NAMES)
+    if getattr(args, "command", None) == "provision":
+        names["host"] = "--endpoint"
+    return in_terms(exc, names)
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """A failure to reach a server (as opposed to a local file or argument problem)."""
+    import socket
+
+    return isinstance(exc, (ConnectionError, socket.gaierror, TimeoutError, socket.herror))
+
+
 def exit_code_for(exc: BaseException) -> int:
-    """The exit code for an error that ends a command."""
-    if isinstance(exc, (KeyLoadError, CertificateError, OpenSSLMismatchError, AuthRefused)):
+    """The exit code for an error that ends a command (the table in the README, one class per row)."""
+    if isinstance(exc, (ServerCertificateError, TlsVersionError)):
+        return EXIT_SERVICE                   # the server (or --hub/--endpoint/--ca) is wrong, found on connecting
+    if isinstance(exc, AuthRefused) or (isinstance(exc, ConnectRefusedError) and exc.return_code in (4, 5)):
+        return EXIT_AUTH
+    if isinstance(exc, ServiceError) and exc.status in (401, 403):
+        return EXIT_AUTH                      # DPS refused the device's credentials
+    if isinstance(exc, (KeyLoadError, CertificateError, OpenSSLMismatchError)):
         if isinstance(exc, ConfigError):      # e.g. a malformed key reference refused by OpenSSL
             return EXIT_USAGE
         return EXIT_AUTH
@@ -64,7 +96,9 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_USAGE
     if isinstance(exc, (ServiceError, OperationTimeout, ProtocolError, ConnectionFailed)):
         return EXIT_SERVICE
-    return EXIT_USAGE
+    if is_network_error(exc) and not isinstance(exc, LightClientError):
+        return EXIT_SERVICE
+    return EXIT_USAGE                         # a file named in the arguments cannot be read or written
 
 
 class AuthRefused(LightClientError):

@@ -2,23 +2,32 @@
 
 Each ✗ comes with the fix. Checks that depend on a failed one are shown as skipped (–). The token checks
 (module, token, login, key) run through python-pkcs11 in a child process, because a PKCS#11 module keeps
-per-process state and this process then loads the key through OpenSSL's engine.
+per-process state and this process then loads the key through OpenSSL's engine; without python-pkcs11
+those rows are skipped and the key is still checked through OpenSSL. ``--connect HOST:PORT`` goes on
+through TLS, MQTT CONNECT and SUBSCRIBE (the same code as ``send``/``listen``); a refused CONNECT lists
+its likely causes, and against the emulator (its ``service-api`` file beside ``--ca``) shows the
+emulator's own diagnostic for the connection.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import socket
 import ssl
+import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional
 
 from .. import diagnostics
 from ..exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyLoadError, KeyNotFoundError,
                           LightClientError, ModuleLoadError, OpenSSLMismatchError, PinError, TokenNotFoundError)
 from ..keys import KeyRef
-from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, key_ref, resolve_pin,
-                     setting)
+from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, error_text, key_ref,
+                     resolve_pin, setting)
 
 OK, FAIL, SKIP, WARN = "✓", "✗", "–", "!"
 EXPIRY_WARNING_DAYS = 7
@@ -33,7 +42,7 @@ class Check:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("doctor", help="check OpenSSL, token, key, certificate and (optionally) a TLS handshake",
+    p = sub.add_parser("doctor", help="check OpenSSL, token, key, certificate and (--connect) TLS, MQTT CONNECT and SUBSCRIBE",
                        description="Check every link from Python's OpenSSL to the hub and print ✓/✗ with a fix "
                                    "for each ✗. Exit code 0 when everything passes, 1 otherwise.")
     add_identity_options(p)
@@ -41,8 +50,10 @@ def register(sub) -> None:
     g.add_argument("--cert", help=env_help("cert", "device certificate chain (PEM, leaf first)"))
     g.add_argument("--ca", help=env_help("ca", "trusted roots for the server (default: the bundled IoT Hub roots)"))
     g.add_argument("--connect", metavar="HOST:PORT",
-                   help="also do a TLS handshake with the client certificate, e.g. myhub.azure-devices.net:8883")
-    g.add_argument("--timeout", type=float, default=10.0, help="seconds for the handshake (default 10)")
+                   help="also connect: TLS handshake with the client certificate, MQTT CONNECT as the device "
+                        "(user name from --hub, default HOST) and SUBSCRIBE, e.g. myhub.azure-devices.net:8883. "
+                        "Against the emulator its diagnostic for the connection is shown")
+    g.add_argument("--timeout", type=float, default=10.0, help="seconds for each step of --connect (default 10)")
     add_key_options(p)
     p.set_defaults(func=run)
 
@@ -116,6 +127,15 @@ def check_token(checks: List[Check], ref: KeyRef, module: Optional[str], pin: Op
                             "libtpm2-pkcs11-1) or fix the module path"))
         return _skip(checks, rest, "no module")
     token_label = attrs.get("token")
+    if not have_python_pkcs11():
+        # The token checks need python-pkcs11; the key itself goes through OpenSSL's engine, which does not.
+        checks.append(Check(names[0], WARN, "python-pkcs11 is not installed, so module, token, login and key "
+                                            "are not checked one by one",
+                            "pip install 'lightclient[token]' for these checks; the OpenSSL check below tests "
+                            "the key without it"))
+        for name in rest:
+            checks.append(Check(name, SKIP, "needs python-pkcs11"))
+        return True
     result = _run_probe(module, token_label, pin)
     if result["module"]:
         checks.append(Check(names[0], FAIL, result["module"],
@@ -157,6 +177,14 @@ def check_token(checks: List[Check], ref: KeyRef, module: Optional[str], pin: Op
     return True
 
 
+def have_python_pkcs11() -> bool:
+    try:
+        import pkcs11  # noqa: F401  (importing it loads no PKCS#11 module)
+    except ImportError:
+        return False
+    return True
+
+
 def _skip(checks: List[Check], names, why: str) -> bool:
     for name in names:
         checks.append(Check(name, SKIP, why))
@@ -180,8 +208,7 @@ def load_key_check(checks: List[Check], ref, module: Optional[str], pin: Optiona
         key = load_key(ref, pin=pin, module_path=module)
     except (KeyLoadError, ConfigError) as exc:
         fix = next((f for cls, f in _KEY_FIXES if isinstance(exc, cls)), "check the key reference")
-        message = getattr(exc, "message", None) or str(exc)
-        checks.append(Check(name, FAIL, message, fix))
+        checks.append(Check(name, FAIL, error_text(exc), fix))
         return None
     checks.append(Check(name, OK, f"{key.key_type}-{key.bits} from {key.description}"))
     return key
@@ -276,19 +303,20 @@ def check_roots(checks: List[Check], ca: Optional[str]):
     return True
 
 
-def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Optional[str], timeout: float) -> None:
+def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Optional[str], timeout: float):
+    """The TLS handshake row; returns the context that passed it, or None."""
     from ..tls import client_context
 
     name = f"TLS handshake with {target}"
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit() or not host:
         checks.append(Check(name, FAIL, "expected HOST:PORT", "e.g. --connect myhub.azure-devices.net:8883"))
-        return
+        return None
     try:
         ctx = client_context(cert=cert, key=key, ca=ca)
     except LightClientError as exc:
-        checks.append(Check(name, FAIL, str(exc), "fix the certificate and key first"))
-        return
+        checks.append(Check(name, FAIL, error_text(exc), "fix the certificate and key first"))
+        return None
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as raw:
             with ctx.wrap_socket(raw, server_hostname=host) as tls:
@@ -302,16 +330,126 @@ def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Option
                 if data == b"":
                     raise ConnectionError("the server closed the connection right after the handshake")
     except ssl.SSLCertVerificationError as exc:
-        checks.append(Check(name, FAIL, f"server certificate not trusted: {exc.verify_message}",
-                            "give the server's CA with --ca (IoT Hub: leave --ca out)"))
+        typed = diagnostics.tls_failure(exc, host, int(port), ctx)
+        if getattr(typed, "reason", None) == "hostname":
+            checks.append(Check(name, FAIL, f"the server certificate is not for {host!r}: {exc.verify_message}",
+                                f"connect to the name in the server's certificate (the hub's own name, in "
+                                f"--connect and --hub), not an alias or address"))
+        else:
+            checks.append(Check(name, FAIL, f"server certificate not trusted: {exc.verify_message}",
+                                "give the server's CA with --ca (IoT Hub: leave --ca out), and check that "
+                                f"{host} is the hub"))
     except ssl.SSLError as exc:
         checks.append(Check(name, FAIL, f"TLS error: {exc.reason or exc}",
                             "the server refused the client certificate: register it (or its CA) with the hub"))
     except OSError as exc:
-        checks.append(Check(name, FAIL, f"cannot connect: {exc.strerror or exc}",
+        checks.append(Check(name, FAIL, f"cannot connect: {diagnostics.network_reason(exc)}",
                             "check the host name and port, and that outbound TCP to it is allowed"))
     else:
         checks.append(Check(name, OK, f"{version}, client certificate accepted"))
+        return ctx
+    return None
+
+
+# What to do about a refusal the emulator explained (its rule names); the real hub never says.
+_EMULATOR_FIXES = (
+    ("connect.username", "give --hub the hub's own host name (the one in the emulator's --hostname)"),
+    ("connect.client-id", "register the device (emulator --device ID, or PUT /devices/ID on its service API) "
+                          "or fix --device-id"),
+    ("connect.disabled", "enable the device in the hub"),
+    ("connect.certificate", "use the certificate registered for this device (CA-signed: issued by the hub's CA, "
+                            "CN = device id)"),
+    ("connect.thumbprint", "register this certificate's thumbprint for the device, or use the registered one"),
+)
+
+
+def emulator_api(ca: Optional[str]) -> Optional[str]:
+    """The service API URL of a running emulator whose CA is ``ca``: the emulator writes it to
+    ``service-api`` in its state directory, beside its ca.pem, while it runs."""
+    if not ca:
+        return None
+    path = Path(ca).resolve().parent / "service-api"
+    try:
+        with open(path, "rb") as fh:
+            url = fh.read(512).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return url if url.startswith("http://127.0.0.1:") or url.startswith("http://localhost:") else None
+
+
+def emulator_diagnostics(api: Optional[str], client_id: str, since: float) -> List[dict]:
+    """The emulator's diagnostics for ``client_id`` recorded since ``since`` (empty if it cannot be asked)."""
+    if not api:
+        return []
+    url = f"{api}/emulator/diagnostics?" + urllib.parse.urlencode({"identity": client_id})
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            items = json.loads(resp.read(1024 * 1024))
+    except (OSError, ValueError):
+        return []
+    return [d for d in items if isinstance(d, dict) and d.get("time", 0) >= since - 1]
+
+
+def check_mqtt(checks: List[Check], args, target: str, ctx, ca: Optional[str]) -> None:
+    """MQTT CONNECT as the device and SUBSCRIBE to its topics, through the same code as send/listen."""
+    from .. import paho as lcpaho
+    from ..identity import Identity
+    from .session import CONNACK_TEXT, Session, refusal_causes
+
+    host, _, port = target.rpartition(":")
+    device_id = setting(args, "device_id")
+    names = ("MQTT CONNECT accepted", "SUBSCRIBE to the device's topics")
+    if not device_id:
+        checks.append(Check(names[0], FAIL, "no device id", "pass --device-id (the MQTT client id)"))
+        _skip(checks, names[1:], "not connected")
+        return
+    hub = setting(args, "hub") or host
+    try:
+        ident = Identity(hub, device_id, setting(args, "module_id"), setting(args, "model_id"))
+    except ConfigError as exc:
+        checks.append(Check(names[0], FAIL, error_text(exc), "fix --hub / --device-id"))
+        _skip(checks, names[1:], "not connected")
+        return
+    api = emulator_api(ca)
+    started = time.time()
+    session = Session(args, ssl_context=ctx, address=(host, int(port)), ident=ident)
+    try:
+        session.connect()
+    except LightClientError as exc:
+        code = session.connack_code
+        said = [d.get("text") or d.get("message", "") for d in emulator_diagnostics(api, ident.client_id, started)
+                if str(d.get("rule", "")).startswith("connect.")]
+        if code:
+            detail = f"as {ident.client_id!r}, user name {ident.hostname}/{ident.client_id}/…: refused, CONNACK " \
+                     f"{code} ({CONNACK_TEXT.get(code, '?')})"
+            if said:
+                rule = said[-1]
+                fix = next((f for r, f in _EMULATOR_FIXES if f" {r}" in rule), "see the emulator's diagnostic")
+                detail += f"; the emulator says: {rule}"
+            else:
+                causes = refusal_causes(code, ident)
+                fix = ("the hub does not say which; check: " if len(causes) > 1 else "") + \
+                      "; ".join(f"({i}) {c}" for i, c in enumerate(causes, 1))
+        else:
+            detail, fix = error_text(exc, args), "see the TLS row above; check --hub and --device-id"
+            if said:
+                detail += f"; the emulator says: {said[-1]}"
+        checks.append(Check(names[0], FAIL, detail, fix))
+        _skip(checks, names[1:], "not connected")
+        return
+    try:
+        checks.append(Check(names[0], OK, f"as {ident.client_id!r}, user name {ident.hostname}/{ident.client_id}/…"))
+        filters = lcpaho.subscriptions(ident)
+        try:
+            session.subscribe(filters)
+        except LightClientError as exc:
+            checks.append(Check(names[1], FAIL, error_text(exc, args),
+                                "the hub refused or did not answer the subscriptions; check the device's identity "
+                                "(module ids subscribe to their own topics)"))
+        else:
+            checks.append(Check(names[1], OK, f"{len(filters)} filters granted (C2D, methods, twin)"))
+    finally:
+        session.close()
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -342,7 +480,7 @@ def run(args) -> int:
         kr = key_ref(args, required=False)
     except ConfigError as exc:
         kr = None
-        checks.append(Check("key loads through OpenSSL", FAIL, str(exc), "check the key reference"))
+        checks.append(Check("key loads through OpenSSL", FAIL, error_text(exc), "check the key reference"))
     else:
         if kr is None:
             checks.append(Check("key reference given", FAIL, "no key reference",
@@ -359,9 +497,15 @@ def run(args) -> int:
     ca = setting(args, "ca")
     roots = check_roots(checks, ca)
     if args.connect:
+        mqtt_rows = ("MQTT CONNECT accepted", "SUBSCRIBE to the device's topics")
         if key is None or not cert or not roots:
             checks.append(Check(f"TLS handshake with {args.connect}", SKIP, "key, certificate or roots missing"))
+            _skip(checks, mqtt_rows, "no TLS connection")
         else:
-            check_handshake(checks, args.connect, cert, key, ca, args.timeout)
+            ctx = check_handshake(checks, args.connect, cert, key, ca, args.timeout)
+            if ctx is None:
+                _skip(checks, mqtt_rows, "no TLS connection")
+            else:
+                check_mqtt(checks, args, args.connect, ctx, ca)
     print(render(checks))
     return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK

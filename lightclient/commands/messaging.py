@@ -10,7 +10,9 @@ import time
 from .. import paho as lcpaho
 from .. import topics
 from ..exceptions import ConfigError, OperationTimeout
-from .common import EXIT_FAILED, EXIT_OK, add_connection_options, add_telemetry_options, parse_json, parse_props
+from .common import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ConnectionFailed, add_connection_options,
+                     add_telemetry_options, parse_json, parse_props)
+from .progress import Progress
 from .session import Output, Session, preview
 
 
@@ -91,32 +93,50 @@ def run_send(args) -> int:
         topics.check_message_size(body, props or None, system)
         payloads.append(body)
     session.connect()
-    start = time.monotonic()
-    last_progress = start
+    progress = Progress(total)
+    start = progress.start
     sent = 0
+    interrupted = complete = False
     try:
-        for i, body in enumerate(payloads):
-            if session.dropped:
-                break
-            info = session.client.publish(topic, body, qos=1)
-            if info.rc != 0:
-                break
-            sent += 1
-            now = time.monotonic()
-            if total > 1 and now - last_progress >= 1.0:
-                last_progress = now
-                print(f"progress: sent {sent}/{total}, acknowledged {session.acked}", file=sys.stderr, flush=True)
-            if args.interval and i + 1 < total:
-                time.sleep(args.interval)
-        complete = session.wait_acked(sent, args.timeout)
+        try:
+            for i, body in enumerate(payloads):
+                if session.dropped:
+                    break
+                info = session.client.publish(topic, body, qos=1)
+                if info.rc != 0:
+                    break
+                sent += 1
+                if total > 1:
+                    progress.update(sent, session.acked)
+                if args.interval and i + 1 < total:
+                    time.sleep(args.interval)
+            complete = session.wait_acked(sent, args.timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C: stop sending, give what is on the wire a moment to be acknowledged, then summarise.
+            interrupted = True
+            progress.clear()
+            print("interrupted: waiting up to 2 s for acknowledgements (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+            try:
+                session.wait_acked(sent, min(2.0, args.timeout))
+            except KeyboardInterrupt:
+                pass
         elapsed = max(time.monotonic() - start, 1e-6)
     finally:
+        progress.clear()
         session.close()
     acked = min(session.acked, sent)
-    print(f"sent {sent}, acknowledged {acked} in {elapsed:.2f} s ({acked / elapsed:.1f} msg/s)")
+    print(f"sent {sent}, acknowledged {acked} in {elapsed:.2f} s ({acked / elapsed:.1f} msg/s)"
+          + (f"; interrupted, {total - sent} not sent" if interrupted else ""), flush=True)
+    if interrupted:
+        return EXIT_INTERRUPTED
     if not complete or sent < total:
-        reason = session.dropped or f"no PUBACK within {args.timeout:g} s"
-        raise OperationTimeout(f"{total - acked} of {total} messages were not acknowledged ({reason})")
+        where = f"{session.host}:{session.port}"
+        if session.dropped:
+            raise ConnectionFailed(f"{total - acked} of {total} messages were not acknowledged: the connection to "
+                                   f"{where} dropped ({session.dropped})")
+        raise OperationTimeout(f"{total - acked} of {total} messages were not acknowledged: {where} sent no "
+                               f"PUBACK within {args.timeout:g} s (--timeout)")
     return EXIT_OK
 
 
@@ -127,6 +147,7 @@ def run_listen(args) -> int:
     answer = parse_json(args.method_payload, "--method-payload")
     out = Output()
     events = [0]
+    kinds = {"c2d": 0, "method": 0, "desired": 0}
     done = threading.Event()
     holder = {}
 
@@ -136,14 +157,18 @@ def run_listen(args) -> int:
             props = {**record.system_properties, **record.properties}
             extra = " " + " ".join(f"{k}={v}" for k, v in props.items()) if props else ""
             out(f"c2d message{extra}: {preview(body)}")
+            kinds["c2d"] += 1
         elif isinstance(record, topics.InputMessage):
             out(f"input message on {record.input_name}: {preview(body)}")
+            kinds["c2d"] += 1
         elif isinstance(record, topics.MethodRequest):
             lcpaho.answer_method(holder["session"].client, record, args.method_status, answer)
             out(f"method call {record.name} rid={record.rid} payload {preview(body)} -> answered "
                 f"{args.method_status} {json.dumps(answer)}")
+            kinds["method"] += 1
         elif isinstance(record, topics.DesiredPatch):
             out(f"desired properties version={record.version}: {preview(body)}")
+            kinds["desired"] += 1
         else:
             return
         events[0] += 1
@@ -153,6 +178,7 @@ def run_listen(args) -> int:
     session = Session(args, on_record=on_record)
     holder["session"] = session
     previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    interrupted = False
     try:
         session.connect()
         try:
@@ -169,11 +195,14 @@ def run_listen(args) -> int:
             # Let a method answer published from paho's thread go out before disconnecting.
             time.sleep(0.1)
         except KeyboardInterrupt:
-            pass
+            interrupted = True
         finally:
             session.close()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    out(f"{events[0]} event{'s' if events[0] != 1 else ''}: {kinds['c2d']} cloud-to-device, {kinds['method']} "
+        f"method call{'s' if kinds['method'] != 1 else ''}, {kinds['desired']} desired patch"
+        f"{'es' if kinds['desired'] != 1 else ''}" + ("; interrupted" if interrupted else ""))
     if session.dropped:
         out(f"connection dropped: {session.dropped}")
         return 4

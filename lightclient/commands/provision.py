@@ -5,7 +5,7 @@ import json
 
 from .. import dps, keys, tls
 from ..exceptions import ConfigError
-from .common import EXIT_OK, add_key_options, env_help, load_key, parse_json, setting
+from .common import EXIT_OK, add_key_options, env_help, key_ref, load_key, parse_json, setting
 
 
 def register(sub) -> None:
@@ -80,7 +80,22 @@ def run(args) -> int:
         print(f"issued certificate chain ({len(result.issued_certificate_chain)} certificates) written to {args.cert_out}")
     elif csr is not None:
         print("DPS issued no certificate (does the enrollment allow certificate issuance?)")
-    cert_next = args.cert_out if result.issued_certificate_chain else cert
-    print(f"next: lightclient send --hub {result.assigned_hub} --device-id {result.device_id} --cert {cert_next} "
-          "--key … 'hello'")
+    print("next: " + next_command(args, result, args.cert_out if result.issued_certificate_chain else cert))
     return EXIT_OK
+
+
+def next_command(args, result, cert: str) -> str:
+    """The send command for the assigned hub, with every setting this provisioning used (never a PIN)."""
+    import shlex
+
+    ref = key_ref(args)
+    words = ["lightclient", "send", "--hub", result.assigned_hub, "--device-id", result.device_id, "--cert", cert,
+             "--key", "…" if ref.has_pin_value else str(ref)]
+    ca = setting(args, "ca")
+    if ca:
+        words += ["--ca", ca]
+    if args.pin_file:
+        words += ["--pin-file", args.pin_file]
+    elif args.pin_env:
+        words += ["--pin-env", args.pin_env]
+    return " ".join(w if w == "…" else shlex.quote(w) for w in words) + " [--port PORT] 'hello'"

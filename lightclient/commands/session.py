@@ -6,19 +6,53 @@ Built on the public library: :func:`lightclient.tls.client_context` (the key sta
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .. import diagnostics, tls, topics
 from .. import paho as lcpaho
-from .. import tls, topics
 from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
 from .common import AuthRefused, ConnectionFailed, identity, load_key, setting, warn
 
 DEFAULT_PORT = 8883
+
+CONNACK_TEXT = {1: "unacceptable protocol version", 2: "client id rejected", 3: "server unavailable",
+                4: "bad user name or password", 5: "not authorized"}
+
+
+def refusal_causes(code: int, ident, host_flag: str = "--hub") -> List[str]:
+    """The likely causes of a refused CONNECT, most likely first, as far as the CONNACK code tells them.
+
+    IoT Hub answers almost every refusal with 5 and never says why, so for 4 and 5 this lists every
+    cause the hub folds into that code."""
+    if code in (4, 5):
+        return [f"{host_flag} {ident.hostname} is not the name of the hub the device is registered in (the name "
+                "is part of the MQTT user name, so a wrong or aliased name is refused even when the address "
+                "reaches the hub)",
+                f"the device {ident.client_id!r} is not registered in this hub, or it is disabled",
+                "the certificate is not the registered one (self-signed: its thumbprint differs from the "
+                "registered one) or its CA is not uploaded and verified in the hub (CA-signed: CN must equal "
+                "the device id)"]
+    if code == 2:
+        return [f"the client id {ident.client_id!r} was rejected: it must be the device id (or device/module)"]
+    if code == 1:
+        return ["the server does not speak MQTT 3.1.1: is --port the hub's MQTT port (8883)?"]
+    return ["the hub is busy or restarting: try again in a minute"]
+
+
+def drop_reason(reason_code) -> str:
+    """paho's disconnect reason as words: its 'Unspecified error' means the connection was lost."""
+    value = getattr(reason_code, "value", reason_code)
+    if value == 0:
+        return "the server closed the connection"
+    if value in (128, 7):   # paho: MQTT_ERR_CONN_LOST arrives as 'Unspecified error'
+        return "the connection was lost (the server closed it or the network failed)"
+    if value == 141:
+        return "the server did not answer keep-alive pings"
+    return str(reason_code)
 
 
 class Output:
@@ -50,18 +84,25 @@ class Session:
     """Connects on :meth:`connect`; ``on_record(record, message)`` gets every parsed IoT Hub message."""
 
     def __init__(self, args, *, on_record: Optional[Callable[[Any, Any], None]] = None,
-                 on_log: Optional[Callable[[str], None]] = None):
-        self.identity = identity(args)
+                 on_log: Optional[Callable[[str], None]] = None, ssl_context=None,
+                 address: Optional[Tuple[str, int]] = None, ident=None):
+        """``ssl_context``, ``address`` (host, port to connect to) and ``ident`` override what ``args`` say
+        (the doctor has them already)."""
+        self.identity = ident or identity(args)
         self.host = self.identity.hostname
         port = setting(args, "port")
         try:
             self.port = int(port) if port is not None else DEFAULT_PORT
         except ValueError:
             raise ConfigError(f"the port {port!r} is not a number") from None
+        if address is not None:
+            self.host, self.port = address
         self.timeout = getattr(args, "timeout", 15.0)
-        cert = setting(args, "cert", required=True, what="the device certificate")
-        key = load_key(args)
-        ctx = tls.client_context(cert=cert, key=key, ca=setting(args, "ca"))
+        if ssl_context is None:
+            cert = setting(args, "cert", required=True, what="the device certificate")
+            key = load_key(args)
+            ssl_context = tls.client_context(cert=cert, key=key, ca=setting(args, "ca"))
+        ctx = self.ssl_context = ssl_context
         if getattr(args, "keylog", None):
             ctx.keylog_filename = tls.private_keylog(args.keylog)
             warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
@@ -90,37 +131,54 @@ class Session:
     # ------------------------------------------------------------------------ connection
 
     def connect(self, keepalive: int = 60) -> None:
+        where = f"{self.host}:{self.port}"
         try:
             self.client.connect(self.host, self.port, keepalive=keepalive)
-        except ssl.SSLCertVerificationError as exc:
-            raise ConnectionFailed(
-                f"the server certificate of {self.host}:{self.port} is not trusted ({exc.verify_message}): "
-                "give the server's CA with --ca (for Azure IoT Hub leave --ca out)") from None
-        except ssl.SSLError as exc:
-            raise AuthRefused(
-                f"the TLS handshake with {self.host}:{self.port} failed ({exc.reason or exc}): is the device "
-                "certificate (or its CA) registered? Run `lightclient doctor --connect HOST:PORT`") from None
-        except (socket.gaierror, OSError) as exc:
-            raise ConnectionFailed(f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}. "
-                                   "Check --hub and --port, and that outbound TCP to it is allowed") from None
+        except OSError as exc:
+            typed = diagnostics.tls_failure(exc, self.host, self.port, self.ssl_context)
+            if typed is not None:       # untrusted, expired, another host's certificate, no TLS 1.2+
+                raise typed from None
+            if isinstance(exc, ssl.SSLError) and "CERTIFICATE" in str(exc.reason or "").upper():
+                raise AuthRefused(
+                    f"the TLS handshake with {where} failed ({exc.reason}): the server refused the device "
+                    "certificate; register it (or its CA) with the hub. `lightclient doctor --connect "
+                    f"{where}` checks the whole chain") from None
+            if isinstance(exc, ssl.SSLError):
+                raise ConnectionFailed(f"the TLS handshake with {where} failed ({exc.reason or exc}): is --port "
+                                       "the hub's MQTT/TLS port (8883)?") from None
+            raise ConnectionFailed(f"cannot connect to {where}: {diagnostics.network_reason(exc)}. Check --hub "
+                                   "and --port, and that outbound TCP to it is allowed") from None
         self.client.loop_start()
         self._connected.wait(self.timeout)
         if self._connack is None:
             self.close()
             if self._dropped:
                 raise AuthRefused(
-                    f"the hub closed the connection before accepting it ({self._dropped}): is the device "
-                    "certificate (or its CA) registered and the device id right? Run `lightclient doctor`")
-            raise OperationTimeout(f"{self.host}:{self.port} did not answer CONNECT within {self.timeout:g} s")
+                    f"{where} closed the connection before answering CONNECT ({self._dropped}); with TLS 1.3 "
+                    "this is how a refused device certificate shows: is the certificate (or its CA) registered? "
+                    f"Run `lightclient doctor --connect {where}`")
+            raise OperationTimeout(f"{where} did not answer CONNECT within {self.timeout:g} s: is it an IoT Hub "
+                                   "(MQTT) endpoint?")
         rc = self._connack
         if rc is not None and rc.is_failure:
             self.close()
-            if rc.value in (134, 135):   # CONNACK 4 bad user name or password, 5 not authorized
-                raise AuthRefused(
-                    f"the hub refused the connection: {rc} (CONNACK {4 if rc.value == 134 else 5}): the device "
-                    f"{self.identity.client_id!r} is unknown, disabled, or its certificate is not the registered "
-                    "one (check the device id and the certificate's thumbprint or CA)")
-            raise ConnectionFailed(f"the hub refused the connection: {rc}")
+            code = self.connack_code
+            causes = refusal_causes(code, self.identity)
+            text = (f"the hub refused the connection: CONNACK {code} ({CONNACK_TEXT.get(code, rc)}). "
+                    + ("IoT Hub does not say which of these it is: " if len(causes) > 1 else "")
+                    + "; ".join(f"({i}) {c}" if len(causes) > 1 else c for i, c in enumerate(causes, 1))
+                    + f". `lightclient doctor --connect {where}` checks each")
+            if code in (4, 5):
+                raise AuthRefused(text)
+            raise ConnectionFailed(text)
+
+    @property
+    def connack_code(self) -> Optional[int]:
+        """The MQTT 3.1.1 CONNACK return code (paho reports it as an MQTT 5 reason code)."""
+        rc = self._connack
+        if rc is None:
+            return None
+        return {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}.get(rc.value, rc.value)
 
     def close(self) -> None:
         try:
@@ -134,10 +192,10 @@ class Session:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None):
         if not self._connected.is_set():
-            self._dropped = str(reason_code)
+            self._dropped = drop_reason(reason_code)
             self._connected.set()      # wake connect(): no CONNACK is coming
         elif reason_code.is_failure:
-            self._dropped = str(reason_code)
+            self._dropped = drop_reason(reason_code)
         with self._sub_cond:
             self._sub_cond.notify_all()
         with self._twin_cond:

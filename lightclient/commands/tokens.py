@@ -132,8 +132,12 @@ def run_init_token(args) -> int:
     if pin is None:
         raise PinError("init-token needs the new user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN")
     info = tk.init_token(module, args.label, so_pin, pin)
-    print(f"initialised token {info.label!r} (serial {info.serial}) in slot {info.slot_id} of {module}")
-    print(f"next: lightclient keygen --module-path {module} --token {info.label} --label device-key")
+    # The slot id as `tokens` (and every later process) sees it: SoftHSM gives an initialised token a new
+    # slot id, but only from the module's next initialisation, so the id init_token saw is stale.
+    slot = next((t.slot_id for t in tk.list_tokens(module) if t.serial == info.serial), info.slot_id)
+    print(f"initialised token {info.label!r} (serial {info.serial}) in slot {slot} of {module}")
+    pin_hint = f" --pin-file {args.pin_file}" if args.pin_file else ""
+    print(f"next: lightclient keygen --module-path {module} --token {info.label} --label device-key{pin_hint}")
     return EXIT_OK
 
 
@@ -155,5 +159,6 @@ def run_keygen(args) -> int:
           "the private key is sensitive and non-extractable")
     print("key reference (use it with --key, or set KEY_IDENTIFIER):")
     print(uri)
-    print(f"next: lightclient csr --key '{uri}' --device-id DEVICE_ID --out device.csr")
+    pin_hint = f" --pin-file {args.pin_file}" if args.pin_file else ""
+    print(f"next: lightclient csr --key '{uri}' --device-id DEVICE_ID{pin_hint} --out device.csr")
     return EXIT_OK

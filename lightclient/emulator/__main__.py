@@ -54,8 +54,8 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lightclient.emulator",
+def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="A strict local Azure IoT Hub (MQTT 3.1.1 over TLS with "
                                                  "X.509 client certificates).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -140,8 +140,27 @@ def _config_defaults(path: Path) -> dict:
     return defaults
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+#: Beside the CA in the state directory while the emulator runs with a service API: its URL, so that
+#: `lightclient doctor --connect … --ca STATE/ca.pem` can ask for the emulator's diagnostics.
+SERVICE_API_FILE = "service-api"
+
+
+def _busy(exc: OSError, args) -> str:
+    """One line for a port that cannot be bound (the usual cause: another emulator still running)."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (f"a port is already in use on {args.host} (MQTT {args.port}"
+                + (f", service API {args.http_port}" if args.http_port else "")
+                + (f", DPS {args.dps_port}" if args.dps_port else "")
+                + "): is another emulator running? Stop it, or pick other ports (0 picks free ones)")
+    if exc.errno == errno.EACCES:
+        return f"not allowed to listen on {args.host}:{args.port}: ports below 1024 need root; use 8883"
+    return f"cannot listen on {args.host}: {exc.strerror or exc}"
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.emulator") -> int:
+    parser = build_parser(prog)
     finder = argparse.ArgumentParser(add_help=False)
     finder.add_argument("--config", type=Path)
     config = finder.parse_known_args(argv)[0].config
@@ -157,6 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                         connect_timeout=args.connect_timeout)
+    written: List[Path] = []
     try:
         if args.sign_csr:
             if not args.out:
@@ -174,7 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
         if emulator.http_port is not None:
-            lines.append(f"  service API: http://{args.host}:{emulator.http_port}")
+            api = f"http://{args.host}:{emulator.http_port}"
+            lines.append(f"  service API: {api}")
+            (args.state_dir / SERVICE_API_FILE).write_text(api + "\n")
+            written.append(args.state_dir / SERVICE_API_FILE)
         if args.dps_port is not None:
             dps = emulator.start_dps(args.dps_port, id_scope=args.id_scope, retry_after=args.dps_retry_after,
                                      polls=args.dps_polls)
@@ -209,7 +232,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EmulatorError as exc:
         print(f"emulator: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:     # a busy or forbidden port: one line, no traceback
+        print(f"emulator: error: {_busy(exc, args)}", file=sys.stderr)
+        return 2
     finally:
+        for path in written:
+            try:
+                path.unlink()
+            except OSError:
+                pass
         emulator.stop()
 
 

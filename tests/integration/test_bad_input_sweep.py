@@ -304,7 +304,7 @@ CASES = {
     "cli-send-bad-property": (_cli_row(["send", "x", "--prop", "$bad=1"], code=2, text="'$'"), CliFailed, ""),
     "cli-missing-cert-file": (_cli_row(["send", "x"], code=3, text="error:", **{"--cert": "/nonexistent/dev.pem"}),
                               CliFailed, ""),
-    "cli-untrusted-server": (_cli_row(["send", "x"], code=4, text="is not trusted", **{"--ca": None}), CliFailed, ""),
+    "cli-untrusted-server": (_cli_row(["send", "x"], code=4, text="failed verification: untrusted", **{"--ca": None}), CliFailed, ""),
     "cli-unknown-token": (_cli_row(["send", "x"], code=3, text="error:",
                                    **{"--key": "pkcs11:token=nope;object=eckey"}), CliFailed, ""),
     "cli-missing-module": (_cli_row(["send", "x"], code=3, text="error:",

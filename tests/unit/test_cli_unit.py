@@ -1,12 +1,14 @@
 """The CLI's pure parts: argument parsing, settings and PIN sources, exit codes, the trace decoder, doctor output."""
 
 import os
+import socket
 
 import pytest
 
 from lightclient import cli
 from lightclient.commands import common, doctor, trace
-from lightclient.exceptions import (CertificateError, ConfigError, KeyMismatchError, LightClientError,
+from lightclient.exceptions import (CertificateError, ConfigError, ConnectRefusedError, ServerCertificateError,
+                                    TlsVersionError, KeyMismatchError, LightClientError,
                                     ModuleLoadError, OpenSSLMismatchError, OperationTimeout, PinError,
                                     ProtocolError, ProvisioningError, ServiceError)
 from lightclient.identity import Identity
@@ -107,8 +109,15 @@ def test_props():
 @pytest.mark.parametrize("exc,code", [
     (ConfigError("x"), 2), (LightClientError("x"), 2), (PinError("x"), 3), (ModuleLoadError("x"), 3),
     (CertificateError("x"), 3), (KeyMismatchError("x"), 3), (OpenSSLMismatchError("x"), 3),
-    (common.AuthRefused("x"), 3), (ServiceError("x", 500), 4), (ProvisioningError("x", 401), 4),
+    (common.AuthRefused("x"), 3), (ServiceError("x", 500), 4), (ProvisioningError("x", 404), 4),
+    # DPS refusing the device's credentials is a credentials refusal, as the README's table says (issue 14).
+    (ProvisioningError("x", 401), 3), (ProvisioningError("x", 403), 3), (ConnectRefusedError("x", 5), 3),
+    (ConnectRefusedError("x", 3), 4),
     (OperationTimeout("x"), 4), (ProtocolError("x"), 4), (common.ConnectionFailed("x"), 4),
+    (ServerCertificateError("x", "untrusted"), 4), (TlsVersionError("x"), 4),
+    # Plain OSErrors: a file named in the arguments is a usage problem, the network is not.
+    (FileNotFoundError(2, "No such file or directory"), 2), (PermissionError(13, "Permission denied"), 2),
+    (ConnectionRefusedError(111, "Connection refused"), 4), (socket.gaierror(-2, "Name or service not known"), 4),
 ])
 def test_exit_codes(exc, code):
     assert common.exit_code_for(exc) == code
