@@ -29,7 +29,7 @@ import random
 import ssl
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._files import CHAIN_LIMIT, atomic_write, prepare_private_file, read_user_file
@@ -82,6 +82,19 @@ def validity_of(chain_pem: bytes) -> Validity:
 
     info = _native.certificate_info(chain_pem)
     return Validity(info.subject_cn, info.issuer_cn, info.not_before.timestamp(), info.not_after.timestamp())
+
+
+def certificate_validity(path: str) -> Validity:
+    """The :class:`Validity` of the certificate (chain) file ``path`` (a bounded read)."""
+    return validity_of(read_user_file(path, what=f"the certificate {path!r}", limit=CHAIN_LIMIT))
+
+
+def load_state(path: str) -> "Optional[RenewalState]":
+    """The renewal state file at ``path``, or None if there is none."""
+    if not os.path.exists(path):
+        return None
+    return RenewalState.from_json(read_user_file(path, what=f"the renewal state file {path!r}", limit=CHAIN_LIMIT),
+                                  path)
 
 
 def format_duration(seconds: float) -> str:
@@ -272,7 +285,13 @@ class Renewer:
                 raise ConfigError(f"unknown renewal route {route!r}: choose from {', '.join(ROUTES)}")
         if "dps" in routes and dps is None and list(routes) == ["dps"]:
             raise ConfigError("renewal over DPS needs dps=DpsRoute(id_scope, registration_id, endpoint)")
+        if not isinstance(key, str):
+            raise ConfigError("key must be the key reference as a str (a pkcs11: URI or a file path), so the state "
+                              "file can record it")
         ref = parse_key_ref(key)
+        if ref.has_pin_value:
+            raise ConfigError("the key reference holds pin-value=…; give the PIN as pin= so it never reaches the "
+                              "renewal state file")
         if rotate_keys and not (ref.pkcs11_uri and ref.attribute("token") and ref.module_path):
             raise ConfigError("rotate_keys needs a pkcs11: key with token= and module-path (the new key is made "
                               "in the same token)")
@@ -294,7 +313,7 @@ class Renewer:
         self.on_step = on_step
         self.on_failure = on_failure
         self.device: Any = None
-        self._initial_key = str(key) if not isinstance(key, str) else key
+        self._initial_key = key
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -594,11 +613,13 @@ class Renewer:
         pending = state.pending
         assert pending is not None
         chain = self._read_chain(pending.new_cert)
-        if pending.new_key and pending.new_key != state.key:
+        onboarding = self.dps.onboarding_key if self.dps is not None else None
+        if pending.new_key and pending.new_key != state.key and state.key != onboarding:
             old = self._key_ref(state.key)
             state.retire.append(Retirement(state.key, old.attribute("object") or "",
                                            (old.attribute_bytes("id") or b"").hex() or None,
                                            self.clock() + self.policy.grace))
+        if pending.new_key:
             state.key = pending.new_key
         # The state file is the truth: once it says the new key, the certificate file may follow.
         new_cert = pending.new_cert
@@ -678,5 +699,5 @@ class Renewer:
 
 
 __all__ = ["DEFAULT_KEY_TYPE", "DpsRoute", "Pending", "RenewalPolicy", "RenewalState", "Renewer", "Retirement",
-           "STEPS", "Validity", "failure_delay", "format_duration", "next_key_label", "recovery_action",
+           "STEPS", "Validity", "certificate_validity", "failure_delay", "load_state", "format_duration", "next_key_label", "recovery_action",
            "validity_of"]
