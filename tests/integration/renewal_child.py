@@ -16,8 +16,55 @@ from lightclient.device import Device
 from lightclient.identity import Identity
 
 
+def run(cfg) -> int:
+    """Provision (DPS, CSR), then send telemetry while the Renewer renews in the background (hub, then DPS
+    after the parent injects a hub error) until two renewals are done and the old keys are retired."""
+    import time
+    from pathlib import Path
+
+    from lightclient import dps, keys, tls
+    from lightclient.emulator import certs
+
+    name, tmp = cfg["device_id"], Path(cfg["dir"])
+    key = keys.load_key(cfg["key"], pin=cfg["pin"])
+    csr = tmp / "boot.csr"
+    csr.write_bytes(keys.csr_pem(keys.sign_csr(key, [("CN", name)])))
+    boot = certs.sign_csr(certs.CertificateAuthority(Path(cfg["ca"]), Path(cfg["ca_key"])), csr, tmp / "boot.pem")
+    dps.provision(cfg["scope"], name, ssl_context=tls.https_context(cert=str(boot), key=key, ca=cfg["ca"]),
+                  endpoint=cfg["dps"], csr=keys.sign_csr(key, [("CN", name)]), cert_out=cfg["cert"],
+                  poll_interval=(0.05, 1.0), timeout=30)
+    renewed = []
+    renewer = renewal.Renewer(
+        cert=cfg["cert"], key=cfg["key"], pin=cfg["pin"], device_id=name, ca=cfg["ca"], state=cfg["state"],
+        rotate_keys=cfg.get("rotate", True), routes=("hub", "dps"), rand=lambda: 0.5,
+        policy=renewal.RenewalPolicy(fraction=0.5, jitter=0.1, grace=1.0),
+        backoff=renewal.Backoff(initial=0.5, maximum=2.0),
+        dps=renewal.DpsRoute(cfg["scope"], name, cfg["dps"], ca=cfg["ca"], timeout=30, poll_interval=(0.05, 1.0)))
+    device = renewer.connect_device(lambda ctx: Device(Identity("localhost", name), ctx, host="127.0.0.1",
+                                                       port=cfg["port"]))
+    device.on_certificate_renewed = renewed.append
+    renewer.start()
+    handles = []
+    try:
+        deadline = time.monotonic() + cfg["duration"]
+        while time.monotonic() < deadline and not (len(renewed) >= 2 and not renewer.state.retire):
+            handles.append(device.send(json.dumps({"n": len(handles)}).encode()))
+            time.sleep(0.1)
+        for handle in handles:
+            handle.wait(30)
+    finally:
+        renewer.stop()
+        device.close()
+    state = renewer.state
+    print(json.dumps({"sent": len(handles), "renewed": len(renewed), "renewals": state.renewals,
+                      "key": state.key, "retire": len(state.retire)}))
+    return 0
+
+
 def main(argv) -> int:
     cfg = json.loads(sys.stdin.read())
+    if argv[0] == "run":
+        return run(cfg)
     kill_at = cfg["kill_at"] if argv[0] == "renew" else None
 
     def on_step(step: str) -> None:
