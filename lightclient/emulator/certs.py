@@ -173,7 +173,7 @@ def _sign_window(ca: CertificateAuthority, csr: Path, out: Path, extensions: str
 
 
 def issue_from_csr(ca: CertificateAuthority, csr_der: bytes, common_name: str,
-                   lifetime: Optional[float] = None, days: int = 365) -> "list[bytes]":
+                   lifetime: Optional[float] = None, days: int = 365, what: str = "device id") -> "list[bytes]":
     """Verify a DER PKCS#10 request (self-signature, CN == ``common_name``) and issue a client certificate
     for it, valid ``lifetime`` seconds (else ``days``). Returns the chain as DER, leaf first, ending with the
     CA (the shape DPS and the hub's credentials API return). ValueError says what is wrong with the CSR."""
@@ -194,7 +194,7 @@ def issue_from_csr(ca: CertificateAuthority, csr_der: bytes, common_name: str,
             raise ValueError("the CSR is not a valid, self-signed PKCS#10 request") from None
         cn = re.search(r"commonName\s*=\s*(.+)", subject)
         if cn is None or cn.group(1).strip() != common_name:
-            raise ValueError(f"the CSR's CN must equal {common_name!r}")
+            raise ValueError(f"the CSR's CN must equal the {what} {common_name!r}")
         out = Path(tmp) / "leaf.pem"
         if lifetime is not None:
             _sign_window(ca, csr, out, _CLIENT_EXTENSIONS, lifetime)

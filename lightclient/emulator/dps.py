@@ -249,7 +249,7 @@ class DpsEmulator:
             der = base64.b64decode(csr_b64, validate=True)
         except (TypeError, ValueError):
             raise ValueError("csr is not base64") from None
-        return certs.issue_from_csr(self.ca, der, rid, self.cert_lifetime)
+        return certs.issue_from_csr(self.ca, der, rid, self.cert_lifetime, what="registration id")
 
     def _poll(self, rid: str, op_id: str):
         with self._lock:

@@ -147,3 +147,22 @@ def test_recovery_action(step, matches, action):
 def test_format_duration():
     assert [renewal.format_duration(s) for s in (42, 125, 7300, 3 * DAY + 7200, -5)] == \
         ["42s", "2m 5s", "2h 1m", "3d 2h", "-5s"]
+
+
+def test_doctor_warns_in_the_last_fifth_of_a_long_lifetime(tmp_path):
+    import datetime as dt
+    import subprocess
+
+    from lightclient.commands import doctor
+
+    key, cert = tmp_path / "k.pem", tmp_path / "c.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "100", "-subj", "/CN=d1"],
+                   capture_output=True, check=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    for days, status in ((70, doctor.OK), (85, doctor.WARN)):   # 15 days left: more than 7, less than 20 %
+        checks = []
+        doctor.check_certificate(checks, str(cert), "d1", None, now=now + dt.timedelta(days=days))
+        assert checks[1].status == status, days
+        if status == doctor.WARN:
+            assert "lightclient renew" in checks[1].hint
