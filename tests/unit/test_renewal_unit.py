@@ -165,4 +165,4 @@ def test_doctor_warns_in_the_last_fifth_of_a_long_lifetime(tmp_path):
         doctor.check_certificate(checks, str(cert), "d1", None, now=now + dt.timedelta(days=days))
         assert checks[1].status == status, days
         if status == doctor.WARN:
-            assert "lightclient renew" in checks[1].hint
+            assert "lightclient renew" in checks[1].fix
