@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from typing import Type
 
 from .exceptions import ConfigError, LightClientError
@@ -124,3 +125,32 @@ def prepare_private_file(path: str, *, what: str) -> None:
                 f"secrets: run `chmod 600 {path}` or give a new file")
     finally:
         os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int) -> None:
+    """Replace ``path`` with ``data`` so that a crash or power cut leaves the old or the new content, never
+    a mix: a temporary file in the same directory with ``mode`` from the start, fsync, rename, fsync of
+    the directory (so the rename itself is durable)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lightclient-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)

@@ -22,6 +22,7 @@ from .commands import common
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .commands import csr, doctor, messaging, provision, tokens, trace
+    from .commands import renew, status
 
     parser = argparse.ArgumentParser(
         prog="lightclient",
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     csr.register(sub)
     doctor.register(sub)
     provision.register(sub)
+    renew.register(sub)
+    status.register(sub)
     trace.register(sub)
     messaging.register(sub)
     sub.add_parser("emulator", add_help=False,

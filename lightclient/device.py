@@ -186,6 +186,10 @@ class Device:
         self.on_input = on_input
         self.on_desired = on_desired
         self.on_connection_state = on_connection_state
+        #: ``on_certificate_renewed(certificate)``: after :meth:`replace_context` connected with a renewed
+        #: certificate (``certificate`` is what the renewer passed, e.g. a lightclient.renewal.Validity).
+        self.on_certificate_renewed: Optional[Callable[[Any], None]] = None
+        self._credentials: Any = None              # lightclient._credentials.CredentialsChannel, on first use
         self._backoff = backoff or Backoff()
         self._twin_timeout = float(twin_timeout)
         self._method_workers = method_workers
@@ -439,6 +443,8 @@ class Device:
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if mid != self._sub_mid:
+            if self._credentials is not None:
+                self._credentials.suback(mid)
             return
         refused = [sub for (sub, _), rc in zip(self._subscriptions, reason_codes) if rc.is_failure]
         if refused:
@@ -708,6 +714,60 @@ class Device:
             self.add_method_handler(name, handler)
             return handler
         return register
+
+    # ------------------------------------------------------------------------- certificate renewal
+
+    def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *,
+                        certificate: Any = None) -> None:
+        """Reconnect with ``ssl_context`` (a renewed certificate, perhaps a new key) and keep it.
+
+        Telemetry accepted meanwhile stays queued (in memory or the outbox) and unacknowledged messages
+        are resent; the twin is read again after the connect, as after any reconnect; twin requests
+        waiting for an answer at that moment fail with :class:`OperationTimeout`. If the new context
+        cannot connect within ``timeout`` s, the Device goes back to the old one and the error is
+        raised: the old credential keeps working. On success ``on_certificate_renewed(certificate)``
+        runs on the events thread. A Device that is not started just takes the context for its next
+        :meth:`connect`.
+        """
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigError("ssl_context must be an ssl.SSLContext with the renewed certificate, e.g. from "
+                              f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
+        old, running = self._ssl_context, self._running
+        if running:
+            self.disconnect(min(timeout, 5.0))
+        self._use_context(ssl_context)
+        if running:
+            try:
+                self.connect(timeout)
+            except LightClientError:
+                log.error("could not connect with the renewed certificate; going back to the old one")
+                self._use_context(old)
+                self.connect(timeout)
+                raise
+        if certificate is not None and self.on_certificate_renewed is not None:
+            self._submit(self._events, self._call_user, "on_certificate_renewed", self.on_certificate_renewed,
+                         certificate)
+
+    def _use_context(self, ssl_context: ssl.SSLContext) -> None:
+        # paho allows tls_set_context() once per client; its next connect wraps the socket with
+        # _ssl_context, so setting that (while disconnected) is the whole swap.
+        self._ssl_context = ssl_context
+        self._client._ssl_context = ssl_context
+
+    def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None, timeout: float = 120.0) -> Any:
+        """Ask the hub for a certificate for ``csr_der`` over ``$iothub/credentials`` (preview) and wait.
+
+        Returns a :class:`~lightclient.topics.CredentialsAnswer` whose ``certificates`` hold the chain
+        (DER, leaf first). Raises :class:`~lightclient.exceptions.RenewalError` for an error status and
+        :class:`OperationTimeout` after ``timeout`` s. The chain takes effect on the next connection
+        (:meth:`replace_context`); see :mod:`lightclient.renewal` for the whole renewal.
+        """
+        if self._credentials is None:
+            from ._credentials import CredentialsChannel
+
+            self._credentials = CredentialsChannel(self._client, self.identity.device_id, self._subscriptions,
+                                                   self._connected)
+        return self._credentials.request(csr_der, replace=replace, timeout=timeout)
 
     # ------------------------------------------------------------------------------------- twin
 

@@ -28,12 +28,12 @@ import json
 import os
 import re
 import ssl
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
+from ._files import atomic_write as _atomic_write  # one home for atomic writes
 from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after  # noqa: F401 (dps names since 0.1)
 from .backoff import Backoff
 from ._files import CHAIN_LIMIT, CSR_LIMIT, read_user_file
@@ -370,22 +370,6 @@ def _finish(result: RegistrationResult, registration_id: str, cert_out: Optional
                                 status=None, error_code=result.error_code)
     raise ProvisioningError(f"DPS failed to assign {registration_id!r}{code}{detail}", status=None,
                             error_code=result.error_code)
-
-
-def _atomic_write(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lightclient-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -146,6 +146,10 @@ class CertificateError(_WithOpenSSLErrors, ValueError):
     """A certificate (chain) file is missing, unreadable, not PEM, or unusable."""
 
 
+class CertificateExpiredError(CertificateError):
+    """The device certificate is past its notAfter (or before its notBefore): the hub refuses it."""
+
+
 class KeyMismatchError(CertificateError):
     """The certificate's public key does not match the private key it was paired with."""
 
@@ -221,6 +225,19 @@ class ConnectRefusedError(ServiceError):
     @property
     def retryable(self) -> bool:
         return self.return_code in self.RETRYABLE_CODES
+
+
+class RenewalError(ServiceError):
+    """A certificate renewal failed; the old credential stays in use. ``retry_at`` (epoch seconds) is when
+    the renewal policy tries again (back-off), ``route`` the path that failed (``"dps"`` or ``"hub"``),
+    ``retry_after`` the seconds the service asked to wait (if it did)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, route: Optional[str] = None,
+                 retry_at: Optional[float] = None, retry_after: Optional[float] = None):
+        super().__init__(message, status)
+        self.route = route
+        self.retry_at = retry_at
+        self.retry_after = retry_after
 
 
 class OperationTimeout(LightClientError, TimeoutError):

@@ -160,20 +160,58 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
             import os
 
             key_id = os.urandom(8)
-        if key_type.startswith("ec-"):
-            from pkcs11.util.ec import encode_named_curve_parameters
+        try:
+            if key_type.startswith("ec-"):
+                from pkcs11.util.ec import encode_named_curve_parameters
 
-            params = session.create_domain_parameters(
-                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVES[key_type])}, local=True)
-            _, priv = params.generate_keypair(store=True, label=key_label, id=key_id, capabilities=ec_caps,
-                                              public_template=ec_public, private_template=priv_template)
-        else:
-            bits = int(key_type.split("-")[1])
-            _, priv = session.generate_keypair(KeyType.RSA, bits, store=True, label=key_label, id=key_id,
-                                               private_template=priv_template)
+                params = session.create_domain_parameters(
+                    KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(_CURVES[key_type])}, local=True)
+                _, priv = params.generate_keypair(store=True, label=key_label, id=key_id, capabilities=ec_caps,
+                                                  public_template=ec_public, private_template=priv_template)
+            else:
+                bits = int(key_type.split("-")[1])
+                _, priv = session.generate_keypair(KeyType.RSA, bits, store=True, label=key_label, id=key_id,
+                                                   private_template=priv_template)
+        except (pkcs11.exceptions.DeviceMemory, pkcs11.exceptions.HostMemory):
+            raise KeyLoadError(f"token {token_label!r} has no room for another key (CKR_DEVICE_MEMORY): retire "
+                               "keys no longer used, or renew without key rotation") from None
         if priv[Attribute.EXTRACTABLE] or not priv[Attribute.SENSITIVE]:
             raise KeyLoadError(f"the token created {key_label!r} but did not make it sensitive and non-extractable")
     return KeyInfo(key_label, key_id.hex(), "EC" if key_type.startswith("ec-") else "RSA", token_label)
+
+
+def destroy_key(module_path: str, token_label: str, pin: str, key_label: str,
+                key_id: Optional[bytes] = None) -> int:
+    """Delete the key pair labelled ``key_label`` (and, if given, with CKA_ID ``key_id``) from the token:
+    the private key, its public key and any certificate object with the same id. Returns how many objects
+    were deleted (0 if the key is already gone, so retiring a key twice is harmless)."""
+    if not key_label:
+        raise ConfigError("key_label must not be empty: it names the key to retire")
+    pkcs11 = _pkcs11()
+    from pkcs11 import Attribute
+
+    lib = _open_lib(module_path)
+    tok = _get_token(lib, module_path, token_label)
+    deleted = 0
+    with _login(tok, pin, rw=True) as session:
+        privs = list(session.get_objects({Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
+                                          Attribute.LABEL: key_label}))
+        ids = set()
+        for priv in privs:
+            kid = priv.id or b""
+            if key_id is not None and kid != key_id:
+                continue
+            ids.add(kid)
+            priv.destroy()
+            deleted += 1
+        for kid in ids:
+            for cls in (pkcs11.ObjectClass.PUBLIC_KEY, pkcs11.ObjectClass.CERTIFICATE):
+                template = {Attribute.CLASS: cls, Attribute.ID: kid} if kid else {Attribute.CLASS: cls,
+                                                                                   Attribute.LABEL: key_label}
+                for obj in session.get_objects(template):
+                    obj.destroy()
+                    deleted += 1
+    return deleted
 
 
 def init_token(module_path: str, label: str, so_pin: str, pin: str) -> TokenInfo:
@@ -310,11 +348,20 @@ def _keygen_op(module_path: str, token_label: str, key_label: str, key_type: str
     return {**asdict(info), "uri": info.uri()}
 
 
+def _need_pin(pin: Optional[str], token_label: str) -> str:
+    if pin is None:
+        raise PinError(f"changing keys on token {token_label!r} needs its user PIN")
+    return pin
+
+
 # What a child can run: JSON-able arguments in, a JSON-able result out. PINs arrive as ``pin``/``so_pin``.
 CHILD_OPS: Dict[str, Callable[..., Any]] = {
     "tokens": lambda module_path: [asdict(t) for t in list_tokens(module_path)],
     "keys": lambda module_path, token_label, pin=None: [asdict(k) for k in list_keys(module_path, token_label, pin)],
     "keygen": _keygen_op,
+    "destroy-key": lambda module_path, token_label, key_label, key_id_hex=None, pin=None: destroy_key(
+        module_path, token_label, _need_pin(pin, token_label), key_label,
+        bytes.fromhex(key_id_hex) if key_id_hex else None),
     "init-token": lambda module_path, label, so_pin, pin: asdict(init_token(module_path, label, so_pin, pin)),
     "probe": probe,
 }

@@ -586,10 +586,158 @@ def parse(topic: str, identity: Optional[Identity] = None) -> Optional[Record]:
     return None
 
 
+# --------------------------------------------------------------------------------------------------------
+# Certificate renewal over the hub (preview): $iothub/credentials (protocol reference section 7.3)
+
+CREDENTIALS_RESPONSE_FILTER = "$iothub/credentials/res/#"
+#: The CONNECT api-version every SDK with the credentials API sends (whether older ones work is UNCERTAIN).
+CREDENTIALS_API_VERSION = "2025-08-01-preview"
+_CREDENTIALS_RESPONSE = "$iothub/credentials/res/"
+# The hub's rule for `replace` (an earlier rid): 4-36 alphanumerics and '-', no leading or trailing '-'.
+_REPLACE_RID_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{2,34})[A-Za-z0-9]")
+
+
+def credentials_request_topic(rid: RequestId) -> str:
+    """Ask the hub to issue a certificate (publish :func:`credentials_request_body`, QoS 1):
+    ``$iothub/credentials/POST/issueCertificate/?$rid={rid}``. Subscribe to
+    :data:`CREDENTIALS_RESPONSE_FILTER` and wait for its SUBACK first: the hub does not answer a request
+    published before the subscription is active."""
+    return f"$iothub/credentials/POST/issueCertificate/?$rid={_rid(rid)}"
+
+
+def credentials_request_body(device_id: str, csr_der: bytes, replace: Optional[str] = None) -> bytes:
+    """``{"id": device_id, "csr": base64(DER PKCS#10)[, "replace": …]}``; the hub refuses any other key.
+
+    ``replace`` is ``"*"`` (cancel whatever request is pending) or the rid of an earlier request.
+    """
+    import base64
+    import json
+
+    if not isinstance(device_id, str) or not device_id:
+        raise ConfigError(f"device_id must be a non-empty str, not {device_id!r}")
+    if not isinstance(csr_der, (bytes, bytearray)) or not csr_der or csr_der[0] != 0x30:
+        raise ConfigError("csr_der must be a DER PKCS#10 request (bytes starting with 0x30), e.g. from "
+                          "lightclient.keys.sign_csr()")
+    body: Dict[str, str] = {"id": device_id, "csr": base64.b64encode(bytes(csr_der)).decode()}
+    if replace is not None:
+        if replace != "*" and not (isinstance(replace, str) and _REPLACE_RID_RE.fullmatch(replace)):
+            raise ConfigError(f"replace must be '*' or an earlier request's rid (4 to 36 letters, digits and "
+                              f"'-', not starting or ending with '-'), not {replace!r}")
+        body["replace"] = replace
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class CredentialsResponse:
+    """``$iothub/credentials/res/{status}/?$rid={rid}``: 202 accepted, 200 issued, else an error."""
+
+    status: int
+    rid: str
+
+
+def parse_credentials_response(topic: str) -> Optional[CredentialsResponse]:
+    """The status and ``$rid`` of a credentials answer; ``None`` for any other topic.
+
+    Both readings of the sources are accepted (UNCERTAIN, section 7.3): the ``?$rid={rid}`` query every
+    parser reads (other query keys ignored), and the shorthand ``res/{status}/{rid}`` of one document's
+    tables. A malformed credentials topic raises :class:`ProtocolError`.
+    """
+    if not isinstance(topic, str):
+        raise ConfigError(f"topic must be a str, not {type(topic).__name__}")
+    if not topic.startswith(_CREDENTIALS_RESPONSE):
+        return None
+    rest = topic[len(_CREDENTIALS_RESPONSE):]
+    status, sep, tail = rest.partition("/")
+    if not sep:
+        raise ProtocolError(f"{topic!r} is not of the form $iothub/credentials/res/{{status}}/?$rid={{rid}}")
+    if tail.startswith("?"):
+        rid = _required(topic, decode_property_bag(tail[1:]), "$rid")
+    elif tail and "/" not in tail and "?" not in tail:
+        rid = _decode(tail, "rid")
+    else:
+        raise ProtocolError(f"{topic!r} is not of the form $iothub/credentials/res/{{status}}/?$rid={{rid}}")
+    return CredentialsResponse(status=_int(topic, "status", status, _STATUS_RE), rid=rid)
+
+
+@dataclass(frozen=True)
+class CredentialsAnswer:
+    """The body of a credentials answer, decoded.
+
+    ``certificates`` (DER, leaf first) on 200; ``operation_expires`` (ISO time) on 202; on an error,
+    ``error_code``, ``message`` and ``retry_after`` (seconds, the body's top-level ``retryAfter``).
+    """
+
+    status: int
+    correlation_id: Optional[str] = None
+    operation_expires: Optional[str] = None
+    certificates: Tuple[bytes, ...] = ()
+    error_code: Optional[int] = None
+    message: Optional[str] = None
+    retry_after: Optional[float] = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == 202
+
+    @property
+    def issued(self) -> bool:
+        return self.status == 200
+
+    @property
+    def retryable(self) -> bool:
+        """429 and 5xx are worth retrying (after ``retry_after``); other 4xx need a different request."""
+        return self.status == 429 or self.status >= 500
+
+
+def parse_credentials_body(status: int, payload: bytes) -> CredentialsAnswer:
+    """Decode the JSON body of a credentials answer with ``status``; :class:`ProtocolError` if malformed."""
+    import base64
+    import json
+
+    try:
+        data = json.loads(payload) if payload.strip() else {}
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(f"the hub answered the certificate request ({status}) with a body that is not "
+                            "JSON") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"the hub answered the certificate request ({status}) with JSON that is not "
+                            "an object")
+
+    def text(key: str) -> Optional[str]:
+        value = data.get(key)
+        return value if isinstance(value, str) else None
+
+    if status == 200:
+        chain = data.get("certificates")
+        if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
+            raise ProtocolError("the hub's 200 answer has no 'certificates' list of base64 strings")
+        try:
+            ders = tuple(base64.b64decode(c, validate=True) for c in chain)
+        except ValueError:
+            raise ProtocolError("the hub sent a certificate that is not base64 DER") from None
+        return CredentialsAnswer(200, text("correlationId"), certificates=ders)
+    if status == 202:
+        return CredentialsAnswer(202, text("correlationId"), text("operationExpires"))
+    code = data.get("errorCode")
+    try:
+        code = int(code) if code is not None and not isinstance(code, bool) else None
+    except (TypeError, ValueError):
+        code = None
+    retry = data.get("retryAfter")
+    retry_after = (float(retry) if isinstance(retry, (int, float)) and not isinstance(retry, bool)
+                   and 0 <= retry < 86400 else None)
+    info = data.get("info") if isinstance(data.get("info"), dict) else {}
+    correlation = info.get("correlationId") if isinstance(info.get("correlationId"), str) else None
+    return CredentialsAnswer(status, correlation, text("operationExpires"), error_code=code,
+                             message=text("message"), retry_after=retry_after)
+
+
 __all__ = [
     "C2DMessage", "DesiredPatch", "InputMessage", "MethodRequest", "TwinResponse", "Record",
     "TWIN_RESPONSE_FILTER", "DESIRED_PATCH_FILTER", "METHODS_FILTER", "MAX_MESSAGE_SIZE", "MAX_TOPIC_LENGTH",
     "c2d_filter", "input_filter", "encode_property_bag", "decode_property_bag", "system_properties",
     "message_size", "check_message_size", "telemetry_topic", "twin_get_topic", "twin_patch_reported_topic",
-    "method_response_topic", "parse",
+    "method_response_topic", "parse", "CREDENTIALS_RESPONSE_FILTER", "CREDENTIALS_API_VERSION", "CredentialsResponse",
+    "CredentialsAnswer", "credentials_request_topic", "credentials_request_body", "parse_credentials_response",
+    "parse_credentials_body",
 ]

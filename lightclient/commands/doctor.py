@@ -247,9 +247,12 @@ def check_certificate(checks: List[Check], cert: Optional[str], expected_cn: Opt
         checks.append(Check(names[1], FAIL, f"expired on {end:%Y-%m-%d %H:%M} UTC",
                             "issue a new certificate: lightclient csr … then have your CA sign it, or "
                             "lightclient provision --csr"))
-    elif end - now < _dt.timedelta(days=EXPIRY_WARNING_DAYS):
-        checks.append(Check(names[1], WARN, f"expires on {end:%Y-%m-%d %H:%M} UTC, in {(end - now).days} days",
-                            "renew it soon"))
+    elif end - now < max(_dt.timedelta(days=EXPIRY_WARNING_DAYS), (end - start) * 0.2):
+        # Also relative: past the usual 80 % renewal point a long-lived certificate is overdue too.
+        left = end - now
+        shown = f"{left.days} days" if left.days else f"{int(left.total_seconds() // 3600)} hours"
+        checks.append(Check(names[1], WARN, f"expires on {end:%Y-%m-%d %H:%M} UTC, in {shown}",
+                            "renew it now: lightclient renew --cert … (see lightclient status)"))
     else:
         checks.append(Check(names[1], OK, f"until {end:%Y-%m-%d} UTC"))
     cn = info.subject_cn or None

@@ -89,6 +89,12 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="close a connection whose TLS handshake is not done within this time (default 10)")
     parser.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS",
                         help="close a connection that sends no CONNECT within this time after TLS (default 10)")
+    parser.add_argument("--cert-lifetime", type=_positive_float, default=None, metavar="SECONDS",
+                        help="certificates issued over DPS or $iothub/credentials are valid this long (default a year)")
+    parser.add_argument("--no-credentials-api", action="store_true",
+                        help="refuse $iothub/credentials (a hub without certificate management)")
+    parser.add_argument("--disconnect-on-expiry", action="store_true",
+                        help="drop a connection when its certificate expires (not documented for the real hub)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="read settings from a JSON file (command-line flags win)")
@@ -175,7 +181,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
-                        connect_timeout=args.connect_timeout)
+                        connect_timeout=args.connect_timeout, cert_lifetime=args.cert_lifetime,
+                        credentials_api=not args.no_credentials_api,
+                        disconnect_on_expiry=args.disconnect_on_expiry)
     written: List[Path] = []
     try:
         if args.sign_csr:

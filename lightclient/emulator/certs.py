@@ -148,6 +148,61 @@ def sign_csr(ca: CertificateAuthority, csr_path: Path, out_path: Path, days: int
     return Path(out_path)
 
 
+def _sign_window(ca: CertificateAuthority, csr: Path, out: Path, extensions: str, lifetime: float) -> None:
+    """Like :func:`_sign` but valid for ``lifetime`` seconds from now: ``openssl ca`` takes exact start and
+    end times (``x509 -req`` only whole days). A throw-away database per call, so issuers never race."""
+    import datetime
+    import tempfile
+
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    end = now + datetime.timedelta(seconds=max(1, round(lifetime)))
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "index.txt").write_text("")
+        (d / "serial").write_text(secrets.token_hex(12).upper() + "\n")
+        (d / "ext.cnf").write_text("[ext]\n" + extensions)
+        (d / "ca.cnf").write_text(
+            "[ca]\ndefault_ca = CA_default\n[CA_default]\n"
+            f"database = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\n"
+            "default_md = sha256\npolicy = any\nunique_subject = no\ncopy_extensions = none\n"
+            "[any]\ncommonName = supplied\n")
+        _openssl("ca", "-batch", "-config", str(d / "ca.cnf"), "-cert", str(ca.cert_path), "-keyfile",
+                 str(ca.key_path), "-in", str(csr), "-out", str(out), "-notext", "-preserveDN",
+                 "-startdate", now.strftime("%Y%m%d%H%M%SZ"), "-enddate", end.strftime("%Y%m%d%H%M%SZ"),
+                 "-extfile", str(d / "ext.cnf"), "-extensions", "ext")
+
+
+def issue_from_csr(ca: CertificateAuthority, csr_der: bytes, common_name: str,
+                   lifetime: Optional[float] = None, days: int = 365, what: str = "device id") -> "list[bytes]":
+    """Verify a DER PKCS#10 request (self-signature, CN == ``common_name``) and issue a client certificate
+    for it, valid ``lifetime`` seconds (else ``days``). Returns the chain as DER, leaf first, ending with the
+    CA (the shape DPS and the hub's credentials API return). ValueError says what is wrong with the CSR."""
+    import base64
+    import re
+    import tempfile
+
+    if not csr_der or csr_der[:1] != b"\x30":
+        raise ValueError("the CSR is not DER (base64 of a PKCS#10 request, no PEM armour)")
+    with tempfile.TemporaryDirectory() as tmp:
+        csr = Path(tmp) / "req.pem"
+        csr.write_text("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(csr_der).decode()
+                       + "-----END CERTIFICATE REQUEST-----\n")
+        try:
+            subject = _openssl("req", "-in", str(csr), "-noout", "-verify", "-subject",
+                               "-nameopt", "multiline").decode()
+        except EmulatorError:
+            raise ValueError("the CSR is not a valid, self-signed PKCS#10 request") from None
+        cn = re.search(r"commonName\s*=\s*(.+)", subject)
+        if cn is None or cn.group(1).strip() != common_name:
+            raise ValueError(f"the CSR's CN must equal the {what} {common_name!r}")
+        out = Path(tmp) / "leaf.pem"
+        if lifetime is not None:
+            _sign_window(ca, csr, out, _CLIENT_EXTENSIONS, lifetime)
+        else:
+            _sign(ca, csr, out, _CLIENT_EXTENSIONS, days)
+        return [certificate_der(out), certificate_der(ca.cert_path)]
+
+
 def thumbprints(cert_pem_path: Path) -> Tuple[str, str]:
     """Return the (SHA-1, SHA-256) thumbprints of the first certificate in a PEM file, upper-case hex,
     the way the IoT Hub registry shows them."""

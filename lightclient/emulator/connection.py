@@ -11,7 +11,7 @@ import json
 import ssl
 from typing import Optional
 
-from . import codec, jsonlimits, namespace
+from . import codec, credentials, jsonlimits, namespace
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
 from .registry import Identity, PeerCertificate, authorize
@@ -42,6 +42,7 @@ class Connection:
         self.decoder = codec.Decoder(hub.max_packet_size)
         self.will: Optional[codec.Will] = None
         self.closed = False
+        self._expiry = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -107,6 +108,8 @@ class Connection:
             if self.session is not None and not clean_exit:
                 self._publish_will()
             self.hub.detach(self)
+            if self._expiry is not None:
+                self._expiry.cancel()
             if not self.closed:
                 self.abort()
 
@@ -127,6 +130,10 @@ class Connection:
         peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
         result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
         received = f"client id {packet.client_id!r}, username {packet.username!r}"
+        expired = credentials.expiry_refusal(ssl_object.getpeercert() or {})
+        if result.return_code == codec.CONNACK_ACCEPTED and expired:
+            result.return_code = codec.CONNACK_NOT_AUTHORIZED
+            result.refusal = ("connect.certificate-expired", expired)
         if result.return_code == codec.CONNACK_ACCEPTED and packet.will is not None:
             prefix = namespace.events_prefix(result.identity.device_id, result.identity.module_id)
             if not (packet.will.topic == prefix or packet.will.topic.startswith(prefix + "/")):
@@ -150,6 +157,8 @@ class Connection:
         # IoT Plug and Play: the hub shows the model the device announced (twin "modelId").
         self.hub.model_ids[self.identity.name] = _model_id(packet.username)
         self.send(codec.Connack(present, codec.CONNACK_ACCEPTED))
+        if self.hub.disconnect_on_expiry:
+            self._expiry = credentials.watch_expiry(self, ssl_object.getpeercert() or {})
         self.hub.resume(self.session)
         return True
 
@@ -203,7 +212,8 @@ class Connection:
         codes = []
         device_id, module_id = self.identity.device_id, self.identity.module_id
         for topic_filter, qos in packet.requests:
-            reason = namespace.refuse_subscription(topic_filter, device_id, module_id)
+            reason = namespace.refuse_subscription(topic_filter, device_id, module_id,
+                                                   self.hub.credentials is not None)
             subs = self.session.subscriptions
             if reason is None and topic_filter not in subs and len(subs) >= self.hub.max_subscriptions:
                 reason = (f"a device can only subscribe to {self.hub.max_subscriptions} topics at a time; "
@@ -244,7 +254,13 @@ class Connection:
                           codec.describe(packet))
             if packet.qos:
                 self.send(codec.Puback(packet.packet_id))
-            if isinstance(kind, namespace.TwinGet):
+            if isinstance(kind, namespace.CredentialsRequest):
+                if self.hub.credentials is None:
+                    self.diag("credentials.off", "certificate request ignored: this hub runs without the "
+                              "credentials API", codec.describe(packet))
+                else:
+                    self.hub.credentials.handle(self, kind.raw_rid, packet.payload)
+            elif isinstance(kind, namespace.TwinGet):
                 self._on_twin_get(packet, kind)
             elif isinstance(kind, namespace.TwinReported):
                 self._on_twin_reported(packet, kind)

@@ -21,7 +21,6 @@ import datetime
 import json
 import re
 import ssl
-import tempfile
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -89,8 +88,9 @@ class DpsEmulator:
     def __init__(self, *, ca: certs.CertificateAuthority, server_cert: Path, server_key: Path,
                  host: str = "127.0.0.1", port: int = 0, id_scope: str = "0ne00000001",
                  retry_after: int = 1, on_assigned: Optional[Callable[[str, str, Optional[bytes]], None]] = None,
-                 log: Optional[Callable[[str], None]] = None):
+                 log: Optional[Callable[[str], None]] = None, cert_lifetime: Optional[float] = None):
         self.ca = ca
+        self.cert_lifetime = cert_lifetime   # seconds an issued certificate is valid (None: a year)
         self.id_scope = id_scope
         self.retry_after = retry_after
         self.on_assigned = on_assigned
@@ -249,20 +249,7 @@ class DpsEmulator:
             der = base64.b64decode(csr_b64, validate=True)
         except (TypeError, ValueError):
             raise ValueError("csr is not base64") from None
-        with tempfile.TemporaryDirectory() as tmp:
-            csr = Path(tmp) / "req.pem"
-            csr.write_text("-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(der).decode()
-                           + "-----END CERTIFICATE REQUEST-----\n")
-            try:
-                subject = certs._openssl("req", "-in", str(csr), "-noout", "-verify", "-subject",
-                                         "-nameopt", "multiline").decode()
-            except certs.EmulatorError:
-                raise ValueError("csr is not a valid, self-signed PKCS#10 request") from None
-            cn = re.search(r"commonName\s*=\s*(.+)", subject)
-            if cn is None or cn.group(1).strip() != rid:
-                raise ValueError(f"the CSR's CN must equal the registration id {rid!r}")
-            out = certs.sign_csr(self.ca, csr, Path(tmp) / "leaf.pem")
-            return [certs.certificate_der(out), certs.certificate_der(self.ca.cert_path)]
+        return certs.issue_from_csr(self.ca, der, rid, self.cert_lifetime, what="registration id")
 
     def _poll(self, rid: str, op_id: str):
         with self._lock:

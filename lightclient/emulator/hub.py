@@ -90,6 +90,8 @@ class Hub:
         self.max_subscriptions = max_subscriptions
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.credentials = None            # a credentials.CredentialsService while the credentials API is on
+        self.disconnect_on_expiry = False  # drop a connection when its certificate expires (UNCERTAIN, off)
         self.sessions: Dict[str, Session] = {}
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}

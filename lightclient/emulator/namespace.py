@@ -74,12 +74,14 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_levels) == len(t_levels)
 
 
-def refuse_subscription(topic_filter: str, device_id: str, module_id: Optional[str]) -> Optional[str]:
+def refuse_subscription(topic_filter: str, device_id: str, module_id: Optional[str],
+                        credentials: bool = False) -> Optional[str]:
     """None if the hub grants ``topic_filter`` to this identity, else the reason it is refused."""
     if topic_filter in documented_filters(device_id, module_id):
         return None
     if topic_filter == CREDENTIALS_FILTER:
-        return "certificate renewal ($iothub/credentials) is a hub preview the emulator does not implement"
+        return None if credentials else ("certificate renewal ($iothub/credentials) is a hub preview this hub "
+                                         "does not offer (the emulator runs with the credentials API off)")
     match = re.match(r"^devices/([^/]+)/", topic_filter)
     if match and match.group(1) != device_id:
         return f"filter is in device {match.group(1)!r}'s namespace, not {device_id!r}'s"
@@ -118,11 +120,17 @@ class MethodResponse:
 
 
 @dataclass(frozen=True)
+class CredentialsRequest:
+    query: Dict[str, Optional[str]]
+    raw_rid: Optional[str]
+
+
+@dataclass(frozen=True)
 class Forbidden:
     reason: str
 
 
-PublishKind = Union[Telemetry, TwinGet, TwinReported, MethodResponse, Forbidden]
+PublishKind = Union[Telemetry, TwinGet, TwinReported, MethodResponse, CredentialsRequest, Forbidden]
 
 
 def classify_publish(topic: str, device_id: str, module_id: Optional[str]) -> PublishKind:
@@ -140,6 +148,8 @@ def classify_publish(topic: str, device_id: str, module_id: Optional[str]) -> Pu
             return TwinGet(parsed, raw_rid)
         if path == "$iothub/twin/PATCH/properties/reported/":
             return TwinReported(parsed, raw_rid)
+        if path == "$iothub/credentials/POST/issueCertificate/" and module_id is None:
+            return CredentialsRequest(parsed, raw_rid)
         match = _METHOD_RESPONSE.match(path)
         if match:
             return MethodResponse(unquote(match.group(1)), parsed, raw_rid)

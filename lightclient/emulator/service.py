@@ -38,6 +38,8 @@ class MethodResult:
     """The device's JSON response body, decoded (None for an empty body)."""
 
 
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000   # OpenSSL's flag; the ssl module has no name for it
+
 #: File descriptors kept free beside the connections: listeners, the HTTP API and DPS, state files, stdio.
 FD_HEADROOM = 64
 
@@ -77,7 +79,8 @@ class Emulator:
                  max_subscriptions: int = MAX_SUBSCRIPTIONS, connect_timeout: float = 10.0,
                  max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
-                 max_events: int = MAX_EVENTS):
+                 max_events: int = MAX_EVENTS, cert_lifetime: Optional[float] = None,
+                 credentials_api: bool = True, disconnect_on_expiry: bool = False):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
@@ -90,6 +93,13 @@ class Emulator:
         for name, value in (("handshake_timeout", handshake_timeout), ("connect_timeout", connect_timeout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise EmulatorError(f"{name} must be a positive number of seconds, got {value!r}")
+        if cert_lifetime is not None and (isinstance(cert_lifetime, bool) or not isinstance(cert_lifetime, (int, float))
+                                          or not cert_lifetime >= 1):
+            raise EmulatorError(f"cert_lifetime must be at least 1 second, got {cert_lifetime!r}")
+        #: Seconds a certificate issued over DPS or the credentials API is valid (None: a year).
+        self.cert_lifetime = cert_lifetime
+        self._credentials_api = credentials_api
+        self._disconnect_on_expiry = disconnect_on_expiry
         self.registry = Registry()
         self.diagnostic_log = DiagnosticLog(max_diagnostics)
         self.event_log = EventLog(max_events)
@@ -143,6 +153,12 @@ class Emulator:
         self._hub = Hub(hostname=self.hostname, registry=self.registry, diagnostics=self.diagnostic_log,
                         events=self.event_log, ssl_context=self._ssl_context,
                         ca_subject=self._ca_subject(), **self._options)
+        if self._credentials_api:
+            from .credentials import CredentialsService
+
+            self._hub.credentials = CredentialsService(
+                lambda csr, cn: certs.issue_from_csr(self.ca, csr, cn, self.cert_lifetime))
+        self._hub.disconnect_on_expiry = self._disconnect_on_expiry
         self._thread = threading.Thread(target=self._loop.run_forever, name="iothub-emulator", daemon=True)
         self._thread.start()
         try:
@@ -205,6 +221,7 @@ class Emulator:
         cert, key = self._server_files
         self.dps = DpsEmulator(ca=ca, server_cert=cert, server_key=key, host=self.host, port=port,
                                id_scope=id_scope, retry_after=retry_after, on_assigned=self._dps_assigned,
+                               cert_lifetime=self.cert_lifetime,
                                log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
                                                        flush=True)) if self.verbose else None)
         if group:
@@ -254,6 +271,9 @@ class Emulator:
         # verification to CONNECT, so self-signed device certificates are added as trust anchors when
         # their identity is registered (see register_device).
         context.verify_mode = ssl.CERT_REQUIRED
+        # Validity times are checked at CONNECT instead, so an expired certificate gets CONNACK 5 and a
+        # diagnostic naming the way out (emulator/credentials.py) rather than a bare TLS alert.
+        context.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
         context.load_verify_locations(cafile=str(self.ca.cert_path))
         return context
 
@@ -392,6 +412,18 @@ class Emulator:
     def diagnostics(self, identity: Optional[str] = None, rule: Optional[str] = None) -> List[Diagnostic]:
         """Protocol deviations recorded so far; ``rule`` matches a prefix (``"connect."``)."""
         return self.diagnostic_log.items(identity, rule)
+
+    def inject_credentials_fault(self, device_id: str, *statuses: int) -> None:
+        """Answer the next ``$iothub/credentials`` requests of ``device_id`` with these error statuses."""
+        if self._hub is None or self._hub.credentials is None:
+            raise EmulatorError("the credentials API is off (credentials_api=False) or the emulator is not started")
+        self._call(self._async(self._hub.credentials.inject, device_id, *statuses))
+
+    def certificates_issued(self, device_id: str) -> int:
+        """Certificates issued to ``device_id`` over the credentials API so far."""
+        if self._hub is None or self._hub.credentials is None:
+            return 0
+        return self._call(self._async(lambda: self._hub.credentials.issued.get(device_id, 0)))
 
     def diagnostic_counts(self) -> Dict[str, int]:
         """How often each rule fired since start, including diagnostics that left the bounded log."""
