@@ -1,12 +1,12 @@
 """``python -m lightclient.emulator``: run the strict local IoT Hub until interrupted.
 
-    python -m lightclient.emulator --state-dir .emulator --port 8883 --device d1 --device d1/m1 \\
+    python -m lightclient.emulator --state-dir .emulator --port 8883 --ws-port 8443 --device d1 --device d1/m1 \\
         --http-port 8080 --verbose
 
 Settings can also come from a small JSON file (``--config emulator.json``); flags given on the
 command line win over the file::
 
-    {"port": 8883, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
+    {"port": 8883, "ws_port": 9443, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
      "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
      "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
      "max_connections": 4096, "handshake_timeout": 10, "connect_timeout": 10, "verbose": true}
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "X.509 client certificates).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8883, help="MQTT/TLS port; 0 picks a free one")
+    parser.add_argument("--ws-port", type=int, default=None,
+                        help="also serve MQTT over WebSockets (TLS, /$iothub/websocket, subprotocol mqtt) on "
+                             "this port, as IoT Hub does on 443; 0 picks a free one")
     parser.add_argument("--hostname", default="localhost",
                         help="the hub's host name: in the server certificate and the expected username")
     parser.add_argument("--state-dir", default=".iothub-emulator", type=Path,
@@ -95,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int,
+_CONFIG_KEYS = {"host": str, "port": int, "ws_port": int, "hostname": str, "state_dir": str, "http_port": int,
                 "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
@@ -156,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
-                        connect_timeout=args.connect_timeout)
+                        connect_timeout=args.connect_timeout, ws_port=args.ws_port)
     try:
         if args.sign_csr:
             if not args.out:
@@ -173,6 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines += [
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
+        if emulator.ws_port is not None:
+            lines.insert(1, f"  MQTT over WebSockets: wss://{args.host}:{emulator.ws_port}/$iothub/websocket")
         if emulator.http_port is not None:
             lines.append(f"  service API: http://{args.host}:{emulator.http_port}")
         if args.dps_port is not None:
