@@ -15,8 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import paho as lcpaho
 from .. import tls, topics
-from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, setting, warn
+from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ProxyError, ServiceError
+from .common import AuthRefused, ConnectionFailed, identity, load_key, proxy_for, setting, warn
 
 DEFAULT_PORT = 8883
 
@@ -52,12 +52,17 @@ class Session:
     def __init__(self, args, *, on_record: Optional[Callable[[Any, Any], None]] = None,
                  on_log: Optional[Callable[[str], None]] = None):
         self.identity = identity(args)
-        self.host = self.identity.hostname
-        port = setting(args, "port")
+        self.host = setting(args, "gateway") or self.identity.hostname
+        self.transport = setting(args, "transport") or "tcp"
+        if self.transport not in ("tcp", "websockets", "auto"):
+            raise ConfigError(f"LIGHTCLIENT_TRANSPORT must be tcp, websockets or auto, not {self.transport!r}")
+        port, ws_port = setting(args, "port"), setting(args, "websocket_port")
         try:
             self.port = int(port) if port is not None else DEFAULT_PORT
+            self.websocket_port = int(ws_port) if ws_port is not None else 443
         except ValueError:
-            raise ConfigError(f"the port {port!r} is not a number") from None
+            raise ConfigError(f"the port {port if ws_port is None else ws_port!r} is not a number") from None
+        self.proxy = proxy_for(args, self.host)
         self.timeout = getattr(args, "timeout", 15.0)
         cert = setting(args, "cert", required=True, what="the device certificate")
         key = load_key(args)
@@ -66,7 +71,7 @@ class Session:
             ctx.keylog_filename = tls.private_keylog(args.keylog)
             warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
                  "decrypt the captured traffic. Delete it when done.")
-        self.client = lcpaho.new_client(self.identity, ssl_context=ctx)
+        self.client = lcpaho.new_client(self.identity, ssl_context=ctx, transport=self.transport, proxy=self.proxy)
         self.on_record = on_record
         self._connected = threading.Event()
         self._connack: Optional[Any] = None
@@ -91,7 +96,11 @@ class Session:
 
     def connect(self, keepalive: int = 60) -> None:
         try:
-            self.client.connect(self.host, self.port, keepalive=keepalive)
+            used = lcpaho.connect(self.client, self.host, transport=self.transport, port=self.port,
+                                  websocket_port=self.websocket_port, keepalive=keepalive)
+            self.port = self.websocket_port if used == "websockets" else self.port
+        except ProxyError:
+            raise
         except ssl.SSLCertVerificationError as exc:
             raise ConnectionFailed(
                 f"the server certificate of {self.host}:{self.port} is not trusted ({exc.verify_message}): "
