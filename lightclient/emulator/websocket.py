@@ -323,7 +323,7 @@ class WebSocketChannel:
                 frame = self._decoder.next_frame()
             except FramingError as exc:
                 self.report("websocket.framing", f"{exc.message}; closing with {exc.code}")
-                self._send_close(exc.code, exc.message[:100])
+                self._send_close(exc.code, exc.message)
                 self._closing = True
                 raise ConnectionAbortedError(exc.message) from None
             if frame is None:
@@ -358,7 +358,9 @@ class WebSocketChannel:
     def _send_close(self, code: int, reason: str = "") -> None:
         if not self._close_sent:
             self._close_sent = True
-            self._inner.write(encode_frame(OP_CLOSE, struct.pack("!H", code) + reason.encode("utf-8")[:123]))
+            # A control frame carries at most 125 bytes: the code and up to 123 bytes of whole UTF-8 characters.
+            text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+            self._inner.write(encode_frame(OP_CLOSE, struct.pack("!H", code) + text))
 
     async def close(self, timeout: float) -> None:
         self._send_close(CLOSE_NORMAL)
