@@ -187,10 +187,10 @@ class Proxy:
         text = _printable(bits[2]) if len(bits) > 2 else ""
         if 200 <= status < 300:
             return
-        if status == 407:
+        if status in (401, 407):  # 407 is the standard; tinyproxy answers wrong credentials with 401
             why = ("refused the credentials in the proxy URL" if self.has_credentials
                    else "requires credentials: give http://user:password@host:port")
-            raise self._fail(f"the proxy {self} {why} (407 {text})", "auth", status)
+            raise self._fail(f"the proxy {self} {why} ({status} {text})", "auth", status)
         if status == 403:
             raise self._fail(f"the proxy {self} does not allow a tunnel to {target} (403 {text}); many proxies "
                              "allow only port 443: use transport=\"websockets\" (--transport websockets)",
