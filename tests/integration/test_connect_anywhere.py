@@ -340,3 +340,101 @@ def test_a_timeout_not_a_proxy_error_when_the_hub_itself_is_unreachable_over_web
     dev = make_device(transport="websockets", websocket_port=lab.free_port())
     with pytest.raises(OperationTimeout):
         dev.connect(timeout=1)
+
+
+# --------------------------------------------------------------------------------- reliability over WebSockets
+
+
+N_RESTARTS = 3000
+
+
+def test_qos1_over_websockets_through_three_emulator_restarts_loses_nothing(device, tmp_path):
+    """The reliability suite's kill/restart scenario (test_reliability), once over WebSockets."""
+    from .test_reliability import no_lost_messages, stream
+
+    hub = Emulator(tmp_path / "emu", hostname="localhost", port=lab.free_port(), ws_port=lab.free_port()).start()
+    dev = None
+    downs = queue.Queue()
+    try:
+        device_id = f"relws-{uuid.uuid4().hex[:8]}"
+        ctx = _enroll(hub, device, tmp_path, device_id)
+        dev = Device(Identity("localhost", device_id), ctx, host="127.0.0.1", transport="websockets",
+                     websocket_port=hub.ws_port, backoff=FAST, max_queue=N_RESTARTS,
+                     on_connection_state=lambda up, why: up or downs.put(why))
+        dev.connect(timeout=10)
+        producer, handles = stream(dev, N_RESTARTS, pace_every=100)
+        for k in (1, 2, 3):
+            hub.wait_for_events(k * N_RESTARTS // 4, device_id, timeout=30)
+            hub.stop()   # every connection dropped, mid-stream; the same ports come back
+            hub.start()
+        producer.join(30)
+        for handle in handles:
+            handle.wait(30)
+        counts, mids = {}, {}
+        for event in hub.events(device_id):
+            counts[event.body] = counts.get(event.body, 0) + 1
+            mids.setdefault(event.body, set()).add(event.system_properties.get("$.mid"))
+        no_lost_messages(counts, mids, N_RESTARTS)
+        assert downs.qsize() == 3
+        assert hub.diagnostics(device_id) == []
+        assert hub.diagnostic_counts().get("websocket.framing", 0) == 0
+    finally:
+        if dev is not None:
+            dev.disconnect(timeout=0)
+        hub.stop()
+
+
+# --------------------------------------------------------------------------------- a TPM key
+
+
+def test_every_feature_over_websockets_through_each_proxy_with_a_tpm_key(emu, tmp_path):
+    """swtpm + tpm2-abrmd, the key at a persistent handle through the tpm2-openssl provider, in a child
+    process (see connect_child.py) that this test drives: the emulator, proxies and TPM live here."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    names = ("http", "socks5")
+    for name in names:
+        emu.register_device(f"tpm-{name}")
+    with lab.SoftwareTPM(tmp_path / "tpm") as tpm, \
+            lab.TinyProxy(tmp_path / "tinyproxy", connect_ports=[emu.ws_port], user=USER, password=PASSWORD) as http, \
+            lab.MicroSocks(user=USER, password=PASSWORD) as socks:
+        ref = tpm.persistent_key(0x81000021, "ec")
+        spec = {"key": ref, "ca_cert": str(emu.ca.cert_path), "ca_key": str(emu.ca.key_path), "work": str(tmp_path),
+                "ws_port": emu.ws_port, "proxies": {"http": http.url, "socks5": socks.url}}
+        env = {k: v for k, v in tpm.env.items() if k != "SOFTHSM2_CONF"}
+        child = subprocess.Popen([sys.executable, "-m", "tests.integration.connect_child"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=root)
+        results = {}
+        try:
+            child.stdin.write(json.dumps(spec) + "\n")
+            child.stdin.flush()
+            for line in child.stdout:
+                step = json.loads(line)
+                if "connected" in step:
+                    device_id = f"tpm-{step['connected']}"
+                    assert emu.invoke_method(device_id, "echo", {"n": 1}, timeout=15).payload == {"echo": {"n": 1}}
+                    emu.update_desired(device_id, {"rate": 3})
+                    emu.send_c2d(device_id, f"c2d-{step['connected']}")
+                else:
+                    results[step["result"]] = step
+            child.wait(60)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        stderr = child.stderr.read()
+        assert child.returncode == 0, stderr[-3000:]
+        assert f"127.0.0.1:{emu.ws_port}" in http.log.read_text()
+    for name in names:
+        r = results[name]
+        assert "error" not in r, f"{name}: {r.get('error')}\n{r.get('trace', '')}"
+        device_id = f"tpm-{name}"
+        assert [e.body for e in emu.events(device_id)] == [device_id.encode()]
+        assert emu.get_twin(device_id)["reported"]["fw"] == name
+        assert (r["method"], r["desired"], r["c2d"], r["port"]) == ({"n": 1}, 3, f"c2d-{name}", emu.ws_port)
+        assert emu.diagnostics(device_id) == []
+    assert PASSWORD not in stderr
