@@ -79,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:   # one line; the OpenSSL error queue only with --debug
             text = str(exc) if args.debug else (getattr(exc, "message", None) or str(exc))
         print(f"error: {text}", file=sys.stderr)
-        code = common.exit_code_for(exc) if not isinstance(exc, OSError) else common.EXIT_USAGE
+        code = common.exit_code_for(exc) if isinstance(exc, common.LightClientError) else common.EXIT_USAGE
         return code
 
 

@@ -438,3 +438,69 @@ def test_every_feature_over_websockets_through_each_proxy_with_a_tpm_key(emu, tm
         assert (r["method"], r["desired"], r["c2d"], r["port"]) == ({"n": 1}, 3, f"c2d-{name}", emu.ws_port)
         assert emu.diagnostics(device_id) == []
     assert PASSWORD not in stderr
+
+
+# --------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def cli_env(emu, device, tmp_path):
+    """The environment of a CLI run for a fresh device (key in SoftHSM, PIN from LIGHTCLIENT_PIN)."""
+    from ..conftest import PIN
+    from .test_cli import _env
+
+    device_id = f"cli-{uuid.uuid4().hex[:8]}"
+    _enroll(emu, device, tmp_path, device_id)
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    return _env(base, IOT_HUB_HOSTNAME="localhost", DEVICE_ID=device_id, PATH_TO_CERTIFICATE_FILE=tmp_path / f"{device_id}.pem",
+                KEY_IDENTIFIER=device["ec"]["uri"], LIGHTCLIENT_PIN=PIN, LIGHTCLIENT_CA=emu.ca_path,
+                LIGHTCLIENT_PORT=emu.port, LIGHTCLIENT_WEBSOCKET_PORT=emu.ws_port, LIGHTCLIENT_GATEWAY="127.0.0.1")
+
+
+def test_cli_send_over_websockets_through_the_proxy_in_https_proxy(emu, cli_env, http_proxy):
+    from .test_cli import _with, ok
+
+    env = _with(cli_env, HTTPS_PROXY=http_proxy.url, NO_PROXY="example.invalid")
+    out = ok("send", "via-env-proxy", "--transport", "websockets", env=env)
+    assert PASSWORD not in out
+    assert emu.wait_for_events(1, cli_env["DEVICE_ID"])[0].body == b"via-env-proxy"
+    assert http_proxy.log.read_text().count("CONNECT") >= 1
+
+
+def test_cli_no_proxy_and_NO_PROXY_bypass_a_dead_proxy(emu, cli_env):
+    from .test_cli import _with, ok
+
+    dead = f"http://127.0.0.1:{lab.free_port()}"
+    ok("send", "flag", "--transport", "websockets", "--no-proxy", env=_with(cli_env, HTTPS_PROXY=dead))
+    ok("send", "list", "--transport", "websockets", env=_with(cli_env, HTTPS_PROXY=dead, NO_PROXY="localhost,127.0.0.1"))
+    assert [e.body for e in emu.wait_for_events(2, cli_env["DEVICE_ID"])] == [b"flag", b"list"]
+
+
+def test_cli_proxy_that_wants_credentials_exits_4_naming_the_proxy(cli_env, http_proxy):
+    from .test_cli import _with, fails
+
+    proc = fails(4, "send", "x", "--transport", "websockets", env=_with(cli_env, LIGHTCLIENT_PROXY=http_proxy.bare_url))
+    assert f"http://127.0.0.1:{http_proxy.port}" in proc.stderr and "requires credentials" in proc.stderr
+
+
+def test_cli_auto_falls_back_and_trace_names_the_websocket(emu, cli_env):
+    from .test_cli import _with, ok
+
+    out = ok("trace", "--transport", "auto", "--duration", "0.5", "--no-twin",
+             env=_with(cli_env, LIGHTCLIENT_PORT=lab.free_port()))
+    assert f"WEBSOCKET   wss://127.0.0.1:{emu.ws_port}/$iothub/websocket subprotocol mqtt" in out
+    assert "CONNACK" in out and "SUBACK" in out   # the MQTT inside the WebSocket, decoded as usual
+
+
+def test_doctor_reach_says_which_transport_will_work(emu, cli_env, http_proxy):
+    from .test_cli import _with, cli
+
+    closed = lab.free_port()
+    proc = cli("doctor", "--reach", "127.0.0.1", "--reach-ports", f"{closed},{emu.ws_port}", "--timeout", "2",
+               env=_with(cli_env, HTTPS_PROXY=http_proxy.url))
+    out = proc.stdout
+    assert f"127.0.0.1:{closed} reachable directly" in out and f"127.0.0.1:{emu.ws_port} reachable directly" in out
+    assert f"through http://127.0.0.1:{http_proxy.port} (with credentials)" in out
+    assert "transport that will work" in out
+    assert f"websockets through http://127.0.0.1:{http_proxy.port}" in out
+    assert PASSWORD not in out + proc.stderr
