@@ -15,7 +15,10 @@ What each feature gets here, so that none can get it wrong on its own:
 
 :func:`new_session` builds the session :func:`lightclient.tls.https_session` returns: besides the
 hardware-key adapter for ``https://`` it refuses ``http://`` and raises instead of following a redirect
-even for a caller who asks requests to follow.
+even for a caller who asks requests to follow. It never reads the environment (``trust_env`` off: no
+``HTTPS_PROXY``, ``REQUESTS_CA_BUNDLE`` or ``.netrc``); a proxy is given explicitly (``proxy=``) and
+tunnels every connection with :class:`lightclient.proxy.Proxy`, so a proxy failure is a
+:class:`~lightclient.exceptions.ProxyError` naming the proxy, as on the MQTT side.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from urllib.parse import urlsplit
 
 from ._verify import find_verify_error, server_certificate_error
 from .backoff import Backoff
-from .exceptions import ConfigError, OperationTimeout, ServiceError, wording
+from .exceptions import ConfigError, OperationTimeout, ProxyError, ServiceError, wording
 
 DEFAULT_RETRY_AFTER = 2.0
 #: The largest answer body read (after content decoding): a DPS answer with an issued chain is a few KiB,
@@ -191,6 +194,10 @@ class Exchange:
             raise OperationTimeout(
                 f"{self.service} did not answer {request.method} within {self.request_timeout:g} s") from None
         except requests.exceptions.ConnectionError as exc:
+            proxy_error = find_proxy_error(exc)
+            if proxy_error is not None:  # the proxy's own words name it, never its credentials
+                raise ProxyError(f"{self.service}: {proxy_error}", proxy=proxy_error.proxy,
+                                 reason=proxy_error.reason, status=proxy_error.status) from None
             raise self.error(f"cannot reach {self.service} at {urlsplit(request.url).netloc}: "
                              f"{network_reason(exc)}") from None
         except requests.exceptions.RequestException as exc:
@@ -234,13 +241,64 @@ class Exchange:
 # ------------------------------------------------------------------------------------------ session
 
 
-def new_session(https_adapter):
-    """A ``requests.Session`` sending ``https://`` through ``https_adapter``, refusing ``http://``, and
-    raising :class:`ServiceError` instead of following a redirect."""
+def new_session(https_adapter, proxy=None):
+    """A ``requests.Session`` sending ``https://`` through ``https_adapter`` (and through ``proxy``, a
+    :class:`lightclient.proxy.Proxy`, when given), refusing ``http://``, raising :class:`ServiceError`
+    instead of following a redirect, and reading nothing from the environment."""
     session = _session_class()()
+    session.trust_env = False
+    if proxy is not None:
+        tunnel_through(https_adapter, proxy)
     session.mount("https://", https_adapter)
     session.mount("http://", _plaintext_adapter_class()())
     return session
+
+
+def tunnel_through(https_adapter, proxy) -> None:
+    """Make ``https_adapter`` open its TCP connections with ``proxy.open()``; TLS then runs end to end
+    inside the tunnel with the adapter's own context, exactly as without a proxy.
+
+    The hook is urllib3's ``HTTPSConnection._new_conn`` on a pool class of our own, the way urllib3's
+    own SOCKS support (``urllib3.contrib.socks``) plugs in; requests' ``proxies=`` is not used, so the
+    same code and the same typed errors serve HTTP CONNECT and SOCKS5 without PySocks.
+    """
+    from urllib3.connection import HTTPSConnection
+    from urllib3.connectionpool import HTTPSConnectionPool
+
+    class TunnelHTTPSConnection(HTTPSConnection):
+        def _new_conn(self):
+            return proxy.open(self.host, self.port, timeout=_seconds(self.timeout),
+                              source_address=self.source_address)
+
+    class TunnelHTTPSConnectionPool(HTTPSConnectionPool):
+        ConnectionCls = TunnelHTTPSConnection
+
+    manager = https_adapter.poolmanager
+    manager.pool_classes_by_scheme = dict(manager.pool_classes_by_scheme, https=TunnelHTTPSConnectionPool)
+    manager.clear()  # no pool made before this may keep connecting directly
+
+
+def _seconds(timeout) -> Optional[float]:
+    """urllib3 hands a connection its connect timeout as a number, None, or a sentinel object."""
+    return float(timeout) if isinstance(timeout, (int, float)) else 30.0
+
+
+def find_proxy_error(exc: BaseException) -> Optional[ProxyError]:
+    """The ProxyError somewhere inside the wrappers requests and urllib3 put around it, or None."""
+    seen = set()
+    todo = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen or len(seen) > 32:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ProxyError):
+            return item
+        todo.extend([getattr(item, "__cause__", None), getattr(item, "__context__", None),
+                     getattr(item, "reason", None) if isinstance(getattr(item, "reason", None), BaseException)
+                     else None])
+        todo.extend(arg for arg in getattr(item, "args", ()) if isinstance(arg, BaseException))
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -32,6 +32,7 @@ import paho.mqtt.client as mqtt
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
+from . import _transport
 from . import paho as lcpaho
 from . import topics
 from ._pipeline import Pipeline, SendHandle, queue_settings
@@ -39,7 +40,7 @@ from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
 from .backoff import Backoff
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         QueueFullError, ServerCertificateError, ServiceError, TlsVersionError)
+                         ProxyError, QueueFullError, ServerCertificateError, ServiceError, TlsVersionError)
 from .identity import API_VERSION, Identity
 from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
@@ -131,6 +132,16 @@ class Device:
     handler gets 404 ``{"error": "no handler for method 'x' on this device"}``; a payload that is not
     JSON gets 400. The hub is never left waiting.
 
+    Connecting from anywhere: ``transport="websockets"`` speaks MQTT over WebSockets on ``websocket_port``
+    (443, ``wss://{host}/$iothub/websocket``) with the same key; ``transport="auto"`` tries ``port`` (8883)
+    and falls back to WebSockets when 8883 is refused, reset or times out, logs which it uses, and
+    remembers it (in memory, and in the file ``transport_cache`` if given) so the next start goes straight
+    there. ``proxy="http://[user:pass@]host:port"`` (HTTP CONNECT) or ``"socks5://…"`` tunnels every
+    connection; a proxy failure raises :class:`~lightclient.exceptions.ProxyError` naming the proxy (never
+    its credentials). ``gateway_hostname="edge.local"`` connects to an IoT Edge gateway instead of the hub:
+    the username and identity stay the hub's, TLS checks the gateway's name, and the gateway's CA must be
+    in ``ssl_context`` (``ca=`` of :func:`lightclient.tls.client_context`).
+
     Reconnect: after a drop the device reconnects by itself with :class:`~lightclient.backoff.Backoff`
     (exponential with jitter; a long pause after CONNACK 4/5 not authorized), subscribes again even with
     a persistent session (a hub fail-over may lose it), and re-reads the twin. A connection that goes
@@ -159,7 +170,10 @@ class Device:
                  on_c2d: Optional[Callable[[C2DMessage, bytes], None]] = None,
                  on_input: Optional[Callable[[InputMessage, bytes], None]] = None,
                  on_desired: Optional[Callable[[Dict[str, Any], int], None]] = None,
-                 on_connection_state: Optional[Callable[[bool, str], None]] = None):
+                 on_connection_state: Optional[Callable[[bool, str], None]] = None,
+                 transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
+                 gateway_hostname: Optional[str] = None,
+                 transport_cache: Union[None, str, "os.PathLike[str]"] = None):
         if not isinstance(identity, Identity):
             raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
         if not isinstance(ssl_context, ssl.SSLContext):
@@ -169,6 +183,16 @@ class Device:
                    f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
                    f"{MAX_KEEPALIVE} s works; 60 is the default")
         _check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
+        _check_int("websocket_port", websocket_port, 1, 65535, "IoT Hub serves MQTT over WebSockets on 443")
+        transport = _transport.check_transport(transport)
+        checked_proxy = _transport.check_proxy(proxy)
+        if gateway_hostname is not None:
+            if not isinstance(gateway_hostname, str) or not gateway_hostname.strip():
+                raise ConfigError(f"gateway_hostname must be the gateway's host name, not {gateway_hostname!r}")
+            if host is not None:
+                raise ConfigError("give host= or gateway_hostname=, not both: both name the server to connect to")
+            host = gateway_hostname.strip()
+        memory = _transport.TransportMemory(transport_cache)
         _check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
         _check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
         if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
@@ -180,7 +204,14 @@ class Device:
         self.outbox: Optional[Outbox] = outbox
         self.identity = identity
         self.host = identity.hostname if host is None else host
-        self.port = port
+        #: The port of the current (or last) connection; ``port`` and ``websocket_port`` are the choices.
+        self.port = websocket_port if transport == _transport.WEBSOCKETS else port
+        self.transport = transport
+        self.proxy = checked_proxy
+        self.websocket_port = websocket_port
+        self._tcp_port = port
+        self._memory = memory
+        self._transport_used: Optional[str] = None
         self.keepalive = keepalive
         self.on_c2d = on_c2d
         self.on_input = on_input
@@ -197,7 +228,10 @@ class Device:
         self._threads = f"lightclient-{identity.client_id}"
 
         client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
-                                 api_version=api_version, client_type=client_type)
+                                 api_version=api_version, client_type=client_type,
+                                 transport=transport, proxy=checked_proxy)
+        if checked_proxy is None:
+            _transport.install_socket_factory(client, None)  # paho must not pick a proxy from the environment
         client.max_inflight_messages_set(max_inflight)
         # A bug in a lightclient callback must not kill the network thread: log it and carry on.
         client.suppress_exceptions = True
@@ -258,7 +292,8 @@ class Device:
 
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else ("connecting" if self._running else "disconnected")
-        return f"<Device {self.identity.client_id!r} on {self.host}:{self.port} {state}>"
+        via = f" via {self.proxy.scheme}://{self.proxy.address}" if self.proxy is not None else ""
+        return f"<Device {self.identity.client_id!r} on {self.host}:{self.port} {self.transport}{via} {state}>"
 
     @property
     def queued(self) -> int:
@@ -325,17 +360,27 @@ class Device:
         attempt = 0
         while True:
             try:
-                self._client.connect(self.host, self.port, self.keepalive)
+                used = lcpaho.connect(self._client, self.host, transport=self.transport, port=self._tcp_port,
+                                      websocket_port=self.websocket_port, keepalive=self.keepalive,
+                                      memory=self._memory)
+                self._transport_used = used
+                self.port = self.websocket_port if used == _transport.WEBSOCKETS else self._tcp_port
                 return
             except OSError as exc:
+                self.port = self._client.port or self.port
+                if isinstance(exc, ProxyError) and not exc.retryable:
+                    raise
                 permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
                 if permanent is not None:
                     raise permanent from exc
                 delay = self._backoff.delay(attempt)
                 attempt += 1
                 if time.monotonic() + delay >= deadline:
+                    if isinstance(exc, ProxyError):
+                        raise ProxyError(f"could not connect to {self.host} within {timeout} s ({attempt} attempts): "
+                                         f"{exc}", proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
                     raise OperationTimeout(
-                        f"could not connect to {self.host}:{self.port} within {timeout} s "
+                        f"could not connect to {self.host}:{self.port}{_ws_hint(exc)} within {timeout} s "
                         f"({attempt} attempts); last error: {exc}") from exc
                 log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
                 if self._stopping.wait(delay):
@@ -455,7 +500,8 @@ class Device:
         self._twin_requests.resend_all()
         self._connected.set()
         self._outcome.set()
-        log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
+        log.info("connected to %s:%d (%s) as %s", self.host, self.port,
+                 self._transport_used or self.transport, self.identity.client_id)
         self._acks.set_online(True)
         self._submit(self._events, self._notify_state, True, "connected")
         if self.on_desired is not None:
@@ -831,6 +877,14 @@ def _json(payload: bytes) -> Any:
                 raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return value
+
+
+def _ws_hint(exc: BaseException) -> str:
+    """paho says only "WebSocket handshake error" when the server refuses the upgrade; say where to look."""
+    if type(exc).__name__ == "WebsocketConnectionError":
+        return (f" (the server did not accept the WebSocket upgrade on {_transport.WEBSOCKET_PATH} with "
+                "subprotocol mqtt: is websocket_port an IoT Hub WebSocket endpoint?)")
+    return ""
 
 
 def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:

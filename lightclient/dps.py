@@ -296,7 +296,7 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
               csr: Union[bytes, str, None] = None, api_version: Optional[str] = None,
               timeout: float = 120.0, request_timeout: float = 30.0,
               poll_interval: Tuple[float, float] = (1.0, 60.0), cert_out: Optional[str] = None,
-              sleep: Callable[[float], None] = time.sleep) -> RegistrationResult:
+              sleep: Callable[[float], None] = time.sleep, proxy: Any = None) -> RegistrationResult:
     """Register with DPS and wait for the outcome; returns the assigned :class:`RegistrationResult`.
 
     Give ``ssl_context`` (from :func:`lightclient.tls.https_context`) or a ready ``session``
@@ -305,19 +305,31 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
     errors, a redirect (never followed), and the ``failed``/``disabled`` outcomes raise
     :class:`ProvisioningError`. With ``csr``, the issued chain is written to ``cert_out`` (PEM, leaf
     first) when given.
+
+    ``proxy``: ``"http://[user:pass@]host:port"`` (HTTP CONNECT) or ``"socks5://…"`` to reach DPS through
+    (the TLS handshake with the device key runs end to end inside the tunnel); a proxy failure raises
+    :class:`~lightclient.exceptions.ProxyError` naming the proxy. The environment is never read: pass
+    the proxy explicitly (the CLI honours ``HTTPS_PROXY``/``NO_PROXY``).
     """
     lo, hi = _check_poll_interval(poll_interval)
+    from ._transport import check_proxy
+
+    checked_proxy = check_proxy(proxy)
     version = api_version or (CSR_API_VERSION if csr is not None else API_VERSION)
     request = register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
                                api_version=version)
     if session is None:
         if ssl_context is None:
             raise ConfigError("provision() needs ssl_context= (lightclient.tls.https_context) or session=")
-        from .tls import https_session
+        from ._https import new_session
+        from .tls import context_adapter
 
-        session = https_session(ssl_context)
+        session = new_session(context_adapter(ssl_context), proxy=checked_proxy)
         own_session = True
     else:
+        if checked_proxy is not None:
+            raise ConfigError("give proxy= with ssl_context=, not with session= (a ready session already "
+                              "decides how it connects)")
         own_session = False
     initial = max(lo, 0.05)
     exchange = Exchange(

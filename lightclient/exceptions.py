@@ -26,7 +26,8 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     ├── ServiceError                        the hub answered a request with an error status
     │   ├── ProvisioningError               DPS refused or failed a registration
     │   └── ConnectRefusedError             the hub refused the MQTT CONNECT (CONNACK 1-5)
-    └── OperationTimeout (TimeoutError)     a request got no answer in time
+    ├── OperationTimeout (TimeoutError)     a request got no answer in time
+    └── ProxyError (ConnectionError)        the proxy could not be reached, refused, or could not reach the hub
 
 Exceptions carrying OpenSSL errors expose them as ``openssl_errors`` (a tuple of strings, oldest first).
 No exception text ever contains a PIN.
@@ -242,6 +243,24 @@ class RenewalError(ServiceError):
 
 class OperationTimeout(LightClientError, TimeoutError):
     """A request (connect, twin, method, provisioning) got no answer within its timeout."""
+
+
+class ProxyError(LightClientError, ConnectionError):
+    """The proxy failed: ``reason`` is unreachable, auth, forbidden, target, timeout or protocol; ``proxy``
+    names it (never its credentials); ``status`` is the HTTP status or SOCKS5 reply when there was one."""
+
+    #: Reasons a later attempt may get past; the others need a configuration change.
+    RETRYABLE_REASONS = frozenset({"unreachable", "timeout", "target"})
+
+    def __init__(self, message: str, *, proxy: str, reason: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.proxy = proxy
+        self.reason = reason
+        self.status = status
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason in self.RETRYABLE_REASONS
 
 
 __all__ = [name for name in dir() if name.endswith("Error")

@@ -26,6 +26,10 @@ What goes on the wire (device ``d1`` on ``hub.azure-devices.net``)::
 
 Callbacks given to :func:`route` run on paho's network thread, like any paho callback, and receive the
 typed record from :func:`lightclient.topics.parse` and the raw payload bytes.
+
+Behind a firewall that blocks 8883, or through a proxy: ``configure(client, identity, ssl_context=ctx,
+transport="websockets", proxy="http://proxy:3128")`` and ``connect(client, host, transport=...)``, which
+for ``transport="auto"`` tries 8883 and falls back to WebSockets on 443 (see :func:`connect`).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import paho.mqtt.client as mqtt
 
-from . import topics
+from . import _transport, topics
 from .exceptions import ConfigError, ProtocolError
 from .identity import API_VERSION, Identity
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, Record, RequestId, TwinResponse
@@ -58,13 +62,15 @@ _FIXED_CLIENT_ARGS = ("callback_api_version", "client_id", "protocol")
 
 
 def new_client(identity: Identity, *, ssl_context: Optional[ssl.SSLContext] = None, clean_session: bool = False,
-               api_version: str = API_VERSION, client_type: Optional[str] = None, **kwargs: Any) -> mqtt.Client:
+               api_version: str = API_VERSION, client_type: Optional[str] = None, transport: str = "tcp",
+               proxy: Any = None, **kwargs: Any) -> mqtt.Client:
     """A paho 2.x client set up for ``identity``: callback API version 2, MQTT 3.1.1, the IoT Hub client id
     and username, and TLS with ``ssl_context`` (typically :func:`lightclient.tls.client_context`).
 
     ``clean_session=False`` (what the Azure SDKs use) keeps subscriptions and queued cloud-to-device
     messages across reconnects. Other keyword arguments go to ``paho.mqtt.client.Client`` (e.g.
     ``userdata=``, ``manual_ack=``). Without ``ssl_context`` call ``client.tls_set_context()`` yourself.
+    ``transport`` and ``proxy`` as for :func:`configure`.
     """
     if not isinstance(identity, Identity):
         raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
@@ -73,16 +79,24 @@ def new_client(identity: Identity, *, ssl_context: Optional[ssl.SSLContext] = No
         raise ConfigError(f"new_client() sets {', '.join(fixed)} itself (IoT Hub requires them); drop the argument")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=identity.client_id,
                          clean_session=clean_session, protocol=mqtt.MQTTv311, **kwargs)
-    configure(client, identity, ssl_context=ssl_context, api_version=api_version, client_type=client_type)
+    configure(client, identity, ssl_context=ssl_context, api_version=api_version, client_type=client_type,
+              transport=transport, proxy=proxy)
     return client
 
 
 def configure(client: mqtt.Client, identity: Identity, *, ssl_context: Optional[ssl.SSLContext],
-              api_version: str = API_VERSION, client_type: Optional[str] = None) -> None:
+              api_version: str = API_VERSION, client_type: Optional[str] = None, transport: str = "tcp",
+              proxy: Any = None) -> None:
     """Set the IoT Hub username (no password: X.509) and TLS on an existing paho client; call before connect.
 
     The client must have been created with ``client_id=identity.client_id`` and ``protocol=MQTTv311``
     (paho fixes both at construction). ``ssl_context=None`` leaves TLS to the caller.
+
+    ``transport``: ``"tcp"`` (MQTT on 8883, the default), ``"websockets"`` (MQTT over WebSockets: TLS to
+    443, ``GET /$iothub/websocket``, subprotocol ``mqtt``) or ``"auto"`` (starts as tcp; :func:`connect`
+    falls back to WebSockets). ``proxy``: ``"http://[user:pass@]host:port"`` (HTTP CONNECT) or
+    ``"socks5://…"``/``"socks5h://…"`` (a :class:`lightclient.proxy.Proxy` also works), used for every
+    connection of this client; ``None`` leaves paho's socket creation as it is.
     """
     if not isinstance(client, mqtt.Client):
         raise ConfigError(f"client must be a paho.mqtt.client.Client, not {type(client).__name__}")
@@ -91,9 +105,54 @@ def configure(client: mqtt.Client, identity: Identity, *, ssl_context: Optional[
     if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
         raise ConfigError(
             f"ssl_context must be an ssl.SSLContext (see lightclient.tls.client_context), not {type(ssl_context).__name__}")
+    transport = _transport.check_transport(transport)
+    checked_proxy = _transport.check_proxy(proxy)
     client.username_pw_set(identity.username(api_version, client_type), None)
     if ssl_context is not None:
         client.tls_set_context(ssl_context)
+    _transport.set_transport(client, _transport.WEBSOCKETS if transport == _transport.WEBSOCKETS else _transport.TCP)
+    if checked_proxy is not None:
+        _transport.install_socket_factory(client, checked_proxy)
+
+
+def connect(client: mqtt.Client, host: str, *, transport: str = "tcp", port: int = _transport.MQTT_PORT,
+            websocket_port: int = _transport.WEBSOCKET_PORT, keepalive: int = 60,
+            memory: Optional[_transport.TransportMemory] = None) -> str:
+    """``client.connect()`` over ``transport``; returns the transport that connected (``"tcp"`` or
+    ``"websockets"``). ``host`` is the hub, or an IoT Edge gateway (the username stays the hub's).
+
+    ``"auto"`` tries MQTT on ``port`` (8883) first and, if that is refused, reset, unreachable, times out
+    (``client.connect_timeout``) or a proxy will not tunnel to it, WebSockets on ``websocket_port`` (443);
+    with ``memory`` (a :class:`lightclient._transport.TransportMemory`) it starts with what worked last
+    time for ``host`` and records what worked now. Any other failure (TLS, certificate) is raised at once;
+    if both fail, the last error is raised.
+    """
+    transport = _transport.check_transport(transport)
+    if transport != _transport.AUTO:
+        order = [transport]
+    else:
+        order = [_transport.TCP, _transport.WEBSOCKETS]
+        known = memory.recall(host) if memory is not None else None
+        if known == _transport.WEBSOCKETS:
+            order.reverse()
+    for index, candidate in enumerate(order):
+        _transport.set_transport(client, candidate)
+        target = websocket_port if candidate == _transport.WEBSOCKETS else port
+        try:
+            client.connect(host, target, keepalive)
+        except OSError as exc:
+            last = index == len(order) - 1
+            if last or not _transport.blocked(exc):
+                raise
+            log.info("MQTT over %s to %s:%d failed (%s); trying %s", candidate, host, target, exc, order[index + 1])
+            continue
+        if transport == _transport.AUTO:
+            log.info("transport auto: connected to %s:%d over %s", host, target,
+                     "WebSockets" if candidate == _transport.WEBSOCKETS else "TCP (MQTT over TLS)")
+            if memory is not None:
+                memory.remember(host, candidate)
+        return candidate
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def subscriptions(identity: Identity) -> List[Tuple[str, int]]:
@@ -252,6 +311,6 @@ def patch_reported(client: mqtt.Client, patch: Any, *, rid: Optional[RequestId] 
 
 
 __all__ = [
-    "Routes", "answer_method", "configure", "json_body", "new_client", "new_rid", "patch_reported",
+    "Routes", "answer_method", "configure", "connect", "json_body", "new_client", "new_rid", "patch_reported",
     "request_twin", "route", "subscriptions",
 ]

@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import keys
 from ..exceptions import (CertificateError, ConfigError, ConnectRefusedError, KeyLoadError, LightClientError,
-                          OpenSSLMismatchError, OperationTimeout, PinError, ProtocolError, ServerCertificateError,
-                          ServiceError, TlsVersionError, in_terms)
+                          OpenSSLMismatchError, OperationTimeout, PinError, ProtocolError, ProxyError,
+                          ServerCertificateError, ServiceError, TlsVersionError, in_terms)
 
 # Exit codes.
 EXIT_OK = 0
@@ -49,6 +49,9 @@ ENV: Dict[str, Tuple[str, ...]] = {
     "id_scope": ("PROVISIONING_IDSCOPE", "LIGHTCLIENT_ID_SCOPE"),
     "registration_id": ("PROVISIONING_REGISTRATION_ID", "LIGHTCLIENT_REGISTRATION_ID"),
     "endpoint": ("PROVISIONING_HOST", "LIGHTCLIENT_DPS_ENDPOINT"),
+    "transport": ("LIGHTCLIENT_TRANSPORT",),
+    "gateway": ("LIGHTCLIENT_GATEWAY",),
+    "websocket_port": ("LIGHTCLIENT_WEBSOCKET_PORT",),
 }
 
 FLAG = {"hub": "--hub", "device_id": "--device-id", "module_id": "--module-id", "model_id": "--model-id",
@@ -94,7 +97,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_AUTH
     if isinstance(exc, ConfigError):
         return EXIT_USAGE
-    if isinstance(exc, (ServiceError, OperationTimeout, ProtocolError, ConnectionFailed)):
+    if isinstance(exc, (ServiceError, OperationTimeout, ProtocolError, ConnectionFailed, ProxyError)):
         return EXIT_SERVICE
     if is_network_error(exc) and not isinstance(exc, LightClientError):
         return EXIT_SERVICE
@@ -176,7 +179,45 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ca", help=env_help("ca", "trusted roots for the server (default: the bundled IoT Hub roots)"))
     g.add_argument("--keylog", metavar="FILE", help="append TLS secrets to FILE (NSS key log format, for Wireshark)")
     g.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for each answer (default 15)")
+    add_network_options(g)
     add_key_options(parser)
+
+
+def add_network_options(g, mqtt: bool = True) -> None:
+    """--transport, --websocket-port, --gateway (MQTT only) and --proxy / --no-proxy."""
+    if mqtt:
+        g.add_argument("--transport", choices=("tcp", "websockets", "auto"),
+                       help=env_help("transport", "tcp: MQTT on 8883 (default); websockets: MQTT over WebSockets "
+                                                  "on 443; auto: try 8883, fall back to 443"))
+        g.add_argument("--websocket-port", type=int, metavar="PORT",
+                       help=env_help("websocket_port", "the MQTT-over-WebSockets port (default 443)"))
+        g.add_argument("--gateway", metavar="HOSTNAME",
+                       help=env_help("gateway", "connect to this IoT Edge gateway; the identity stays the hub's "
+                                                "(trust the gateway's CA with --ca)"))
+    g.add_argument("--proxy", metavar="URL",
+                   help="http://host:port (HTTP CONNECT) or socks5://host:port; default: HTTPS_PROXY / ALL_PROXY "
+                        "unless NO_PROXY lists the host (put credentials there or in LIGHTCLIENT_PROXY, not here)")
+    g.add_argument("--no-proxy", action="store_true", help="connect directly even if HTTPS_PROXY is set")
+
+
+def proxy_for(args: argparse.Namespace, host: str):
+    """The proxy for ``host``: --proxy, else LIGHTCLIENT_PROXY, else HTTPS_PROXY/ALL_PROXY unless NO_PROXY
+    lists ``host``; None with --no-proxy. A :class:`lightclient.proxy.Proxy`."""
+    from ..proxy import Proxy, from_environment
+
+    if getattr(args, "no_proxy", False):
+        if getattr(args, "proxy", None):
+            raise ConfigError("--proxy and --no-proxy contradict each other: give one")
+        return None
+    if getattr(args, "proxy", None):
+        proxy = Proxy.parse(args.proxy, what="--proxy")
+        if proxy.has_credentials:
+            warn("--proxy holds credentials, which puts them in the process list and shell history; set "
+                 "LIGHTCLIENT_PROXY or HTTPS_PROXY instead")
+        return proxy
+    if os.environ.get("LIGHTCLIENT_PROXY"):
+        return Proxy.parse(os.environ["LIGHTCLIENT_PROXY"], what="the proxy in LIGHTCLIENT_PROXY")
+    return from_environment(os.environ, host)
 
 
 def warn(text: str) -> None:

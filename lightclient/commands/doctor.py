@@ -26,8 +26,8 @@ from .. import diagnostics
 from ..exceptions import (BackendUnavailableError, CertificateError, ConfigError, KeyLoadError, KeyNotFoundError,
                           LightClientError, ModuleLoadError, OpenSSLMismatchError, PinError, TokenNotFoundError)
 from ..keys import KeyRef
-from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, env_help, error_text, key_ref,
-                     resolve_pin, setting)
+from .common import (EXIT_FAILED, EXIT_OK, add_identity_options, add_key_options, add_network_options, env_help,
+                     error_text, key_ref, proxy_for, resolve_pin, setting)
 
 OK, FAIL, SKIP, WARN = "✓", "✗", "–", "!"
 EXPIRY_WARNING_DAYS = 7
@@ -54,6 +54,12 @@ def register(sub) -> None:
                         "(user name from --hub, default HOST) and SUBSCRIBE, e.g. myhub.azure-devices.net:8883. "
                         "Against the emulator its diagnostic for the connection is shown")
     g.add_argument("--timeout", type=float, default=10.0, help="seconds for each step of --connect (default 10)")
+    g.add_argument("--reach", metavar="HOSTNAME",
+                   help="check that HOSTNAME (the hub or gateway) is reachable on 8883 and 443, directly and through "
+                        "the proxy, and say which transport will work")
+    g.add_argument("--reach-ports", metavar="MQTT,WS", default="8883,443",
+                   help="the MQTT and WebSocket ports --reach tries (default 8883,443)")
+    add_network_options(g, mqtt=False)
     add_key_options(p)
     p.set_defaults(func=run)
 
@@ -455,6 +461,49 @@ def check_mqtt(checks: List[Check], args, target: str, ctx, ca: Optional[str]) -
         session.close()
 
 
+def check_reachability(checks: List[Check], host: str, proxy, ports=(8883, 443), timeout: float = 5.0) -> Optional[str]:
+    """TCP reachability of ``host`` on the MQTT and WebSocket ports, directly and through ``proxy`` (a
+    :class:`lightclient.proxy.Proxy` or None), then one line saying which transport will work (returned
+    as ``"tcp"``/``"websockets"``, or None). A blocked port is a warning (the other may do); only "no
+    transport works" and a broken proxy (unreachable, credentials, not a proxy) are failures. No TLS
+    here (``--connect`` does the handshake)."""
+    from ..exceptions import ProxyError
+
+    mqtt_port, ws_port = ports
+    routes = [("directly", None)] + ([(f"through {proxy}", proxy)] if proxy is not None else [])
+    works = {}
+    for how, via in routes:
+        for port, transport in ((mqtt_port, "tcp"), (ws_port, "websockets")):
+            name = f"{host}:{port} reachable {how}"
+            try:
+                if via is None:
+                    socket.create_connection((host, port), timeout=timeout).close()
+                else:
+                    via.open(host, port, timeout=timeout).close()
+            except ProxyError as exc:
+                checks.append(Check(name, FAIL if exc.reason in ("auth", "unreachable", "protocol") else WARN,
+                                    str(exc), "check --proxy / HTTPS_PROXY and its credentials"
+                                    if exc.reason in ("auth", "unreachable", "protocol") else
+                                    "the proxy will not tunnel there; the other port may work"))
+            except OSError as exc:
+                checks.append(Check(name, WARN, f"cannot connect: {exc.strerror or exc}",
+                                    "a firewall may block it; the other port or a proxy (--proxy) may work"))
+            else:
+                checks.append(Check(name, OK, "TCP connection opened"))
+                works[(via is not None, transport)] = True
+    use_proxy = proxy is not None
+    for transport in ("tcp", "websockets"):
+        if works.get((use_proxy, transport)):
+            how = f"through {proxy}" if use_proxy else "directly"
+            flag = "--transport websockets (or auto)" if transport == "websockets" else "--transport tcp (default)"
+            checks.append(Check("transport that will work", OK, f"{transport} {how}: use {flag}"))
+            return transport
+    checks.append(Check("transport that will work", FAIL, f"neither {mqtt_port} nor {ws_port} is reachable"
+                        + (f" through {proxy}" if use_proxy else ""),
+                        "check the host name, the firewall, or set a proxy (--proxy http://host:port)"))
+    return None
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 
@@ -510,5 +559,11 @@ def run(args) -> int:
                 _skip(checks, mqtt_rows, "no TLS connection")
             else:
                 check_mqtt(checks, args, args.connect, ctx, ca)
+    if getattr(args, "reach", None):
+        mqtt_port, _, ws_port = args.reach_ports.partition(",")
+        if not (mqtt_port.isdigit() and ws_port.isdigit()):
+            raise ConfigError(f"--reach-ports expects MQTT,WS port numbers, e.g. 8883,443; got {args.reach_ports!r}")
+        check_reachability(checks, args.reach, proxy_for(args, args.reach), (int(mqtt_port), int(ws_port)),
+                           args.timeout)
     print(render(checks))
     return EXIT_FAILED if any(c.status == FAIL for c in checks) else EXIT_OK

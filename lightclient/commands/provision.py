@@ -5,7 +5,8 @@ import json
 
 from .. import dps, keys, tls
 from ..exceptions import ConfigError
-from .common import EXIT_OK, add_key_options, env_help, key_ref, load_key, parse_json, setting
+from .common import (EXIT_OK, add_key_options, add_network_options, env_help, key_ref, load_key, parse_json, proxy_for,
+                     setting)
 
 
 def register(sub) -> None:
@@ -31,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="with --cache: register again even if FILE has an assignment")
     p.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
     p.add_argument("--json", action="store_true", help="print the assignment as JSON")
+    add_network_options(p, mqtt=False)
     add_key_options(p)
     p.set_defaults(func=run)
 
@@ -56,7 +58,7 @@ def run(args) -> int:
         csr = keys.csr_pem(keys.sign_csr(key, [("CN", reg_id)]))
     ctx = tls.https_context(cert=cert, key=key, ca=setting(args, "ca"))
     options = dict(ssl_context=ctx, endpoint=endpoint, payload=payload, csr=csr, timeout=args.timeout,
-                   cert_out=args.cert_out)
+                   cert_out=args.cert_out, proxy=proxy_for(args, endpoint.rsplit(":", 1)[0].strip("[]")))
     from_cache = False
     if args.cache:
         if csr is not None:

@@ -14,8 +14,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import diagnostics, tls, topics
 from .. import paho as lcpaho
-from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, setting, warn
+from .. import diagnostics, tls, topics
+from .. import paho as lcpaho
+from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ProxyError, ServiceError
+from .common import AuthRefused, ConnectionFailed, identity, load_key, proxy_for, setting, warn
 
 DEFAULT_PORT = 8883
 
@@ -89,14 +91,19 @@ class Session:
         """``ssl_context``, ``address`` (host, port to connect to) and ``ident`` override what ``args`` say
         (the doctor has them already)."""
         self.identity = ident or identity(args)
-        self.host = self.identity.hostname
-        port = setting(args, "port")
+        self.host = setting(args, "gateway") or self.identity.hostname
+        self.transport = setting(args, "transport") or "tcp"
+        if self.transport not in ("tcp", "websockets", "auto"):
+            raise ConfigError(f"LIGHTCLIENT_TRANSPORT must be tcp, websockets or auto, not {self.transport!r}")
+        port, ws_port = setting(args, "port"), setting(args, "websocket_port")
         try:
             self.port = int(port) if port is not None else DEFAULT_PORT
+            self.websocket_port = int(ws_port) if ws_port is not None else 443
         except ValueError:
-            raise ConfigError(f"the port {port!r} is not a number") from None
+            raise ConfigError(f"the port {port if ws_port is None else ws_port!r} is not a number") from None
         if address is not None:
             self.host, self.port = address
+        self.proxy = proxy_for(args, self.host)
         self.timeout = getattr(args, "timeout", 15.0)
         if ssl_context is None:
             cert = setting(args, "cert", required=True, what="the device certificate")
@@ -107,7 +114,7 @@ class Session:
             ctx.keylog_filename = tls.private_keylog(args.keylog)
             warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
                  "decrypt the captured traffic. Delete it when done.")
-        self.client = lcpaho.new_client(self.identity, ssl_context=ctx)
+        self.client = lcpaho.new_client(self.identity, ssl_context=ctx, transport=self.transport, proxy=self.proxy)
         self.on_record = on_record
         self._connected = threading.Event()
         self._connack: Optional[Any] = None
@@ -131,9 +138,13 @@ class Session:
     # ------------------------------------------------------------------------ connection
 
     def connect(self, keepalive: int = 60) -> None:
-        where = f"{self.host}:{self.port}"
+        where = f"{self.host}:{self.websocket_port if self.transport == 'websockets' else self.port}"
         try:
-            self.client.connect(self.host, self.port, keepalive=keepalive)
+            used = lcpaho.connect(self.client, self.host, transport=self.transport, port=self.port,
+                                  websocket_port=self.websocket_port, keepalive=keepalive)
+            self.port = self.websocket_port if used == "websockets" else self.port
+        except ProxyError:
+            raise                       # names the proxy (never its credentials), not the hub
         except OSError as exc:
             typed = diagnostics.tls_failure(exc, self.host, self.port, self.ssl_context)
             if typed is not None:       # untrusted, expired, another host's certificate, no TLS 1.2+

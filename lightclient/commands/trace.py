@@ -1,7 +1,9 @@
 """``lightclient trace``: every MQTT packet in both directions, with its IoT Hub meaning.
 
 Packets are taken from paho's ``on_log`` hook (paho logs each packet it sends and receives) and decoded
-here with :mod:`lightclient.topics`; ``--dry-run`` prints what would be used without connecting.
+here with :mod:`lightclient.topics`; ``--dry-run`` prints what would be used without connecting. Over
+WebSockets (``--transport websockets``) paho logs the same MQTT packets before it frames them, so the
+trace is the same, after one line naming the WebSocket endpoint (and the proxy, if any).
 
     → CONNECT     client_id=d1 clean_session=0 keepalive=60  connect as d1, username hub/d1/?api-version=…
     ← CONNACK     rc=0  connection accepted
@@ -180,13 +182,25 @@ def decode_log_line(line: str, ident: Identity, username: str = "") -> Optional[
     return f"{head} {rest}".rstrip()
 
 
+def transport_line(transport: str, host: str, port: int, proxy=None) -> str:
+    """How the connection is carried, e.g. ``⇄ WEBSOCKET   wss://hub:443/$iothub/websocket subprotocol mqtt``."""
+    via = f" through {proxy}" if proxy is not None else ""
+    if transport == "websockets":
+        return f"⇄ {'WEBSOCKET':<11} wss://{host}:{port}/$iothub/websocket subprotocol mqtt{via}"
+    return f"⇄ {'TCP':<11} mqtts://{host}:{port}{via}"
+
+
 def dry_run_lines(ident: Identity, host: str, port: int, properties=None, content_type=None,
-                  content_encoding=None) -> List[str]:
+                  content_encoding=None, transport: str = "tcp", proxy=None) -> List[str]:
     """What a connection would use: the exact strings, no network."""
+    carried = {"websockets": "MQTT 3.1.1 over WebSockets (GET /$iothub/websocket, subprotocol mqtt)",
+               "auto": "MQTT 3.1.1 on this port, else over WebSockets"}.get(transport, "MQTT 3.1.1")
     lines = [f"client id     {ident.client_id}",
              f"username      {ident.username()}",
              "password      (none: the X.509 client certificate authenticates)",
-             f"server        {host}:{port} (TLS 1.2+, MQTT 3.1.1, clean session 0)"]
+             f"server        {host}:{port} (TLS 1.2+, {carried}, clean session 0)"]
+    if proxy is not None:
+        lines.append(f"proxy         {proxy}")
     for sub, qos in lcpaho.subscriptions(ident):
         lines.append(f"subscribe     {sub} qos={qos}")
     telemetry = topics.telemetry_topic(ident, properties or None, content_type=content_type,
@@ -205,9 +219,15 @@ def dry_run_lines(ident: Identity, host: str, port: int, properties=None, conten
 def run(args) -> int:
     props = parse_props(args.prop)
     if args.dry_run:
+        from .common import proxy_for
+
         ident = identity(args)
-        port = int(setting(args, "port") or DEFAULT_PORT)
-        for line in dry_run_lines(ident, ident.hostname, port, props, args.content_type, args.content_encoding):
+        transport = setting(args, "transport") or "tcp"
+        port = int(setting(args, "websocket_port") or 443) if transport == "websockets" else \
+            int(setting(args, "port") or DEFAULT_PORT)
+        host = setting(args, "gateway") or ident.hostname
+        for line in dry_run_lines(ident, host, port, props, args.content_type, args.content_encoding,
+                                  transport, proxy_for(args, host)):
             print(line)
         return EXIT_OK
     report = parse_json(args.report, "--report") if args.report is not None else None
@@ -240,7 +260,12 @@ def run(args) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if session.transport != "auto":
+            port = session.websocket_port if session.transport == "websockets" else session.port
+            out(transport_line(session.transport, session.host, port, session.proxy))
         session.connect()
+        if session.transport == "auto":
+            out(transport_line(session.client.transport, session.host, session.port, session.proxy))
         try:
             session.subscribe(lcpaho.subscriptions(session.identity))
             if not args.no_twin:

@@ -1,12 +1,12 @@
 """``python -m lightclient.emulator``: run the strict local IoT Hub until interrupted.
 
-    python -m lightclient.emulator --state-dir .emulator --port 8883 --device d1 --device d1/m1 \\
+    python -m lightclient.emulator --state-dir .emulator --port 8883 --ws-port 8443 --device d1 --device d1/m1 \\
         --http-port 8080 --verbose
 
 Settings can also come from a small JSON file (``--config emulator.json``); flags given on the
 command line win over the file::
 
-    {"port": 8883, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
+    {"port": 8883, "ws_port": 9443, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
      "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
      "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
      "max_connections": 4096, "handshake_timeout": 10, "connect_timeout": 10, "verbose": true}
@@ -60,6 +60,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                                                  "X.509 client certificates).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8883, help="MQTT/TLS port; 0 picks a free one")
+    parser.add_argument("--ws-port", type=int, default=None,
+                        help="also serve MQTT over WebSockets (TLS, /$iothub/websocket, subprotocol mqtt) on "
+                             "this port, as IoT Hub does on 443; 0 picks a free one")
     parser.add_argument("--hostname", default="localhost",
                         help="the hub's host name: in the server certificate and the expected username")
     parser.add_argument("--state-dir", default=".iothub-emulator", type=Path,
@@ -101,7 +104,7 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     return parser
 
 
-_CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int,
+_CONFIG_KEYS = {"host": str, "port": int, "ws_port": int, "hostname": str, "state_dir": str, "http_port": int,
                 "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
@@ -183,7 +186,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                         connect_timeout=args.connect_timeout, cert_lifetime=args.cert_lifetime,
                         credentials_api=not args.no_credentials_api,
-                        disconnect_on_expiry=args.disconnect_on_expiry)
+                        disconnect_on_expiry=args.disconnect_on_expiry, ws_port=args.ws_port)
     written: List[Path] = []
     try:
         if args.sign_csr:
@@ -201,6 +204,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
         lines += [
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
+        if emulator.ws_port is not None:
+            lines.insert(1, f"  MQTT over WebSockets: wss://{args.host}:{emulator.ws_port}/$iothub/websocket")
         if emulator.http_port is not None:
             api = f"http://{args.host}:{emulator.http_port}"
             lines.append(f"  service API: {api}")

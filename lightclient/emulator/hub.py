@@ -99,6 +99,7 @@ class Hub:
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
         self._method_rids = itertools.count(1)
         self._server: Optional[asyncio.base_events.Server] = None
+        self._ws_server: Optional[asyncio.base_events.Server] = None   # MQTT over WebSockets (.websocket)
         self._tasks: Set[asyncio.Task] = set()
         self._channels: Set[TlsChannel] = set()       # every open TCP connection, secure or not
         self._at_cap = False
@@ -112,7 +113,15 @@ class Hub:
         self._server = await loop.create_server(self._new_channel, host, port)
         return self._server.sockets[0].getsockname()[1]
 
+    async def start_websocket(self, host: str, port: int) -> int:
+        """Serve MQTT over WebSockets (TLS, ``/$iothub/websocket``) on ``port``; returns the port."""
+        loop = asyncio.get_running_loop()
+        self._ws_server = await loop.create_server(lambda: self._new_channel(websocket=True), host, port)
+        return self._ws_server.sockets[0].getsockname()[1]
+
     async def stop(self) -> None:
+        if self._ws_server is not None:
+            self._ws_server.close()
         if self._server is not None:
             self._server.close()
         for channel in list(self._channels):
@@ -124,6 +133,8 @@ class Hub:
         if self._server is not None:
             # Last: from Python 3.12 on this also waits for every accepted connection to be gone.
             await self._server.wait_closed()
+        if self._ws_server is not None:
+            await self._ws_server.wait_closed()
         for future in self.pending_methods.values():
             future.cancel()
 
@@ -132,9 +143,9 @@ class Hub:
         """Open TCP connections, whether their TLS handshake finished or not."""
         return len(self._channels)
 
-    def _new_channel(self) -> TlsChannel:
+    def _new_channel(self, websocket: bool = False) -> TlsChannel:
         return TlsChannel(self.ssl_context, self._receive_buffer, on_made=self._on_accept,
-                          on_handshake=self._on_secure, on_failure=self._on_handshake_failure,
+                          on_handshake=self._on_secure_websocket if websocket else self._on_secure, on_failure=self._on_handshake_failure,
                           on_lost=self._channels.discard,
                           handshake_timeout=self.handshake_timeout)
 
@@ -165,6 +176,12 @@ class Hub:
     def _on_secure(self, channel: TlsChannel) -> None:
         from .connection import Connection  # circular: a Connection needs the Hub it serves
         task = asyncio.get_running_loop().create_task(Connection(self, channel).run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_secure_websocket(self, channel: TlsChannel) -> None:
+        from . import websocket
+        task = asyncio.get_running_loop().create_task(websocket.serve(self, channel))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

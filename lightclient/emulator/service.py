@@ -68,6 +68,8 @@ class Emulator:
     the HTTP service API off.  Pass ``ca_cert``/``ca_key`` to use an existing CA instead of creating one
     in ``state_dir``, and ``server_cert``/``server_key`` to use an existing server certificate.
 
+    ``ws_port`` serves MQTT over WebSockets (as the hub does on 443) on a second port; None leaves it off.
+
     Resource bounds: at most ``max_connections`` open MQTT connections (more are closed at once and
     counted as ``connection.limit``); a connection must finish TLS within ``handshake_timeout`` seconds and
     send CONNECT within ``connect_timeout`` seconds after that; the newest ``max_diagnostics`` diagnostics
@@ -80,12 +82,14 @@ class Emulator:
                  max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
                  max_events: int = MAX_EVENTS, cert_lifetime: Optional[float] = None,
-                 credentials_api: bool = True, disconnect_on_expiry: bool = False):
+                 credentials_api: bool = True, disconnect_on_expiry: bool = False, ws_port: Optional[int] = None):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
         self.port = port
         self.http_port = http_port
+        #: MQTT over WebSockets (TLS, /$iothub/websocket): None = off, 0 = a free port (see .websocket).
+        self.ws_port = ws_port
         for name, value in (("max_connections", max_connections), ("max_diagnostics", max_diagnostics),
                             ("max_events", max_events)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,6 +167,8 @@ class Emulator:
         self._thread.start()
         try:
             self.port = self._call(self._hub.start(self.host, self.port))
+            if self.ws_port is not None:
+                self.ws_port = self._call(self._hub.start_websocket(self.host, self.ws_port))
             if self.http_port is not None:
                 from .http_api import HttpApi
                 self._http = HttpApi(self, self.host, self.http_port)

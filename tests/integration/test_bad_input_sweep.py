@@ -605,6 +605,26 @@ CASES.update({
 })
 
 
+# connect from anywhere (issue 16): transports, proxies, gateways
+CASES.update({
+    "transport-unknown": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, transport="ws"), ConfigError,
+                          "'tcp', 'websockets', 'auto'"),
+    "websocket-port-zero": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, websocket_port=0), ConfigError,
+                            "websocket_port must be an int"),
+    "proxy-scheme-ftp": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, proxy="ftp://p:1"), ConfigError,
+                         "http://, socks5:// or socks5h://"),
+    "proxy-password-not-shown": (lambda lab: Device(Identity("localhost", "d"), lab.ctx,
+                                                    proxy="https://u:hidden-pw-77@p:1"), ConfigError, "not supported"),
+    "proxy-not-a-string": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, proxy=3128), ConfigError,
+                           "URL string"),
+    "gateway-empty": (lambda lab: Device(Identity("localhost", "d"), lab.ctx, gateway_hostname=" "), ConfigError,
+                      "gateway_hostname"),
+    "dps-proxy-with-session": (lambda lab: __import__("lightclient.dps").dps.provision(
+        "0ne00000001", "d", session=object(), proxy="http://p:1"), ConfigError, "not with session="),
+    "cli-proxy-and-no-proxy": (_cli_row(["send", "x"], "--no-proxy", code=2, text="contradict",
+                                        **{"--proxy": "http://p:1"}), CliFailed, ""),
+})
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_sweep(lab_, name, capfd, caplog):
     caplog.set_level(logging.DEBUG)

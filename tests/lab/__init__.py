@@ -7,15 +7,16 @@ reach child processes on stdin, never in their arguments. Scripts outside pytest
 ``benchmarks/``) put the repository root on ``sys.path`` to import it.
 
 Modules: :mod:`.procs` (ports, tools, stopping processes), :mod:`.ca` (the emulator's openssl CA as
-:class:`TestCA`), :mod:`.softhsm`, :mod:`.mosquitto`, :mod:`.tpm`.
+:class:`TestCA`), :mod:`.softhsm`, :mod:`.mosquitto`, :mod:`.tpm`, :mod:`.proxies` (tinyproxy, microsocks).
 """
 from __future__ import annotations
 
 from .ca import TestCA
 from .mosquitto import Mosquitto
+from .proxies import MicroSocks, TinyProxy
 from .procs import LabError, executable, free_port, run, stop_process, wait_port
 from .softhsm import SoftHSM, find_softhsm_module
 from .tpm import SoftwareTPM, Tpm2Pkcs11Token, find_tpm2_pkcs11_module
 
-__all__ = ["LabError", "Mosquitto", "SoftHSM", "SoftwareTPM", "TestCA", "Tpm2Pkcs11Token", "executable",
+__all__ = ["LabError", "MicroSocks", "Mosquitto", "SoftHSM", "SoftwareTPM", "TestCA", "TinyProxy", "Tpm2Pkcs11Token", "executable",
            "find_softhsm_module", "find_tpm2_pkcs11_module", "free_port", "run", "stop_process", "wait_port"]
