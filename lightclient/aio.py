@@ -230,8 +230,8 @@ class Device:
     Received: :meth:`c2d` iterates cloud-to-device (or module input) messages as :class:`Message`; they
     are buffered from the connect on, so none is missed before the ``async for`` starts. :meth:`desired`
     iterates desired-property patches (each with its ``$version``) in version order; the first patch is
-    the whole desired document, read when :meth:`desired` is first called or the device (re)connects,
-    and after every reconnect the changes missed while offline arrive as one patch.
+    the whole desired document (if it is not empty), read when :meth:`desired` is first called or the
+    device connects, and after every reconnect the changes missed while offline arrive as one patch.
 
     Direct methods: :meth:`method` / :meth:`add_method_handler`. A coroutine handler runs on the loop;
     a plain function runs on one of ``method_workers`` threads, so neither a slow coroutine nor a blocking
@@ -801,7 +801,8 @@ class Device:
         """Desired-property patches in ``$version`` order (each carries ``"$version"``), for ever.
 
         The first one is the whole desired document (read now if connected, else right after the next
-        connect); after a reconnect, what changed while offline arrives as one patch.
+        connect), unless it holds no properties yet; after a reconnect, what changed while offline
+        arrives as one patch.
         """
         first = not self._want_desired
         self._want_desired = True
