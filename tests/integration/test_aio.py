@@ -5,11 +5,12 @@ import asyncio
 import json
 import socket
 import threading
+import time
 import uuid
 
 import pytest
 
-from lightclient import aio, tls
+from lightclient import aio, tls, topics
 from lightclient.backoff import Backoff
 from lightclient.device import MethodResponse
 from lightclient.exceptions import ConfigError, ConnectRefusedError, OperationTimeout, QueueFullError, ServiceError
@@ -37,9 +38,15 @@ def hub(service_context, broker):
 
 @pytest.fixture(autouse=True)
 def no_thread_outlives_a_test():
+    """The connect, method and twin pools are shut down with the connection (their threads exit soon after)."""
     yield
-    left = [t.name for t in threading.enumerate() if t.name.startswith("lightclient-")]
-    assert left == [] or all(not t.is_alive() for t in threading.enumerate() if t.name in left)
+    deadline = time.monotonic() + 3
+    while True:
+        left = [t.name for t in threading.enumerate() if t.name.startswith("lightclient-")]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert left == []
 
 
 def new_device(token_context, port, **kwargs):
@@ -223,6 +230,45 @@ def test_a_cancelled_send_is_neither_lost_nor_duplicated(token_context, broker, 
     finally:
         receiver.close()
         proxy.close()
+
+
+def test_a_black_holed_link_is_noticed_by_keepalive_and_nothing_is_lost(token_context, broker, service_context):
+    proxy = TcpProxy(broker.port)
+    device_id = f"aio-{uuid.uuid4().hex[:8]}"
+    receiver = Receiver(service_context, broker.port, device_id)
+    # keepalive=1: the loop_misc task notices a dead link after about two keep-alive periods.
+    dev = aio.Device(Identity("localhost", device_id), token_context, port=proxy.port, backoff=FAST, keepalive=1)
+
+    async def scenario():
+        async with dev:
+            await dev.send(b"before")
+            proxy.black_hole()
+            await asyncio.gather(*[dev.send(b"%d" % i) for i in range(20)])
+
+    try:
+        run(scenario())
+        assert receiver.wait_distinct(21, 10), receiver.counts
+        assert proxy.connections >= 2
+    finally:
+        receiver.close()
+        proxy.close()
+
+
+def test_a_module_sends_on_its_output_and_iterates_its_inputs(token_context, broker, hub):
+    dev = aio.Device(Identity("localhost", f"aio-{uuid.uuid4().hex[:8]}", "filter"), token_context,
+                     port=broker.port, backoff=FAST)
+
+    async def scenario():
+        async with dev:
+            await dev.send(b"m", output_name="out1", message_id="m1")
+            await _hub(hub.publish, f"devices/{dev.identity.device_id}/modules/filter/inputs/in1/k=v", b"input")
+            return await asyncio.wait_for(dev.c2d().__anext__(), 5)
+
+    message = run(scenario())
+    assert isinstance(message.record, topics.InputMessage)
+    assert (message.record.input_name, dict(message.properties), message.payload) == ("in1", {"k": "v"}, b"input")
+    topic, _ = hub.wait_for(lambda t, p: p == b"m")
+    assert topic == f"devices/{dev.identity.device_id}/modules/filter/messages/events/%24.on=out1&%24.mid=m1"
 
 
 def test_reconnect_after_broker_restart_loses_nothing_and_resyncs_the_twin(
