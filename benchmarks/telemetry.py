@@ -1,4 +1,4 @@
-"""Telemetry throughput: lightclient Device vs raw paho (same window) vs azure-iot-device 2.x.
+"""Telemetry throughput: lightclient Device (sync and asyncio) vs raw paho (same window) vs azure-iot-device 2.x.
 
 Each program sends N QoS 1 messages (256-byte payload, one application property) over TLS to a local
 mosquitto that requires client certificates, in a fresh child process per round; the time runs from
@@ -35,6 +35,9 @@ def run(ctx: Context) -> Section:
         "lightclient": lambda: lc_child({"task": "throughput", "client": "lightclient", "port": broker.port,
                                          "count": count, "warmup": warmup, "window": WINDOW, **hsm},
                                         env=lab.hsm_env),
+        "lightclient aio": lambda: lc_child({"task": "throughput", "client": "aio", "port": broker.port,
+                                             "count": count, "warmup": warmup, "window": WINDOW, **hsm},
+                                            env=lab.hsm_env),
         "raw paho": lambda: lc_child({"task": "throughput", "client": "paho", "port": broker.port, "count": count,
                                       "warmup": warmup, "window": WINDOW, **hsm}, env=lab.hsm_env),
     }

@@ -62,6 +62,25 @@ def send_lightclient(ctx, count, warmup):
         return time.perf_counter() - start, time.process_time() - cpu
 
 
+def send_aio(ctx, count, warmup):
+    """As send_lightclient, with lightclient.aio.Device on an asyncio loop (every send accepted, then awaited)."""
+    import asyncio
+
+    from lightclient import aio
+    from lightclient.identity import Identity
+
+    async def run():
+        dev = aio.Device(Identity("localhost", f"bench-aio-{os.getpid()}"), ctx, port=spec["port"],
+                         max_inflight=spec.get("window", 20))
+        async with dev:
+            await asyncio.gather(*[dev.send(PAYLOAD, PROPERTIES) for _ in range(warmup)])
+            start, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*[dev.send(PAYLOAD, PROPERTIES) for _ in range(count)])
+            return time.perf_counter() - start, time.process_time() - cpu
+
+    return asyncio.run(run())
+
+
 def send_paho(ctx, count, warmup, client_id="bench-paho"):
     # What a careful raw-paho app does: the topic computed once, the same window, waiting for PUBACKs.
     topic = f"devices/{client_id}/messages/events/sensor=bench"
@@ -129,7 +148,7 @@ def main():
 
     if task == "throughput":
         ctx = lc_context()
-        fn = send_lightclient if spec["client"] == "lightclient" else send_paho
+        fn = {"lightclient": send_lightclient, "aio": send_aio}.get(spec["client"], send_paho)
         seconds, cpu = fn(ctx, spec["count"], spec.get("warmup", 0))
         return {"rate": spec["count"] / seconds, "cpu_us": cpu / spec["count"] * 1e6, "seconds": seconds}
 

@@ -165,6 +165,20 @@ def test_telemetry(lab, run_example):
     no_deviations(lab, "ex-telemetry")
 
 
+def test_aio_telemetry(lab, run_example):
+    env = enroll(lab, "ex-aio", LIGHTCLIENT_COUNT=3, LIGHTCLIENT_INTERVAL=0)
+    out = run_example("aio_telemetry.py", env).finish()
+    assert "connected to localhost as ex-aio" in out and "sent and acknowledged 3/3" in out
+    assert "batch of 3 acknowledged" in out and "done" in out
+    events = lab.emu.events("ex-aio")
+    assert [json.loads(e.body).get("seq") for e in events[:3]] == [1, 2, 3]
+    assert sorted(json.loads(e.body)["batch"] for e in events[3:]) == [0, 1, 2]
+    assert all(e.properties == {"sensor": "example"} for e in events)
+    assert [e.system_properties["$.mid"] for e in events[:3]] == ["msg-1", "msg-2", "msg-3"]
+    assert len({e.system_properties["$.mid"] for e in events}) == 6
+    no_deviations(lab, "ex-aio")
+
+
 def test_c2d(lab, run_example):
     example = run_example("c2d.py", enroll(lab, "ex-c2d", LIGHTCLIENT_COUNT=2))
     example.expect("waiting for cloud-to-device messages")

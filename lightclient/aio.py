@@ -1,0 +1,916 @@
+"""Level 3 for asyncio: :class:`Device`, an IoT Hub device or module client driven by the event loop.
+
+The same features and guarantees as :class:`lightclient.device.Device`, by sharing its parts rather than
+copying them: the telemetry :class:`~lightclient._pipeline.Pipeline` (bounded queue, ``full_policy``,
+outbox, ``$.mid``), :class:`~lightclient._twin.TwinRequests` and :class:`~lightclient._twin.DesiredState`,
+:class:`~lightclient.backoff.Backoff`, and the level-2 helpers of :mod:`lightclient.paho`::
+
+    async with Device(identity, ctx) as device:
+        await device.send(b'{"t": 21.5}', {"unit": "C"})       # returns once the hub acknowledged it
+        handles = [device.send(b"%d" % i) for i in range(100)]  # pipelined: accepted now, awaited later
+        await asyncio.gather(*handles)
+        twin = await device.get_twin()
+        async for message in device.c2d():
+            print(message.properties, message.payload)
+
+How paho runs here (paho 2.x's documented external-loop pattern): the socket is watched with
+``loop.add_reader`` / ``add_writer`` (paho's ``on_socket_open/close`` and
+``on_socket_register_write/unregister_write`` callbacks), readiness calls ``loop_read`` / ``loop_write``,
+and a task calls ``loop_misc`` every second for keep-alive. There is no network thread: every paho
+callback runs on the event loop. The one blocking step is paho's ``reconnect()`` (DNS, TCP connect and
+the TLS handshake, where the hardware key signs): it runs on a one-thread executor, so a slow token, TPM
+or unreachable host never stalls the loop; the socket callbacks it triggers are handed to the loop.
+
+Other threads: synchronous method handlers run on a pool of ``method_workers`` threads (coroutine
+handlers run on the loop), and a twin request waits for its answer on a small pool (the shared
+:class:`~lightclient._twin.TwinRequests` is blocking). None of them touches the socket.
+
+Not thread-safe: call a Device's methods from the thread running its event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import itertools
+import logging
+import os
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+
+import paho.mqtt.client as mqtt
+
+from . import device as _sync
+from . import paho as lcpaho
+from . import topics
+from ._pipeline import Pipeline, SendHandle, queue_settings
+from ._twin import DesiredState, TwinRequests
+from ._verify import permanent_tls_error
+from .backoff import Backoff
+from .device import MAX_KEEPALIVE, MethodResponse, paho_log
+from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
+                         QueueFullError, ServiceError)
+from .identity import API_VERSION, Identity
+from .outbox import Outbox
+from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
+
+log = logging.getLogger("lightclient.aio")
+
+_MISC_INTERVAL = 1.0          # seconds between loop_misc() calls (paho's own loop uses 1 s as well)
+_TWIN_WORKERS = 4             # twin requests waiting for answers at the same time (more queue up)
+_DRAIN_POLL = 0.02            # seconds between checks while disconnect() waits for acknowledgements
+
+
+@dataclass(frozen=True)
+class Message:
+    """A cloud-to-device message (``record`` is a :class:`~lightclient.topics.C2DMessage`) or, for a
+    module, an input message (:class:`~lightclient.topics.InputMessage`), with its body."""
+
+    record: Union[C2DMessage, InputMessage]
+    payload: bytes
+
+    @property
+    def properties(self) -> Any:
+        """Application properties (decoded)."""
+        return self.record.properties
+
+    @property
+    def system_properties(self) -> Any:
+        """System properties by wire name (``$.mid``, ``$.ct`` …)."""
+        return self.record.system_properties
+
+    @property
+    def message_id(self) -> Any:
+        return self.record.message_id
+
+    @property
+    def content_type(self) -> Any:
+        return self.record.content_type
+
+
+class _Waker:
+    """Stands in for a :class:`SendHandle`'s ``threading.Event``: the pipeline calls ``set()`` on the
+    acknowledgement (or the drop), which resolves the futures of everyone awaiting the handle."""
+
+    __slots__ = ("loop", "thread", "futures", "fired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: int):
+        self.loop = loop
+        self.thread = thread
+        self.futures: List["asyncio.Future[None]"] = []
+        self.fired = False
+
+    def set(self) -> None:  # called with the pipeline's lock held: must not block
+        self.fired = True
+        if threading.get_ident() == self.thread:
+            self._wake()
+        else:
+            try:
+                self.loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    def _wake(self) -> None:
+        futures, self.futures = self.futures, []
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+
+class AsyncSendHandle:
+    """A telemetry message on its way; ``await handle`` (or :meth:`wait`) returns once the hub acknowledged it.
+
+    Cancelling the await does not cancel the message: it stays queued (or in the outbox) and is delivered
+    at least once, exactly as if nobody had waited. ``message_id`` is its ``$.mid``; ``mid`` the MQTT
+    packet id once handed to the network.
+    """
+
+    __slots__ = ("_handle",)
+
+    def __init__(self, handle: SendHandle):
+        self._handle = handle
+
+    @property
+    def message_id(self) -> str:
+        return self._handle.message_id
+
+    @property
+    def mid(self) -> Optional[int]:
+        return self._handle.mid
+
+    @property
+    def error(self) -> Optional[LightClientError]:
+        """:class:`MessageDroppedError` if the message was dropped unsent (``drop_oldest``), else None."""
+        return self._handle.error
+
+    def done(self) -> bool:
+        """True once the hub has acknowledged the message."""
+        return self._handle.done()
+
+    async def wait(self, timeout: Optional[float] = None) -> None:
+        """Wait for the acknowledgement; :class:`OperationTimeout` after ``timeout`` s (the message stays
+        queued), :class:`MessageDroppedError` if it was dropped to make room for newer ones."""
+        handle = self._handle
+        if handle._done:
+            return
+        loop = asyncio.get_running_loop()
+        book = handle._book
+        with book.lock:
+            if handle._done:
+                return
+            if handle._error is not None:
+                raise handle._error
+            waker = handle._event
+            if not isinstance(waker, _Waker):
+                # SendHandle makes its Event lazily and only the sync wait() does; aio handles never use it.
+                waker = _Waker(loop, threading.get_ident())
+                handle._event = waker  # type: ignore[assignment]
+            future: "asyncio.Future[None]" = loop.create_future()
+            waker.futures.append(future)
+        try:
+            if timeout is None:
+                await future
+            else:
+                await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise OperationTimeout(
+                f"message {handle.message_id!r} was not acknowledged within {timeout} s; it stays queued "
+                "and is sent again after a reconnect, so wait again or check the connection") from None
+        finally:
+            if not future.done():  # cancelled: forget this waiter, keep the message
+                future.cancel()
+            try:
+                waker.futures.remove(future)
+            except ValueError:
+                pass
+        if handle._error is not None:
+            raise handle._error
+
+    def __await__(self):
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        return repr(self._handle).replace("<SendHandle", "<AsyncSendHandle", 1)
+
+
+MethodHandler = Callable[[Any], Any]
+
+
+class Device:
+    """An IoT Hub device (or module) connection for asyncio: telemetry, direct methods, the twin and C2D.
+
+    ::
+
+        ctx = lightclient.tls.client_context(cert="device.pem", key="pkcs11:token=t;object=k")
+        async with Device(Identity("hub.azure-devices.net", "dev1"), ctx) as device:
+            @device.method("reboot")
+            async def reboot(payload):
+                return {"scheduled": True}          # status 200; MethodResponse(…) picks another
+            await device.send(b'{"t": 21.5}', {"unit": "C"}, content_type="application/json")
+            await device.patch_reported({"fw": "1.2"})
+            async for patch in device.desired():
+                apply(patch)
+
+    The constructor takes the options of :class:`lightclient.device.Device` (``host``, ``port``,
+    ``keepalive``, ``max_inflight``, ``clean_session``, ``backoff``, ``method_workers``, ``twin_timeout``,
+    ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``)
+    with the same meaning and the same checks, plus ``on_connection_state(connected, reason)`` (a
+    function or a coroutine function).
+
+    Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
+    :class:`MessageTooLargeError`, :class:`QueueFullError` right there) and returns an
+    :class:`AsyncSendHandle`; ``await device.send(…)`` returns when the hub acknowledged it. Delivery is
+    at-least-once with a ``$.mid`` on every message, bounded by ``max_queue`` / ``max_queue_bytes``, kept
+    across reconnects (and restarts, with ``outbox=``), exactly as for the sync Device. With an outbox,
+    :meth:`send` commits the message to SQLite before returning, on the event loop (one fsync).
+
+    Received: :meth:`c2d` iterates cloud-to-device (or module input) messages as :class:`Message`; they
+    are buffered from the connect on, so none is missed before the ``async for`` starts. :meth:`desired`
+    iterates desired-property patches (each with its ``$version``) in version order; the first patch is
+    the whole desired document (if it is not empty), read when :meth:`desired` is first called or the
+    device connects, and after every reconnect the changes missed while offline arrive as one patch.
+
+    Direct methods: :meth:`method` / :meth:`add_method_handler`. A coroutine handler runs on the loop;
+    a plain function runs on one of ``method_workers`` threads, so neither a slow coroutine nor a blocking
+    function holds up the connection or other calls. Statuses as for the sync Device: the return value
+    (200), a :class:`MethodResponse`, 500 when the handler raises, 404 without a handler, 400 for a
+    payload that is not JSON.
+
+    Reconnect: with :class:`~lightclient.backoff.Backoff` (jitter; the long pause after CONNACK 4/5),
+    resubscribing every time, resending unacknowledged telemetry and pending twin requests, and re-reading
+    the twin for :meth:`desired`. The first :meth:`connect` raises at once for a CONNACK refusal
+    (:class:`ConnectRefusedError`) and for permanent TLS failures (:class:`ServerCertificateError`,
+    :class:`~lightclient.exceptions.TlsVersionError`).
+    """
+
+    def __init__(self, identity: Identity, ssl_context: ssl.SSLContext, *, host: Optional[str] = None,
+                 port: int = 8883, keepalive: int = 60, max_inflight: int = 20, clean_session: bool = False,
+                 backoff: Optional[Backoff] = None, method_workers: int = 4, twin_timeout: float = 60.0,
+                 api_version: str = API_VERSION, client_type: Optional[str] = None,
+                 max_queue: Optional[int] = None, max_queue_bytes: Optional[int] = None,
+                 full_policy: Optional[str] = None, outbox: Union[None, str, "os.PathLike[str]", Outbox] = None,
+                 on_connection_state: Optional[Callable[[bool, str], Any]] = None):
+        if not isinstance(identity, Identity):
+            raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
+        if not isinstance(ssl_context, ssl.SSLContext):
+            raise ConfigError("ssl_context must be an ssl.SSLContext with the device key, e.g. from "
+                              f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
+        _sync._check_int("keepalive", keepalive, 1, MAX_KEEPALIVE,
+                         f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
+                         f"{MAX_KEEPALIVE} s works; 60 is the default")
+        _sync._check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
+        _sync._check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
+        _sync._check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
+        if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
+            raise ConfigError(f"twin_timeout must be a positive number of seconds, not {twin_timeout!r}")
+        if backoff is not None and not isinstance(backoff, Backoff):
+            raise ConfigError(f"backoff must be a lightclient.backoff.Backoff, not {type(backoff).__name__}")
+        if on_connection_state is not None and not callable(on_connection_state):
+            raise ConfigError("on_connection_state must be a function or coroutine function taking "
+                              f"(connected, reason), not {type(on_connection_state).__name__}")
+        outbox, self._own_outbox, max_queue, max_queue_bytes, full_policy = queue_settings(
+            outbox, max_queue, max_queue_bytes, full_policy)
+        self.outbox: Optional[Outbox] = outbox
+        self.identity = identity
+        self.host = identity.hostname if host is None else host
+        self.port = port
+        self.keepalive = keepalive
+        self.on_connection_state = on_connection_state
+        self._backoff = backoff or Backoff()
+        self._twin_timeout = float(twin_timeout)
+        self._method_workers = method_workers
+        self._methods: Dict[str, MethodHandler] = {}
+        self._threads = f"lightclient-{identity.client_id}"
+        self._ssl_context = ssl_context
+
+        client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
+                                   api_version=api_version, client_type=client_type)
+        client.max_inflight_messages_set(max_inflight)
+        client.suppress_exceptions = True   # a bug in a callback is logged; the loop carries on
+        client.enable_logger(paho_log)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        lcpaho.route(client, identity,
+                     on_c2d=None if identity.is_module else self._got_message,
+                     on_input=self._got_message if identity.is_module else None,
+                     on_method=self._got_method, on_twin_response=self._got_twin_response,
+                     on_desired=self._got_desired)
+        self._client = client
+        self._subscriptions = lcpaho.subscriptions(identity)
+
+        # Loop-side state (made in connect(): asyncio objects belong to the running loop).
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread = 0
+        self._fd: Optional[int] = None
+        self._running = False
+        self._stopping = threading.Event()       # shared with TwinRequests
+        self._connected = threading.Event()      # shared with TwinRequests
+        self._outcome: Optional["asyncio.Future[None]"] = None
+        self._dropped: Optional[asyncio.Event] = None
+        self._tasks: Set["asyncio.Task[Any]"] = set()
+        self._method_tasks: Set["asyncio.Task[Any]"] = set()
+        self._opening: Optional["asyncio.Future[Any]"] = None
+        self._sub_mid: Optional[int] = None
+        self._attempt = 0
+        self._refused: Optional[int] = None
+        self._connector: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._method_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._twin_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._messages: Optional["asyncio.Queue[Message]"] = None
+        self._desired_out: Optional["asyncio.Queue[Dict[str, Any]]"] = None
+        self._twin_inbox: Optional["asyncio.Queue[Tuple[str, int, bytes]]"] = None
+        self._want_desired = False
+        self._desired_state = DesiredState()
+        self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
+
+        # Telemetry: the sync Device's pipeline, $.mid scheme and topic cache, unchanged.
+        self._mid_prefix = os.urandom(12).hex()
+        self._mid_counter = itertools.count(1)
+        self._topics: Dict[Any, Tuple[str, str, int]] = {}
+        self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
+        try:
+            #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
+            self.recovered: List[AsyncSendHandle] = (
+                [AsyncSendHandle(h) for h in self._acks.load(outbox.pending())] if outbox is not None else [])
+        except BaseException:
+            if self._own_outbox and outbox is not None:
+                outbox.close()
+            raise
+
+    # The sync Device's send path (validation, $.mid, topic cache, pipeline) is shared, not copied.
+    _accept = _sync.Device.send
+    _topic = _sync.Device._topic
+    _next_message_id = _sync.Device._next_message_id
+
+    # ---------------------------------------------------------------------------------- lifecycle
+
+    async def __aenter__(self) -> "Device":
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.is_connected else ("connecting" if self._running else "disconnected")
+        return f"<aio.Device {self.identity.client_id!r} on {self.host}:{self.port} {state}>"
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the hub has accepted the connection and the subscriptions."""
+        return self._connected.is_set()
+
+    @property
+    def queued(self) -> int:
+        """Telemetry messages accepted (or recovered from the outbox) and not yet acknowledged."""
+        with self._acks.lock:
+            return self._acks.count
+
+    async def connect(self, timeout: float = 30.0) -> None:
+        """Connect and subscribe, then stay connected (reconnecting by itself) until :meth:`disconnect`.
+
+        As :meth:`lightclient.device.Device.connect`: transient failures are retried with back-off until
+        ``timeout`` (then :class:`OperationTimeout` with the last error); a CONNACK refusal, an untrusted
+        or invalid server certificate and a TLS version mismatch raise at once. Does nothing if started.
+        """
+        if self._running:
+            return
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not loop:
+            raise ConfigError("this Device was used on another event loop; make a new Device for this one")
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        self._running = True
+        self._stopping.clear()
+        self._outcome = loop.create_future()
+        self._dropped = asyncio.Event()
+        self._attempt, self._refused = 0, None
+        self._queues()
+        self._connector = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self._threads}-connect")
+        self._method_pool = concurrent.futures.ThreadPoolExecutor(
+            self._method_workers, thread_name_prefix=f"{self._threads}-methods")
+        deadline = time.monotonic() + timeout
+        try:
+            self._client.connect_async(self.host, self.port, self.keepalive)
+            await self._first_connect(deadline, timeout)
+            self._spawn(self._misc_loop())
+            self._spawn(self._supervise())
+            self._spawn(self._twin_worker())
+            try:
+                await asyncio.wait_for(asyncio.shield(self._outcome), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                refused = self._refused
+                why = (f"the last CONNACK was {refused} ({_sync._CONNACK_TEXT.get(refused, '?')})" if refused
+                       else "check that it is an IoT Hub (or MQTT broker) endpoint")
+                raise OperationTimeout(
+                    f"{self.host}:{self.port} accepted the TLS connection but MQTT CONNECT and SUBSCRIBE did "
+                    f"not complete within {timeout} s; {why}") from None
+        except BaseException:
+            await self._teardown()
+            raise
+
+    async def _first_connect(self, deadline: float, timeout: float) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._open()
+                return
+            except OSError as exc:
+                permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
+                if permanent is not None:
+                    raise permanent from exc
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                if time.monotonic() + delay >= deadline:
+                    raise OperationTimeout(
+                        f"could not connect to {self.host}:{self.port} within {timeout} s "
+                        f"({attempt} attempts); last error: {exc}") from exc
+                log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _open(self) -> None:
+        """paho's reconnect() (DNS, TCP, TLS handshake with the device key, CONNECT queued) off the loop."""
+        assert self._loop is not None and self._connector is not None
+        self._opening = self._loop.run_in_executor(self._connector, self._client.reconnect)
+        try:
+            # Shielded: a cancelled caller must not leave the thread's half-made socket unaccounted;
+            # _teardown() waits for it.
+            await asyncio.shield(self._opening)
+        finally:
+            if self._opening.done():
+                self._opening = None
+
+    async def disconnect(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` s for unacknowledged telemetry and running method handlers, then
+        disconnect. Unacknowledged messages stay queued for the next :meth:`connect`; pending twin
+        requests fail with :class:`OperationTimeout`. Does nothing if not started."""
+        if not self._running:
+            return
+        deadline = time.monotonic() + max(0.0, timeout)
+        if self._connected.is_set() and timeout > 0:
+            while self.queued and self._connected.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(_DRAIN_POLL)
+            current = asyncio.current_task()
+            running = [t for t in self._method_tasks if t is not current]
+            if running and deadline > time.monotonic():
+                await asyncio.wait(running, timeout=deadline - time.monotonic())
+        await self._teardown()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """:meth:`disconnect`, then close the outbox if the Device opened it from a path."""
+        try:
+            await self.disconnect(timeout)
+        finally:
+            if self._own_outbox and self.outbox is not None and not self._running:
+                self.outbox.close()
+
+    async def _teardown(self) -> None:
+        self._stopping.set()
+        self._acks.set_online(False)
+        if self._opening is not None:  # a connect still running on the executor: let it finish first
+            try:
+                await asyncio.shield(self._opening)
+            except BaseException:
+                pass
+            self._opening = None
+        self._connected.clear()
+        self._client.disconnect()
+        if self._client.socket() is not None:
+            self._client.loop_write()  # DISCONNECT goes out now; paho then closes the socket
+            for _ in range(50):
+                if self._client.socket() is None:
+                    break
+                await asyncio.sleep(_DRAIN_POLL)
+            if self._client.socket() is not None:
+                self._client._sock_close()  # the peer does not read: give up on a polite goodbye
+        current = asyncio.current_task()
+        for task in list(self._tasks) + list(self._method_tasks):
+            if task is not current:
+                task.cancel()
+        pending = [t for t in list(self._tasks) + list(self._method_tasks) if t is not current]
+        if pending:
+            await asyncio.wait(pending)
+        self._tasks.clear()
+        self._method_tasks.clear()
+        if self.outbox is not None:
+            try:
+                self.outbox.flush()
+            except Exception:  # the rows are deleted on the next write, or sent again: never lost
+                log.warning("could not delete acknowledged messages from the outbox yet", exc_info=True)
+        self._twin_requests.fail_all(OperationTimeout("the device was disconnected before the hub answered"))
+        for pool in (self._connector, self._method_pool, self._twin_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)  # a blocking method handler finishes on its own; nobody waits
+        self._connector = self._method_pool = self._twin_pool = None
+        self._running = False
+
+    def _spawn(self, coro: Awaitable[Any], methods: bool = False) -> "asyncio.Task[Any]":
+        assert self._loop is not None
+        task = self._loop.create_task(coro)  # type: ignore[arg-type]
+        group = self._method_tasks if methods else self._tasks
+        group.add(task)
+        task.add_done_callback(group.discard)
+        return task
+
+    def _queues(self) -> None:
+        if self._messages is None:
+            self._messages = asyncio.Queue()
+            self._desired_out = asyncio.Queue()
+        self._twin_inbox = asyncio.Queue()
+
+    # ------------------------------------------------------------------- paho on the event loop
+
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        elif self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closed
+                pass
+
+    # File descriptors, not socket objects: paho closes the socket right after on_socket_close, before a
+    # callback handed over from the connect thread can run.
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch, sock.fileno())
+
+    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch, sock.fileno())
+
+    def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._watch_write, sock.fileno())
+
+    def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._in_loop(self._unwatch_write, sock.fileno())
+
+    def _current(self, fd: int) -> bool:
+        # A callback handed over from the connect thread can arrive after the socket was closed again.
+        sock = self._client.socket()
+        return sock is not None and sock.fileno() == fd
+
+    def _watch(self, fd: int) -> None:
+        assert self._loop is not None
+        if not self._current(fd):
+            return
+        self._fd = fd
+        self._loop.add_reader(fd, self._readable)
+
+    def _unwatch(self, fd: int) -> None:
+        assert self._loop is not None
+        self._loop.remove_reader(fd)
+        self._loop.remove_writer(fd)
+        if self._fd == fd:
+            self._fd = None
+
+    def _watch_write(self, fd: int) -> None:
+        if self._fd == fd and self._loop is not None and self._current(fd):
+            self._loop.add_writer(fd, self._writable)
+
+    def _unwatch_write(self, fd: int) -> None:
+        if self._loop is not None:
+            self._loop.remove_writer(fd)
+
+    def _readable(self) -> None:
+        try:
+            self._client.loop_read()
+            # TLS may hold decrypted packets the socket no longer signals: read them too.
+            for _ in range(1000):
+                sock = self._client.socket()
+                if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                    break
+                self._client.loop_read()
+        except Exception:
+            log.exception("reading from the connection failed")
+
+    def _writable(self) -> None:
+        try:
+            self._client.loop_write()
+        except Exception:
+            log.exception("writing to the connection failed")
+
+    async def _misc_loop(self) -> None:
+        while True:
+            if self._fd is not None:
+                try:
+                    self._client.loop_misc()  # keep-alive: PINGREQ, and a dead connection noticed
+                except Exception:
+                    log.exception("paho's keep-alive check failed")
+            await asyncio.sleep(_MISC_INTERVAL)
+
+    async def _supervise(self) -> None:
+        """Reconnect after every drop, with Backoff, until disconnect()."""
+        assert self._dropped is not None
+        while True:
+            await self._dropped.wait()
+            self._dropped.clear()
+            if self._stopping.is_set():
+                return
+            not_authorized = self._refused in _sync._NOT_AUTHORIZED
+            delay = self._backoff.delay(self._attempt, not_authorized=not_authorized)
+            self._attempt += 1
+            log.warning("reconnecting to %s:%d in %.1f s", self.host, self.port, delay)
+            await asyncio.sleep(delay)
+            if self._stopping.is_set():
+                return
+            try:
+                await self._open()
+            except OSError as error:
+                permanent = permanent_tls_error(error, self.host, self.port, self._ssl_context)
+                if permanent is not None:  # retried all the same: the server side may be fixed meanwhile
+                    log.error("reconnecting to %s:%d failed: %s", self.host, self.port, permanent)
+                else:
+                    log.info("reconnecting to %s:%d failed (%s)", self.host, self.port, error)
+                self._dropped.set()
+
+    # ------------------------------------------------------------------- paho callbacks (on the loop)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            code = _sync._CONNACK_RC.get(reason.value, reason.value)
+            self._refused = code
+            text = _sync._CONNACK_TEXT.get(code, str(reason))
+            log.warning("%s:%d refused the connection: CONNACK %s (%s)", self.host, self.port, code, text)
+            outcome = self._outcome
+            if outcome is not None and not outcome.done() and code not in ConnectRefusedError.RETRYABLE_CODES:
+                hint = ("check that the device is registered and enabled in the hub, and that its certificate "
+                        "(CN = device id) or CA is registered" if code in _sync._NOT_AUTHORIZED
+                        else "check the identity and api_version")
+                outcome.set_exception(ConnectRefusedError(
+                    f"{self.host} refused {self.identity.client_id!r}: CONNACK {code} ({text}); {hint}", code))
+            return
+        self._refused = None
+        self._attempt = 0
+        # Subscribe on every connect, even with a present session (a hub fail-over can lose it).
+        _, self._sub_mid = client.subscribe(self._subscriptions)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if mid != self._sub_mid:
+            return
+        refused = [sub for (sub, _), rc in zip(self._subscriptions, reason_codes) if rc.is_failure]
+        if refused:
+            log.error("the hub refused the subscriptions %s; those messages will not arrive", refused)
+        self._twin_requests.resend_all()  # before connect() returns: see the sync Device
+        self._connected.set()
+        if self._outcome is not None and not self._outcome.done():
+            self._outcome.set_result(None)
+        log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
+        self._acks.set_online(True)
+        self._spawn(self._notify_state(True, "connected"))
+        if self._want_desired and self._twin_inbox is not None:
+            self._twin_inbox.put_nowait(("resync", 0, b""))
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        self._acks.set_online(False)
+        if self._stopping.is_set():
+            return
+        if was_connected:
+            log.warning("connection to %s:%d lost (%s)", self.host, self.port, reason)
+        if self._dropped is not None:
+            self._dropped.set()
+        if was_connected:
+            self._spawn(self._notify_state(False, str(reason)))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._acks.acked(mid)
+
+    def _got_message(self, record: Any, payload: bytes) -> None:
+        if self._messages is not None:
+            self._messages.put_nowait(Message(record, payload))
+
+    def _got_method(self, request: MethodRequest, payload: bytes) -> None:
+        if self._running and not self._stopping.is_set():
+            self._spawn(self._run_method(request, payload), methods=True)
+
+    def _got_desired(self, patch: DesiredPatch, payload: bytes) -> None:
+        if self._want_desired and self._twin_inbox is not None:
+            self._twin_inbox.put_nowait(("patch", patch.version, payload))
+
+    def _got_twin_response(self, response: TwinResponse, payload: bytes) -> None:
+        self._twin_requests.answered(response, payload)
+
+    async def _notify_state(self, connected: bool, reason: str) -> None:
+        callback = self.on_connection_state
+        if callback is None:
+            return
+        try:
+            result = callback(connected, reason)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("the on_connection_state callback raised; carrying on")
+
+    # ----------------------------------------------------------------------------------- telemetry
+
+    def send(self, payload: Any, properties: Optional[topics.Properties] = None,
+             **system_properties: Any) -> AsyncSendHandle:
+        """Accept one telemetry message (QoS 1) now; ``await`` the returned handle for the acknowledgement.
+
+        Arguments, wire format and errors as :meth:`lightclient.device.Device.send` (raised here, before
+        anything is awaited). ``await device.send(…)`` returns once the hub acknowledged the message.
+        """
+        return AsyncSendHandle(self._accept(payload, properties, **system_properties))
+
+    async def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None, *,
+                        timeout: Optional[float] = None, **system_properties: Any) -> List[AsyncSendHandle]:
+        """Send every payload (pipelined, in order, each with its own ``$.mid``) and wait until all are
+        acknowledged; return their handles. A message that cannot be accepted raises at once; the ones
+        before it stay accepted and are delivered."""
+        if "message_id" in system_properties:
+            raise ConfigError("send_many() gives every message its own $.mid; drop message_id= "
+                              "(or call send() once per message with its own id)")
+        handles = [self.send(payload, properties, **system_properties) for payload in payloads]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for handle in handles:
+            await handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return handles
+
+    # ---------------------------------------------------------------------------------- methods
+
+    def add_method_handler(self, name: str, handler: MethodHandler) -> None:
+        """Answer direct method ``name`` with ``handler(payload)`` (a function or a coroutine function)."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a method name must be a non-empty str, not {name!r}")
+        if not callable(handler):
+            raise ConfigError(f"the handler for method {name!r} must be callable, not {type(handler).__name__}")
+        self._methods[name] = handler
+
+    def remove_method_handler(self, name: str) -> None:
+        """Stop handling ``name``; later calls get 404."""
+        self._methods.pop(name, None)
+
+    def method(self, name: str) -> Callable[[MethodHandler], MethodHandler]:
+        """Decorator form of :meth:`add_method_handler`: ``@device.method("reboot")``."""
+        def register(handler: MethodHandler) -> MethodHandler:
+            self.add_method_handler(name, handler)
+            return handler
+        return register
+
+    async def _run_method(self, request: MethodRequest, payload: bytes) -> None:
+        status, body = await self._method_result(request, payload)
+        try:
+            encoded = lcpaho.json_body(body)
+        except ConfigError:
+            log.error("method %r returned a value that is not JSON-serialisable; answering 500", request.name)
+            status, encoded = 500, lcpaho.json_body({"error": "the method result is not JSON-serialisable"})
+        lcpaho.answer_method(self._client, request, status, encoded)
+
+    async def _method_result(self, request: MethodRequest, payload: bytes) -> Tuple[int, Any]:
+        handler = self._methods.get(request.name)
+        if handler is None:
+            return 404, {"error": f"no handler for method {request.name!r} on this device"}
+        try:
+            argument = _sync._json(payload) if payload.strip() else None
+        except ValueError:
+            return 400, {"error": "the method payload is not valid JSON"}
+        try:
+            if inspect.iscoroutinefunction(handler):
+                result = await handler(argument)
+            else:
+                assert self._loop is not None
+                result = await self._loop.run_in_executor(self._method_pool, handler, argument)
+                if inspect.isawaitable(result):  # e.g. a functools.partial of a coroutine function
+                    result = await result
+        except Exception as exc:
+            log.exception("the handler of method %r raised", request.name)
+            return 500, {"error": f"handler raised {type(exc).__name__}"}
+        if isinstance(result, MethodResponse):
+            return result.status, result.payload
+        return 200, result
+
+    # -------------------------------------------------------------------------------- receiving
+
+    async def c2d(self) -> AsyncIterator[Message]:
+        """Cloud-to-device messages (input messages for a module), in arrival order, for ever:
+        ``async for message in device.c2d(): …`` (break out, or cancel the task, to stop)."""
+        self._queues_outside()
+        assert self._messages is not None
+        while True:
+            yield await self._messages.get()
+
+    def desired(self) -> AsyncIterator[Dict[str, Any]]:
+        """Desired-property patches in ``$version`` order (each carries ``"$version"``), for ever.
+
+        The first one is the whole desired document (read now if connected, else right after the next
+        connect), unless it holds no properties yet; after a reconnect, what changed while offline
+        arrives as one patch.
+        """
+        first = not self._want_desired
+        self._want_desired = True
+        if first and self._connected.is_set() and self._twin_inbox is not None:
+            self._twin_inbox.put_nowait(("resync", 0, b""))
+        return self._desired_iter()
+
+    async def _desired_iter(self) -> AsyncIterator[Dict[str, Any]]:
+        self._queues_outside()
+        assert self._desired_out is not None
+        while True:
+            yield await self._desired_out.get()
+
+    def _queues_outside(self) -> None:
+        if self._messages is None:
+            self._messages = asyncio.Queue()
+            self._desired_out = asyncio.Queue()
+
+    async def _twin_worker(self) -> None:
+        """Desired patches and twin re-reads, one at a time in arrival order (the sync Device's twin thread)."""
+        assert self._twin_inbox is not None and self._desired_out is not None
+        while True:
+            kind, version, payload = await self._twin_inbox.get()
+            if kind == "resync":
+                await self._resync_twin()
+                continue
+            try:
+                patch = _sync._json(payload)
+            except ValueError:
+                log.warning("dropped desired patch $version=%d: the body is not JSON", version)
+                continue
+            if not isinstance(patch, dict):
+                log.warning("dropped desired patch $version=%d: the body is not a JSON object", version)
+                continue
+            if self._desired_state.apply(patch, version):
+                self._desired_out.put_nowait(patch)
+
+    async def _resync_twin(self) -> None:
+        attempt = 0
+        while self._connected.is_set() and not self._stopping.is_set():
+            try:
+                twin = await self.get_twin(self._twin_timeout)
+                break
+            except (OperationTimeout, ServiceError) as exc:
+                if isinstance(exc, ServiceError) and not exc.retryable:
+                    log.error("re-reading the twin after connecting failed: %s", exc)
+                    return
+                delay = self._backoff.delay(attempt)
+                attempt += 1
+                log.warning("re-reading the twin after connecting failed (%s); retrying in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+        else:
+            return
+        desired = twin.get("desired")
+        if not isinstance(desired, dict):
+            log.warning("the twin has no desired section; nothing to reconcile")
+            return
+        missed = self._desired_state.reconcile(desired)
+        if missed is not None and self._desired_out is not None:
+            self._desired_out.put_nowait(missed[0])
+
+    # ------------------------------------------------------------------------------------- twin
+
+    async def get_twin(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """The whole twin; retries and errors as :meth:`lightclient.device.Device.get_twin`."""
+        _, payload = await self._twin_request(
+            "GET", lambda rid: lcpaho.request_twin(self._client, rid=rid), timeout)
+        try:
+            twin = _sync._json(payload)
+        except ValueError:
+            raise ServiceError("the hub answered the twin GET with a body that is not JSON", 200) from None
+        if not isinstance(twin, dict):
+            raise ServiceError("the hub answered the twin GET with JSON that is not an object", 200)
+        return twin
+
+    async def patch_reported(self, patch: Dict[str, Any], timeout: Optional[float] = None) -> Optional[int]:
+        """Update reported properties (``None`` deletes a key); return the new reported ``$version``."""
+        if not isinstance(patch, dict):
+            raise ConfigError(f"a reported patch is a dict (a JSON object), not {type(patch).__name__}")
+        body = lcpaho.json_body(patch)
+        record, _ = await self._twin_request(
+            "reported PATCH", lambda rid: lcpaho.patch_reported(self._client, body, rid=rid), timeout)
+        return record.version
+
+    async def _twin_request(self, what: str, publish: Callable[[str], Any],
+                            timeout: Optional[float]) -> Tuple[TwinResponse, bytes]:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or timeout <= 0):
+            raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop, self._loop_thread = loop, threading.get_ident()
+        if self._twin_pool is None:
+            self._twin_pool = concurrent.futures.ThreadPoolExecutor(
+                _TWIN_WORKERS, thread_name_prefix=f"{self._threads}-twin")
+
+        def publish_on_loop(rid: str) -> None:
+            # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
+            asyncio.run_coroutine_threadsafe(_call(publish, rid), loop).result(10)
+
+        return await loop.run_in_executor(
+            self._twin_pool, self._twin_requests.request, what, publish_on_loop, lcpaho.new_rid(),
+            self._twin_timeout if timeout is None else float(timeout))
+
+
+async def _call(fn: Callable[[str], Any], arg: str) -> Any:
+    return fn(arg)
+
+
+__all__ = ["AsyncSendHandle", "ConnectRefusedError", "Device", "Message", "MessageDroppedError",
+           "MethodResponse", "QueueFullError"]

@@ -1,0 +1,98 @@
+"""lightclient.aio without sockets: awaitable send handles over the shared pipeline, bad input."""
+import asyncio
+import ssl
+
+import pytest
+
+from lightclient import aio
+from lightclient._pipeline import Pipeline
+from lightclient.exceptions import ConfigError, MessageDroppedError, OperationTimeout, QueueFullError
+from lightclient.identity import Identity
+
+
+def offline_pipeline(max_messages=10, policy="reject_new"):
+    # Offline, the pipeline never touches the client: messages wait in its queue.
+    return Pipeline(None, 5, max_messages, 1 << 20, policy, None)
+
+
+def acknowledge_first(pipeline):
+    with pipeline.lock:
+        message = pipeline.queue.popleft()
+        pipeline._done(message)
+
+
+def test_awaiting_a_handle_returns_on_the_acknowledgement_and_many_may_wait():
+    async def scenario():
+        pipeline = offline_pipeline()
+        handle = aio.AsyncSendHandle(pipeline.put("t", b"x", "m1"))
+        waiters = [asyncio.ensure_future(handle.wait()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters) and not handle.done()
+        acknowledge_first(pipeline)
+        await asyncio.gather(*waiters)
+        assert handle.done() and pipeline.count == 0
+        await handle  # done already: returns at once
+    asyncio.run(scenario())
+
+
+def test_a_timed_out_or_cancelled_wait_keeps_the_message():
+    async def scenario():
+        pipeline = offline_pipeline()
+        handle = aio.AsyncSendHandle(pipeline.put("t", b"x", "m1"))
+        with pytest.raises(OperationTimeout, match="'m1' was not acknowledged within 0.01 s; it stays queued"):
+            await handle.wait(0.01)
+        waiter = asyncio.ensure_future(handle.wait())
+        await asyncio.sleep(0)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert pipeline.count == 1 and list(pipeline.queue)[0].handle is handle._handle
+        assert handle._handle._event.futures == []  # the cancelled waiter is forgotten
+        late = asyncio.ensure_future(handle.wait())
+        await asyncio.sleep(0)
+        acknowledge_first(pipeline)
+        await late
+        assert handle.done()
+    asyncio.run(scenario())
+
+
+def test_a_dropped_message_raises_in_its_waiter():
+    async def scenario():
+        pipeline = offline_pipeline(max_messages=1, policy="drop_oldest")
+        first = aio.AsyncSendHandle(pipeline.put("t", b"1", "m1"))
+        waiter = asyncio.ensure_future(first.wait())
+        await asyncio.sleep(0)
+        pipeline.put("t", b"2", "m2")
+        with pytest.raises(MessageDroppedError, match="'m1' was dropped"):
+            await waiter
+        assert isinstance(first.error, MessageDroppedError)
+        with pytest.raises(MessageDroppedError):
+            await first
+    asyncio.run(scenario())
+
+
+def test_bad_options_and_input_are_typed_errors():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    identity = Identity("localhost", "d1")
+    with pytest.raises(ConfigError, match="identity must be a lightclient Identity"):
+        aio.Device("d1", ctx)
+    with pytest.raises(ConfigError, match="keepalive must be an int from 1 to 1177"):
+        aio.Device(identity, ctx, keepalive=0)
+    with pytest.raises(ConfigError, match="max_queue"):
+        aio.Device(identity, ctx, max_queue=0)
+    with pytest.raises(ConfigError, match="twin_timeout"):
+        aio.Device(identity, ctx, twin_timeout=0)
+    device = aio.Device(identity, ctx, max_queue=1)
+    with pytest.raises(ConfigError, match="payload must be bytes or str"):
+        device.send(1.5)
+    with pytest.raises(ConfigError, match="system properties are"):
+        device.send(b"x", colour="red")
+    handle = device.send(b"x")  # accepted while not connected
+    assert device.queued == 1 and len(handle.message_id) == 36
+    with pytest.raises(QueueFullError):
+        device.send(b"y")
+    with pytest.raises(ConfigError, match="must be callable"):
+        device.add_method_handler("m", 42)
+    with pytest.raises(ConfigError, match="drop message_id"):
+        asyncio.run(device.send_many([b"a"], message_id="same"))
+    assert repr(device) == "<aio.Device 'd1' on localhost:8883 disconnected>"
