@@ -8,7 +8,7 @@ command line win over the file::
 
     {"port": 8883, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
      "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
-     "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
+     "dps": {"port": 8443, "mqtt_port": 8884, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
      "max_connections": 4096, "handshake_timeout": 10, "connect_timeout": 10, "verbose": true}
 
 Every ``--device`` is registered CA-signed and gets a key and certificate from the emulator's CA in
@@ -78,6 +78,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     parser.add_argument("--out", type=Path, help="where --sign-csr writes the certificate")
     parser.add_argument("--dps-port", type=int, default=None,
                         help="also serve a Device Provisioning Service over HTTPS on this port (0: free port)")
+    parser.add_argument("--dps-mqtt-port", type=int, default=None,
+                        help="also serve the DPS over MQTT (as the official SDKs provision) on this port "
+                             "(0: free port); implies the DPS")
     parser.add_argument("--id-scope", default="0ne00000001", help="the DPS ID scope (default 0ne00000001)")
     parser.add_argument("--dps-polls", type=int, default=1,
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
@@ -105,7 +108,8 @@ _CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "ht
                 "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
-_DPS_KEYS = {"port": "dps_port", "id_scope": "id_scope", "polls": "dps_polls", "retry_after": "dps_retry_after"}
+_DPS_KEYS = {"port": "dps_port", "mqtt_port": "dps_mqtt_port", "id_scope": "id_scope", "polls": "dps_polls",
+             "retry_after": "dps_retry_after"}
 
 
 def _config_defaults(path: Path) -> dict:
@@ -206,11 +210,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
             lines.append(f"  service API: {api}")
             (args.state_dir / SERVICE_API_FILE).write_text(api + "\n")
             written.append(args.state_dir / SERVICE_API_FILE)
-        if args.dps_port is not None:
-            dps = emulator.start_dps(args.dps_port, id_scope=args.id_scope, retry_after=args.dps_retry_after,
-                                     polls=args.dps_polls)
+        if args.dps_port is not None or args.dps_mqtt_port is not None:
+            dps = emulator.start_dps(args.dps_port or 0, id_scope=args.id_scope, retry_after=args.dps_retry_after,
+                                     polls=args.dps_polls, mqtt_port=args.dps_mqtt_port)
             lines.append(f"  DPS: https://{args.host}:{dps.port}  id scope {args.id_scope}; group enrollment "
                          "'lab-devices' accepts every certificate issued by the emulator's CA")
+            if emulator.dps_mqtt_port is not None:
+                lines.append(f"  DPS over MQTT: mqtts://{args.host}:{emulator.dps_mqtt_port}")
         for spec in args.device:
             device_id, module_id = _split(spec)
             emulator.register_device(device_id, module_id)

@@ -120,6 +120,14 @@ class DpsEmulator:
         return self._server.server_address[1]
 
     @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server context (trusting the enrolled CAs and individual certificates); DPS over MQTT
+        shares it, so both transports accept the same devices."""
+        return self._ctx
+
+    api_versions = KNOWN_API_VERSIONS
+
+    @property
     def endpoint(self) -> str:
         """``host:port`` to pass to :func:`lightclient.dps.provision` as ``endpoint``."""
         return f"{self._server.server_address[0]}:{self.port}"

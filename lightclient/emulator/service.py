@@ -106,6 +106,8 @@ class Emulator:
         self._output = output
         self.verbose = verbose
         self.dps = None
+        self._dps_mqtt = None
+        self.dps_mqtt_port: Optional[int] = None
         if verbose:
             self.diagnostic_log.listeners.append(self._print_diagnostic)
         self._ca_paths = (ca_cert, ca_key)
@@ -207,8 +209,9 @@ class Emulator:
         return self._call(self._async(lambda: self._hub.connection_count))
 
     def start_dps(self, port: int = 0, *, id_scope: str = "0ne00000001", retry_after: int = 1,
-                  group: Optional[str] = "lab-devices", polls: int = 1):
+                  group: Optional[str] = "lab-devices", polls: int = 1, mqtt_port: Optional[int] = None):
         """Serve a DPS beside the hub (HTTPS, same CA and server certificate); returns the DpsEmulator.
+        With ``mqtt_port`` (0: a free one) the same DPS is also served over MQTT (``dps_mqtt_port``).
 
         With ``group``, every device whose certificate comes from this emulator's CA may register
         (a group enrollment by CA). Assigned devices are registered in this hub, so they can
@@ -226,7 +229,19 @@ class Emulator:
                                                        flush=True)) if self.verbose else None)
         if group:
             self.dps.add_group(group, ca.cert_path.read_bytes(), assigned_hub=self.hostname, polls=polls)
-        return self.dps.start()
+        self.dps.start()
+        if mqtt_port is not None:
+            from .dps_mqtt import DpsMqttServer
+
+            self._dps_mqtt = DpsMqttServer(self.dps, self.diagnostic_log.add,
+                                           handshake_timeout=self._options["handshake_timeout"],
+                                           connect_timeout=self._options["connect_timeout"])
+            try:
+                self.dps_mqtt_port = self._call(self._dps_mqtt.start(self.host, mqtt_port))
+            except BaseException:
+                self.stop()
+                raise
+        return self.dps
 
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
@@ -241,6 +256,12 @@ class Emulator:
 
     def stop(self) -> None:
         """Close every connection and the listeners, and join the threads.  Safe to call twice."""
+        if self._dps_mqtt is not None:
+            try:
+                self._call(self._dps_mqtt.stop(), timeout=10)
+            except EmulatorError:
+                pass
+            self._dps_mqtt = None
         if self.dps is not None:
             self.dps.stop()
             self.dps = None
