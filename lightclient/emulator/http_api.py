@@ -8,7 +8,7 @@ Routes (``?api-version=…`` is accepted and ignored; module forms insert ``/mod
                                                       "x509Thumbprint": {"primaryThumbprint": …},
                                                       "x509Certificate": PEM (emulator extension)}
     DELETE /devices/{id}[/modules/{mid}]              unregister
-    GET    /twins/{id}[/modules/{mid}]                twin {"deviceId", "properties": {"desired", "reported"}}
+    GET    /twins/{id}[/modules/{mid}]                twin {"deviceId", "modelId", "properties": {…}}
     PATCH  /twins/{id}[/modules/{mid}]                {"properties": {"desired": {…}}} -> updated twin
     POST   /twins/{id}[/modules/{mid}]/methods        {"methodName", "payload", "responseTimeoutInSeconds"}
                                                       -> {"status", "payload"}; 404 offline, 504 timeout
@@ -241,7 +241,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _twin_json(self, device: str, module: Optional[str]) -> dict:
         twin = self.emulator.get_twin(device, module)
-        result = {"deviceId": device, "etag": "AAAAAAAAAAE=",
+        result = {"deviceId": device, "modelId": self.emulator.model_id(device, module) or "",
+                  "etag": "AAAAAAAAAAE=",
                   "version": twin["desired"]["$version"] + twin["reported"]["$version"],
                   "properties": twin}
         if module:
@@ -277,7 +278,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_c2d(self, device: str) -> Tuple[int, Any]:
         headers = {k.lower(): v for k, v in self.headers.items()}
-        properties = {k[len("iothub-app-"):]: v for k, v in headers.items() if k.startswith("iothub-app-")}
+        # Header names are case-insensitive, property names are not: keep each name as the caller wrote it.
+        properties = {k[len("iothub-app-"):]: v for k, v in self.headers.items()
+                      if k.lower().startswith("iothub-app-")}
         message_id = self.emulator.send_c2d(
             device, self.body, message_id=headers.get("iothub-messageid"),
             correlation_id=headers.get("iothub-correlationid"), user_id=headers.get("iothub-userid"),

@@ -225,6 +225,8 @@ class Emulator:
         self.dps = DpsEmulator(ca=ca, server_cert=cert, server_key=key, host=self.host, port=port,
                                id_scope=id_scope, retry_after=retry_after, on_assigned=self._dps_assigned,
                                cert_lifetime=self.cert_lifetime,
+                               diag=lambda rule, message, received, peer: self.diagnostic_log.add(
+                                   Diagnostic(rule, message, received, None, peer)),
                                log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
                                                        flush=True)) if self.verbose else None)
         if group:

@@ -1,0 +1,74 @@
+"""Issue 18's hub behaviour, each driven by a real client (paho, raw TLS sockets, HTTP): encoding as the
+hub reads it, modelId in the service twin, C2D property names kept as given, no tracebacks for
+protocol mismatches."""
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+
+import requests
+
+from lightclient.emulator.codec import Connect, encode
+
+from .test_emulator import API, clients, device, emu, paho_device, workdir  # noqa: F401 (fixtures)
+
+
+def test_node_style_encoding_and_raw_model_id_raise_no_diagnostic(emu, device, clients):
+    identity, cert, key = device()
+    model = "dtmi:com:example:Thermostat;1"
+    client = paho_device(emu, clients, identity, cert, key,
+                         username=f"localhost/{identity}/?api-version=2021-04-12&model-id={model}"
+                                  f"&DeviceClientType=node%2F1.0%20(x64)")
+    client.connect()
+    client.publish(f"devices/{identity}/messages/events/%24.mid=m1&note=it's(1)*!", b"{}")
+    (event,) = emu.wait_for_events(1, identity)
+    assert event.properties == {"note": "it's(1)*!"}
+    assert emu.diagnostics(identity) == []
+    base = f"http://127.0.0.1:{emu.http_port}"
+    twin = requests.get(f"{base}/twins/{identity}", timeout=10).json()
+    assert twin["modelId"] == model
+
+
+def test_model_id_is_empty_without_one(emu, device, clients):
+    identity, cert, key = device()
+    paho_device(emu, clients, identity, cert, key).connect()
+    assert requests.get(f"http://127.0.0.1:{emu.http_port}/twins/{identity}", timeout=10).json()["modelId"] == ""
+
+
+def test_c2d_property_names_keep_their_case(emu, device, clients):
+    identity, cert, key = device()
+    client = paho_device(emu, clients, identity, cert, key)
+    client.connect()
+    client.subscribe(f"devices/{identity}/messages/devicebound/#")
+    reply = requests.post(f"http://127.0.0.1:{emu.http_port}/devices/{identity}/messages/deviceBound",
+                          data=b"x", headers={"iothub-app-CamelCase": "Value", "IoTHub-MessageId": "n1"},
+                          timeout=10)
+    assert reply.status_code == 200
+    assert client.wait_message("devices/").topic.endswith("&CamelCase=Value")
+
+
+def test_non_http_client_on_the_dps_port_gets_a_diagnostic_not_a_traceback(tmp_path, capfd):
+    from lightclient.emulator.service import Emulator
+
+    with Emulator(tmp_path / "emu") as hub:
+        dps = hub.start_dps(0)
+        cert, key = hub.issue_certificate("probe", out_dir=tmp_path / "p")
+        context = ssl.create_default_context(cafile=str(hub.ca_path))
+        context.load_cert_chain(str(cert), str(key))
+        # An MQTT client on the HTTPS port (the SDK's mistake when it dials the wrong port).
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", dps.port)), server_hostname="localhost") as t:
+            t.sendall(encode(Connect("probe", username="0ne00000001/registrations/probe/api-version=2019-03-31"))
+                      + b"\r\n")
+            answer = t.recv(4096)
+        assert b"400" in answer.split(b"\r\n")[0]
+        assert "DPS over MQTT has its own port" in hub.wait_for_diagnostic("dps.not-http").message
+        # The same client resetting the connection mid-request.
+        t = context.wrap_socket(socket.create_connection(("127.0.0.1", dps.port)), server_hostname="localhost")
+        t.sendall(encode(Connect("probe")))
+        time.sleep(0.2)
+        t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        t.close()
+        time.sleep(0.5)
+    assert "Traceback" not in capfd.readouterr().err
