@@ -98,6 +98,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="refuse $iothub/credentials (a hub without certificate management)")
     parser.add_argument("--disconnect-on-expiry", action="store_true",
                         help="drop a connection when its certificate expires (not documented for the real hub)")
+    parser.add_argument("--refuse-in-tls", action="store_true",
+                        help="refuse untrusted client certificates in the TLS handshake instead of with CONNACK 5 "
+                             "at CONNECT as the hub does (the fallback when the native shim is not built)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="read settings from a JSON file (command-line flags win)")
@@ -187,7 +190,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                         connect_timeout=args.connect_timeout, cert_lifetime=args.cert_lifetime,
                         credentials_api=not args.no_credentials_api,
-                        disconnect_on_expiry=args.disconnect_on_expiry)
+                        disconnect_on_expiry=args.disconnect_on_expiry,
+                        authorize_at_connect=not args.refuse_in_tls)
     written: List[Path] = []
     try:
         if args.sign_csr:
@@ -202,6 +206,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
         lines = [f"IoT Hub emulator '{args.hostname}' listening on mqtts://{args.host}:{emulator.port}",
                  f"  at most {emulator.max_connections} connections"]
         lines += [f"  warning: {d.message}" for d in emulator.diagnostics(rule="connection.fd-limit")]
+        lines.append("  client certificates: " + (f"refused in the TLS handshake when untrusted, because "
+                                                   f"{emulator.tls_refusal_reason}" if emulator.tls_refusal_reason
+                                                   else "authorized at CONNECT (CONNACK 5 when untrusted), as the hub does"))
         lines += [
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]

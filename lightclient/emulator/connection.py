@@ -14,7 +14,7 @@ from typing import Optional
 from . import codec, credentials, jsonlimits, namespace
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
-from .registry import Identity, PeerCertificate, authorize
+from .registry import SELF_SIGNED, Identity, PeerCertificate, authorize
 from .tls_channel import TlsChannel
 from .twin import TwinTooLarge
 
@@ -129,6 +129,10 @@ class Connection:
         ssl_object = self.channel.ssl_object
         peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
         result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
+        untrusted = self._untrusted(ssl_object, packet.client_id)
+        if untrusted and result.return_code in (codec.CONNACK_ACCEPTED, codec.CONNACK_NOT_AUTHORIZED):
+            result.return_code = codec.CONNACK_NOT_AUTHORIZED
+            result.refusal = ("connect.certificate-untrusted", untrusted)
         received = f"client id {packet.client_id!r}, username {packet.username!r}"
         expired = credentials.expiry_refusal(ssl_object.getpeercert() or {})
         if result.return_code == codec.CONNACK_ACCEPTED and expired:
@@ -161,6 +165,21 @@ class Connection:
             self._expiry = credentials.watch_expiry(self, ssl_object.getpeercert() or {})
         self.hub.resume(self.session)
         return True
+
+    def _untrusted(self, ssl_object, client_id: str) -> Optional[str]:
+        """Why the TLS layer's chain verification failed, when that matters (see :mod:`.peer_trust`).
+        A self-signed identity is authorized by its thumbprint alone, as on the hub."""
+        if self.hub.peer_trust is None:
+            return None
+        identity = self.hub.registry.get(client_id)
+        if identity is not None and identity.auth == SELF_SIGNED:
+            return None
+        code, text = self.hub.peer_trust.verify_result(ssl_object)
+        if code == 0:
+            return None
+        return (f"the client certificate does not chain to a CA this hub trusts (X.509 error {code}: {text}); "
+                f"IoT Hub accepts it in the TLS handshake and refuses here. Use a certificate issued by the "
+                f"emulator's CA, or register a self-signed one by thumbprint")
 
     async def _serve(self) -> bool:
         """Handle packets until DISCONNECT (returns True) or the stream ends (False)."""

@@ -92,6 +92,8 @@ class Hub:
         self.handshake_timeout = handshake_timeout
         self.credentials = None            # a credentials.CredentialsService while the credentials API is on
         self.disconnect_on_expiry = False  # drop a connection when its certificate expires (UNCERTAIN, off)
+        self.peer_trust = None             # a peer_trust.PeerTrust: certificates are authorized at CONNECT
+        self.peer_trust_off = ""           # why not, when peer_trust is None (named in TLS diagnostics)
         self.sessions: Dict[str, Session] = {}
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
@@ -158,8 +160,11 @@ class Hub:
             self.diag("tls.handshake-timeout", "TLS handshake not completed in time; connection closed",
                       reason, peer=channel.peer)
         else:
+            why = (f" (IoT Hub accepts any certificate here and refuses at CONNECT with CONNACK 5; this "
+                   f"emulator refuses in the handshake because {self.peer_trust_off})"
+                   if self.peer_trust is None and self.peer_trust_off else "")
             self.diag("tls.handshake", "TLS handshake failed; the hub requires TLS 1.2+ and a client "
-                      "certificate issued by the emulator's CA or registered as self-signed", reason,
+                      "certificate issued by the emulator's CA or registered as self-signed" + why, reason,
                       peer=channel.peer)
 
     def _on_secure(self, channel: TlsChannel) -> None:

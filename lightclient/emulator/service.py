@@ -80,7 +80,8 @@ class Emulator:
                  max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
                  max_events: int = MAX_EVENTS, cert_lifetime: Optional[float] = None,
-                 credentials_api: bool = True, disconnect_on_expiry: bool = False):
+                 credentials_api: bool = True, disconnect_on_expiry: bool = False,
+                 authorize_at_connect: bool = True):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
@@ -100,6 +101,9 @@ class Emulator:
         self.cert_lifetime = cert_lifetime
         self._credentials_api = credentials_api
         self._disconnect_on_expiry = disconnect_on_expiry
+        self._authorize_at_connect = authorize_at_connect
+        #: Why certificates are refused in the TLS handshake instead of at CONNECT ("" when they are not).
+        self.tls_refusal_reason = ""
         self.registry = Registry()
         self.diagnostic_log = DiagnosticLog(max_diagnostics)
         self.event_log = EventLog(max_events)
@@ -161,6 +165,12 @@ class Emulator:
             self._hub.credentials = CredentialsService(
                 lambda csr, cn: certs.issue_from_csr(self.ca, csr, cn, self.cert_lifetime))
         self._hub.disconnect_on_expiry = self._disconnect_on_expiry
+        # As the hub: any client certificate passes TLS and is authorized at CONNECT (needs the native shim).
+        from . import peer_trust
+
+        self._hub.peer_trust, self.tls_refusal_reason = peer_trust.enable(self._ssl_context,
+                                                                          self._authorize_at_connect)
+        self._hub.peer_trust_off = self.tls_refusal_reason
         self._thread = threading.Thread(target=self._loop.run_forever, name="iothub-emulator", daemon=True)
         self._thread.start()
         try:

@@ -72,3 +72,68 @@ def test_non_http_client_on_the_dps_port_gets_a_diagnostic_not_a_traceback(tmp_p
         t.close()
         time.sleep(0.5)
     assert "Traceback" not in capfd.readouterr().err
+
+
+# --------------------------------------------------------------------------- authorization at CONNECT
+
+
+def _foreign_ca_cert(directory, cn):
+    """A certificate for ``cn`` from a CA the emulator has never seen."""
+    from .test_emulator import openssl
+
+    ca_key, ca_cert = directory / "foreign-ca.key", directory / "foreign-ca.pem"
+    key, csr, cert = directory / f"{cn}.key", directory / f"{cn}.csr", directory / f"{cn}.pem"
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+            str(ca_key), "-out", str(ca_cert), "-days", "2", "-subj", "/CN=Foreign CA")
+    openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+            "-out", str(csr), "-subj", f"/CN={cn}")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-days", "2", "-out", str(cert))
+    return cert, key
+
+
+def test_untrusted_certificate_gets_connack_5_and_a_diagnostic(emu, clients, tmp_path):
+    assert emu.tls_refusal_reason == ""           # the shim is built in this venv
+    emu.register_device("foreign-1")
+    cert, key = _foreign_ca_cert(tmp_path, "foreign-1")
+    paho_device(emu, clients, "foreign-1", cert, key).connect(expect=135)  # paho: CONNACK 5
+    diagnostic = emu.wait_for_diagnostic("connect.certificate-untrusted", "foreign-1")
+    assert "CONNACK 5" in diagnostic.message
+    assert "X.509 error 21: unable to verify the first certificate" in diagnostic.message
+
+
+def test_self_signed_registered_by_thumbprint_alone_connects(emu, clients, tmp_path):
+    """Only the thumbprint is known (nothing trusted for TLS): as on the hub, that is enough."""
+    import hashlib
+
+    from .test_emulator import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path, "thumb-only")
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    emu.register_device("thumb-only", thumbprints=[hashlib.sha256(der).hexdigest()])
+    paho_device(emu, clients, "thumb-only", cert, key).connect()
+    assert emu.diagnostics("thumb-only") == []
+
+
+def test_without_the_shim_untrusted_certificates_are_refused_in_tls_with_the_reason(tmp_path, monkeypatch):
+    import sys
+
+    from lightclient.emulator.service import Emulator
+
+    monkeypatch.setitem(sys.modules, "lightclient._shim", None)   # import fails, as when it is not built
+    with Emulator(tmp_path / "emu") as hub:
+        assert "native shim is not built" in hub.tls_refusal_reason
+        hub.register_device("foreign-2")
+        cert, key = _foreign_ca_cert(tmp_path, "foreign-2")
+        context = ssl.create_default_context(cafile=str(hub.ca_path))
+        context.load_cert_chain(str(cert), str(key))
+        try:
+            with context.wrap_socket(socket.create_connection(("127.0.0.1", hub.port)),
+                                     server_hostname="localhost") as t:
+                t.sendall(encode(Connect("foreign-2", username=f"localhost/foreign-2/?{API}")))
+                assert t.recv(10) == b""
+        except (ssl.SSLError, ConnectionError):
+            pass
+        diagnostic = hub.wait_for_diagnostic("tls.handshake")
+        assert "refuses at CONNECT with CONNACK 5" in diagnostic.message
+        assert "native shim is not built" in diagnostic.message
