@@ -98,6 +98,8 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="refuse $iothub/credentials (a hub without certificate management)")
     parser.add_argument("--disconnect-on-expiry", action="store_true",
                         help="drop a connection when its certificate expires (not documented for the real hub)")
+    parser.add_argument("--web-port", type=int, default=None,
+                        help="serve the live web dashboard on this loopback port (0 picks a free one)")
     parser.add_argument("--refuse-in-tls", action="store_true",
                         help="refuse untrusted client certificates in the TLS handshake instead of with CONNACK 5 "
                              "at CONNECT as the hub does (the fallback when the native shim is not built)")
@@ -107,7 +109,7 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     return parser
 
 
-_CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int,
+_CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int, "web_port": int,
                 "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
@@ -224,6 +226,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                          "'lab-devices' accepts every certificate issued by the emulator's CA")
             if emulator.dps_mqtt_port is not None:
                 lines.append(f"  DPS over MQTT: mqtts://{args.host}:{emulator.dps_mqtt_port}")
+        if args.web_port is not None:
+            lines.append(f"  dashboard: {emulator.start_dashboard(args.web_port).url}")
         for spec in args.device:
             device_id, module_id = _split(spec)
             emulator.register_device(device_id, module_id)

@@ -99,6 +99,9 @@ class Hub:
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
+        #: observer(kind, data) for what the service side does and who connects (the dashboard's feed);
+        #: kinds: connected, disconnected, c2d, method, method-result, desired.
+        self.observers: List[Any] = []
         self._method_rids = itertools.count(1)
         self._server: Optional[asyncio.base_events.Server] = None
         self._tasks: Set[asyncio.Task] = set()
@@ -173,6 +176,10 @@ class Hub:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def notify(self, kind: str, **data: Any) -> None:
+        for observer in list(self.observers):
+            observer(kind, data)
+
     # ------------------------------------------------------------------ diagnostics
 
     def diag(self, rule: str, message: str, received: str = "", identity: Optional[str] = None,
@@ -200,6 +207,7 @@ class Hub:
             session, present = existing, True
         session.connection = connection
         self.sessions[identity] = session
+        self.notify("connected", identity=identity)
         return session, present
 
     def detach(self, connection) -> None:
@@ -207,6 +215,7 @@ class Hub:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        self.notify("disconnected", identity=session.identity)
         if not session.persistent and self.sessions.get(session.identity) is session:
             self._discard(session)
             del self.sessions[session.identity]
@@ -289,6 +298,7 @@ class Hub:
         except TwinTooLarge as exc:
             self.diag("service.twin-size", str(exc), identity=identity)
             raise HubError(400, 400004, f"{exc}.") from None
+        self.notify("desired", identity=identity, patch=patch, version=version)
         session = self.sessions.get(identity)
         if session is not None:
             body = json.dumps({**patch, "$version": version}).encode()
@@ -309,11 +319,15 @@ class Hub:
         rid = str(next(self._method_rids))
         future = asyncio.get_running_loop().create_future()
         self.pending_methods[(identity, rid)] = future
+        self.notify("method", identity=identity, method=method_name, payload=payload)
         try:
             self.deliver(session, f"$iothub/methods/POST/{method_name}/?$rid={rid}",
                          json.dumps(payload).encode(), 0)
-            return await asyncio.wait_for(future, timeout)
+            status, answer = await asyncio.wait_for(future, timeout)
+            self.notify("method-result", identity=identity, method=method_name, status=status, payload=answer)
+            return status, answer
         except asyncio.TimeoutError:
+            self.notify("method-result", identity=identity, method=method_name, status=504, payload=None)
             raise HubError(504, 504101, "Timed out waiting for the response from device.") from None
         finally:
             self.pending_methods.pop((identity, rid), None)
@@ -355,6 +369,7 @@ class Hub:
                 pairs.append((key, value))
         pairs.extend((properties or {}).items())
         queue.append(C2DMessage(device_id, bytes(body), tuple(pairs), message_id))
+        self.notify("c2d", identity=device_id, body=bytes(body), properties=dict(pairs))
         self.pump_c2d(device_id)
         return message_id
 

@@ -112,6 +112,7 @@ class Emulator:
         self.dps = None
         self._dps_mqtt = None
         self.dps_mqtt_port: Optional[int] = None
+        self.dashboard = None
         if verbose:
             self.diagnostic_log.listeners.append(self._print_diagnostic)
         self._ca_paths = (ca_cert, ca_key)
@@ -255,6 +256,17 @@ class Emulator:
                 raise
         return self.dps
 
+    def start_dashboard(self, port: int = 0):
+        """Serve the live web dashboard on loopback (see :mod:`.dashboard`); returns it (``.url``)."""
+        from .dashboard import LOOPBACK, Dashboard
+
+        self._require_started()
+        if self.dashboard is not None:
+            raise EmulatorError("the dashboard is already running")
+        # Loopback whatever the MQTT listener's address: the dashboard has no authentication.
+        self.dashboard = Dashboard(self, self.host if self.host in LOOPBACK else "127.0.0.1", port)
+        return self.dashboard
+
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
             return
@@ -268,6 +280,9 @@ class Emulator:
 
     def stop(self) -> None:
         """Close every connection and the listeners, and join the threads.  Safe to call twice."""
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
         if self._dps_mqtt is not None:
             try:
                 self._call(self._dps_mqtt.stop(), timeout=10)
