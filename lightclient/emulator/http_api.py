@@ -19,6 +19,7 @@ Routes (``?api-version=…`` is accepted and ignored; module forms insert ``/mod
                                                       (the real service sends C2D over AMQP only)
     GET    /emulator/events[?deviceId=&moduleId=]     accepted telemetry, oldest first
     GET    /emulator/diagnostics[?identity=&rule=]    recorded protocol deviations
+    GET    /emulator/feedback[?deviceId=]             C2D feedback records (Success / Expired), see c2d_feedback
 
 Errors come back with the hub's status and a body ``{"errorCode": 404103, "message": …}``; so does every
 malformed request (bad JSON, a body that is not an object, too deep JSON, a wrong Content-Length, a body
@@ -57,6 +58,7 @@ _ROUTES = [
     ("POST", re.compile(r"^/devices/(?P<device>[^/]+)/messages/deviceBound/?$", re.I), "send_c2d"),
     ("GET", re.compile(r"^/emulator/events/?$"), "events"),
     ("GET", re.compile(r"^/emulator/diagnostics/?$"), "diagnostics"),
+    ("GET", re.compile(r"^/emulator/feedback/?$"), "feedback"),
 ]
 
 
@@ -292,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
     def events(self) -> Tuple[int, Any]:
         events = self.emulator.events(self.query.get("deviceId"), self.query.get("moduleId"))
         return 200, [e.to_json() for e in events]
+
+    def feedback(self) -> Tuple[int, Any]:
+        return 200, self.emulator.c2d_feedback(self.query.get("deviceId"))
 
     def diagnostics(self) -> Tuple[int, Any]:
         items = self.emulator.diagnostics(self.query.get("identity"), self.query.get("rule"))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 import ssl
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import codec, jsonlimits, namespace
+from . import c2d_feedback, codec, jsonlimits, namespace
 from .diagnostics import Diagnostic, DiagnosticLog
 from .errors import HubError
 from .events import EventLog
@@ -44,6 +45,10 @@ class C2DMessage:
     body: bytes
     pairs: Tuple[Tuple[str, Optional[str]], ...]
     message_id: str
+    expires: Optional[float] = None    # seconds since the epoch ($.exp), None: never
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
     @property
     def topic(self) -> str:
@@ -98,6 +103,7 @@ class Hub:
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
+        self.c2d_feedback: List[Dict[str, Any]] = []   # see c2d_feedback.py
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
         #: observer(kind, data) for what the service side does and who connects (the dashboard's feed);
         #: kinds: connected, disconnected, c2d, method, method-result, desired.
@@ -262,13 +268,27 @@ class Hub:
             return
         if namespace.c2d_filter(device_id) not in session.subscriptions:
             return
+        self.expire_c2d(device_id)
         queue = self.c2d_queues.get(device_id)
         while queue:
             message = queue.popleft()
             self.deliver(session, message.topic, message.body, 1, message)
 
     def acknowledge(self, session: Session, packet_id: int) -> bool:
-        return session.inflight.pop(packet_id, None) is not None
+        entry = session.inflight.pop(packet_id, None)
+        if entry is not None and entry[1] is not None:   # a C2D message completed by the device
+            c2d_feedback.record(self.c2d_feedback, entry[1], "Success")
+        return entry is not None
+
+    def expire_c2d(self, device_id: str) -> None:
+        """Drop queued messages whose $.exp has passed (with Expired feedback where asked for)."""
+        queue = self.c2d_queues.get(device_id)
+        if not queue:
+            return
+        now = time.time()
+        for message in [m for m in queue if m.expired(now)]:
+            queue.remove(message)
+            c2d_feedback.record(self.c2d_feedback, message, "Expired")
 
     # ------------------------------------------------------------------ twins
 
@@ -352,6 +372,8 @@ class Hub:
         if len(body) > C2D_MAX_BYTES:
             raise HubError(413, 413001, f"Message of {len(body)} bytes exceeds the C2D limit of "
                            f"{C2D_MAX_BYTES} bytes.")
+        expires = c2d_feedback.parse_expiry(expiry)
+        self.expire_c2d(device_id)
         queue = self.c2d_queues.setdefault(device_id, deque())
         # As on the hub, a message counts against the queue depth until the device completes it (PUBACK),
         # so one that never acknowledges cannot make the emulator hold messages without end.
@@ -368,11 +390,12 @@ class Hub:
             if value is not None:
                 pairs.append((key, value))
         pairs.extend((properties or {}).items())
-        queue.append(C2DMessage(device_id, bytes(body), tuple(pairs), message_id))
+        queue.append(C2DMessage(device_id, bytes(body), tuple(pairs), message_id, expires))
         self.notify("c2d", identity=device_id, body=bytes(body), properties=dict(pairs))
         self.pump_c2d(device_id)
         return message_id
 
     def queued_c2d(self, device_id: str) -> int:
         """Messages waiting in the hub's queue (not yet sent to the device)."""
+        self.expire_c2d(device_id)
         return len(self.c2d_queues.get(device_id, ()))

@@ -437,6 +437,15 @@ class Emulator:
             content_type=content_type, content_encoding=content_encoding, expiry=expiry, ack=ack,
             properties=properties))
 
+    def c2d_feedback(self, device_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Delivery feedback so far (see :mod:`.c2d_feedback`): ``Success`` when a device completed a
+        message sent with ``ack`` ``positive``/``full``, ``Expired`` when one with ``negative``/``full`` expired."""
+        def read():
+            for queued in list(self._hub.c2d_queues):
+                self._hub.expire_c2d(queued)
+            return [dict(r) for r in self._hub.c2d_feedback if device_id in (None, r["deviceId"])]
+        return self._call(self._async(read))
+
     def queued_c2d(self, device_id: str) -> int:
         return self._call(self._async(self._hub.queued_c2d, device_id))
 

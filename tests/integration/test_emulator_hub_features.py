@@ -137,3 +137,36 @@ def test_without_the_shim_untrusted_certificates_are_refused_in_tls_with_the_rea
         diagnostic = hub.wait_for_diagnostic("tls.handshake")
         assert "refuses at CONNECT with CONNACK 5" in diagnostic.message
         assert "native shim is not built" in diagnostic.message
+
+
+# --------------------------------------------------------------------------- C2D expiry and feedback
+
+
+def _utc_in(seconds):
+    import datetime
+
+    moment = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_c2d_expiry_and_feedback_through_the_service_api(emu, device, clients):
+    identity, cert, key = device()
+    base = f"http://127.0.0.1:{emu.http_port}/devices/{identity}/messages/deviceBound"
+    for message_id, expiry in (("short", _utc_in(1)), ("long", _utc_in(600))):
+        reply = requests.post(base, data=message_id.encode(), timeout=10,
+                              headers={"iothub-messageid": message_id, "iothub-expiry": expiry, "iothub-ack": "full"})
+        assert reply.status_code == 200
+    assert requests.post(base, data=b"x", headers={"iothub-expiry": "soon"}, timeout=10).status_code == 400
+    time.sleep(1.5)                                   # "short" expires while the device is offline
+    client = paho_device(emu, clients, identity, cert, key)
+    client.connect()
+    client.subscribe(f"devices/{identity}/messages/devicebound/#")
+    assert client.wait_message("devices/").payload == b"long"     # the device completes it (PUBACK)
+    deadline = time.monotonic() + 10
+    while len(emu.c2d_feedback(identity)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    feedback = requests.get(f"http://127.0.0.1:{emu.http_port}/emulator/feedback",
+                            params={"deviceId": identity}, timeout=10).json()
+    assert sorted((r["originalMessageId"], r["statusCode"]) for r in feedback) == [("long", "Success"),
+                                                                                   ("short", "Expired")]
+    assert client.topics() == []                      # the expired message never reached the device
