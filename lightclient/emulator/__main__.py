@@ -98,6 +98,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="refuse $iothub/credentials (a hub without certificate management)")
     parser.add_argument("--disconnect-on-expiry", action="store_true",
                         help="drop a connection when its certificate expires (not documented for the real hub)")
+    parser.add_argument("--route", action="append", default=[], metavar="ROUTE",
+                        help="route module outputs to module inputs as IoT Edge does, e.g. 'FROM /messages/modules/"
+                             "m1/outputs/out1 INTO BrokeredEndpoint(\"/modules/m2/inputs/in1\")' (repeatable)")
     parser.add_argument("--web-port", type=int, default=None,
                         help="serve the live web dashboard on this loopback port (0 picks a free one)")
     parser.add_argument("--refuse-in-tls", action="store_true",
@@ -110,7 +113,8 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
 
 
 _CONFIG_KEYS = {"host": str, "port": int, "hostname": str, "state_dir": str, "http_port": int, "web_port": int,
-                "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
+                "devices": list, "routes": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str,
+                "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
 _DPS_KEYS = {"port": "dps_port", "mqtt_port": "dps_mqtt_port", "id_scope": "id_scope", "polls": "dps_polls",
@@ -141,6 +145,8 @@ def _config_defaults(path: Path) -> dict:
             raise EmulatorError(f"setting {key!r} in {path} must be positive, not {value!r}")
         if key == "devices":
             defaults["device"] = [str(d) for d in value]
+        elif key == "routes":
+            defaults["route"] = [str(r) for r in value]
         elif key == "self_signed":
             defaults["self_signed"] = [f"{name}={cert}" for name, cert in value.items()]
         elif key == "dps":
@@ -226,6 +232,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                          "'lab-devices' accepts every certificate issued by the emulator's CA")
             if emulator.dps_mqtt_port is not None:
                 lines.append(f"  DPS over MQTT: mqtts://{args.host}:{emulator.dps_mqtt_port}")
+        for route in args.route:
+            lines.append(f"  route: {emulator.add_route(route).text}")
         if args.web_port is not None:
             lines.append(f"  dashboard: {emulator.start_dashboard(args.web_port).url}")
         for spec in args.device:

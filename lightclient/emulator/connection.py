@@ -305,6 +305,9 @@ class Connection:
             application["mqtt-retain"] = "true"
         self.hub.events.add(Event(self.identity.device_id, self.identity.module_id, packet.payload,
                                   bag.system, application, packet.topic, packet.retain))
+        if self.hub.routes:
+            self.hub.route(self.identity.device_id, self.identity.module_id, packet.payload, bag.system,
+                           dict(bag.application))
 
     def _check_rid(self, kind, packet: codec.Publish) -> Optional[str]:
         if not kind.raw_rid:

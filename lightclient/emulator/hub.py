@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import c2d_feedback, codec, jsonlimits, namespace
+from . import c2d_feedback, codec, jsonlimits, namespace, routing
 from .diagnostics import Diagnostic, DiagnosticLog
 from .errors import HubError
 from .events import EventLog
@@ -104,6 +104,7 @@ class Hub:
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
         self.c2d_feedback: List[Dict[str, Any]] = []   # see c2d_feedback.py
+        self.routes: List[routing.Route] = []           # module output -> input routes (routing.py)
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
         #: observer(kind, data) for what the service side does and who connects (the dashboard's feed);
         #: kinds: connected, disconnected, c2d, method, method-result, desired.
@@ -289,6 +290,20 @@ class Hub:
         for message in [m for m in queue if m.expired(now)]:
             queue.remove(message)
             c2d_feedback.record(self.c2d_feedback, message, "Expired")
+
+    def route(self, device_id: str, module_id: Optional[str], payload: bytes,
+              system: Dict[str, Optional[str]], application: Dict[str, Optional[str]]) -> None:
+        """Deliver a copy of a telemetry message to every module input a route names (routing.py)."""
+        for target, input_name in routing.targets(self.routes, module_id, system):
+            identity = f"{device_id}/{target}"
+            topic = (f"devices/{device_id}/modules/{target}/inputs/{input_name}/"
+                     + namespace.encode_property_bag(routing.input_pairs(device_id, module_id, system, application)))
+            session = self.sessions.get(identity)
+            if session is None or not self.deliver(session, topic, payload, 1):
+                self.diag("routing.undelivered", f"route to {identity!r} input {input_name!r}: the module is not "
+                          f"connected or not subscribed to 'devices/{device_id}/modules/{target}/inputs/#'; the "
+                          f"copy is dropped (IoT Edge would store it)", f"message from {device_id}/{module_id}",
+                          f"{device_id}/{module_id}" if module_id else device_id)
 
     # ------------------------------------------------------------------ twins
 

@@ -256,6 +256,16 @@ class Emulator:
                 raise
         return self.dps
 
+    def add_route(self, route: str):
+        """Add an IoT Edge style route (``FROM /messages/modules/m1/outputs/o1 INTO BrokeredEndpoint(
+        "/modules/m2/inputs/i1")``, see :mod:`.routing`); returns the parsed Route."""
+        from .routing import parse_route
+
+        parsed = parse_route(route)
+        self._require_started()
+        self._call(self._async(self._hub.routes.append, parsed))
+        return parsed
+
     def start_dashboard(self, port: int = 0):
         """Serve the live web dashboard on loopback (see :mod:`.dashboard`); returns it (``.url``)."""
         from .dashboard import LOOPBACK, Dashboard

@@ -170,3 +170,43 @@ def test_c2d_expiry_and_feedback_through_the_service_api(emu, device, clients):
     assert sorted((r["originalMessageId"], r["statusCode"]) for r in feedback) == [("long", "Success"),
                                                                                    ("short", "Expired")]
     assert client.topics() == []                      # the expired message never reached the device
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_module_output_is_routed_to_another_modules_input(emu, clients, workdir):
+    from .test_emulator import ca_signed_cert
+
+    emu.register_device("edge-1", "filter")
+    emu.register_device("edge-1", "logger")
+    emu.add_route('FROM /messages/modules/filter/outputs/alerts INTO BrokeredEndpoint("/modules/logger/inputs/in1")')
+    sender = paho_device(emu, clients, "edge-1/filter", *ca_signed_cert(emu, workdir, "edge-1/filter"))
+    receiver = paho_device(emu, clients, "edge-1/logger", *ca_signed_cert(emu, workdir, "edge-1/logger"))
+    sender.connect()
+    receiver.connect()
+    assert receiver.subscribe("devices/edge-1/modules/logger/inputs/#") == [1]
+    sender.publish("devices/edge-1/modules/filter/messages/events/%24.on=alerts&%24.mid=a1&level=high", b"hot")
+    sender.publish("devices/edge-1/modules/filter/messages/events/%24.on=other", b"not routed")
+    message = receiver.wait_message("devices/edge-1/modules/logger/inputs/in1/")
+    assert message.payload == b"hot"
+    bag = message.topic.rsplit("/", 1)[1]
+    assert bag == "%24.mid=a1&%24.cdid=edge-1&%24.cmid=filter&level=high"
+    assert len(emu.wait_for_events(2, "edge-1", "filter")) == 2          # still upstream as well
+    assert [t for t in receiver.topics()] == []                           # the other output is not routed
+    emu.add_route('FROM /messages/modules/filter/outputs/* INTO BrokeredEndpoint("/modules/nobody/inputs/x")')
+    sender.publish("devices/edge-1/modules/filter/messages/events/%24.on=alerts", b"again")
+    assert "'edge-1/nobody'" in emu.wait_for_diagnostic("routing.undelivered").message
+
+
+def test_route_syntax_errors_are_named():
+    from lightclient.emulator.errors import EmulatorError
+    from lightclient.emulator.routing import parse_route
+
+    import pytest
+
+    with pytest.raises(EmulatorError, match="WHERE conditions are not supported"):
+        parse_route('FROM /messages/* WHERE a = 1 INTO BrokeredEndpoint("/modules/m/inputs/i")')
+    with pytest.raises(EmulatorError, match="is not of the form"):
+        parse_route("FROM /messages/modules/m1 INTO $upstream")
+    assert parse_route('FROM /messages/* INTO BrokeredEndpoint("/modules/m/inputs/i")').any_source
