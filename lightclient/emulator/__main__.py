@@ -101,6 +101,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     parser.add_argument("--route", action="append", default=[], metavar="ROUTE",
                         help="route module outputs to module inputs as IoT Edge does, e.g. 'FROM /messages/modules/"
                              "m1/outputs/out1 INTO BrokeredEndpoint(\"/modules/m2/inputs/in1\")' (repeatable)")
+    parser.add_argument("--throttle", action="append", default=[], metavar="KIND=RATE",
+                        help="throttle each identity to RATE operations per second, KIND one of connect "
+                             "(CONNACK 3), twin (status 429), telemetry (disconnect); repeatable")
     parser.add_argument("--web-port", type=int, default=None,
                         help="serve the live web dashboard on this loopback port (0 picks a free one)")
     parser.add_argument("--refuse-in-tls", action="store_true",
@@ -192,6 +195,13 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
             print(f"emulator: error: {exc}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
+    try:
+        from .throttle import parse_rates
+
+        rates = parse_rates(args.throttle)
+    except EmulatorError as exc:
+        print(f"emulator: error: {exc}", file=sys.stderr)
+        return 2
     emulator = Emulator(args.state_dir, host=args.host, port=args.port, hostname=args.hostname,
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
@@ -199,7 +209,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
                         connect_timeout=args.connect_timeout, cert_lifetime=args.cert_lifetime,
                         credentials_api=not args.no_credentials_api,
                         disconnect_on_expiry=args.disconnect_on_expiry,
-                        authorize_at_connect=not args.refuse_in_tls)
+                        authorize_at_connect=not args.refuse_in_tls, throttle=rates or None)
     written: List[Path] = []
     try:
         if args.sign_csr:

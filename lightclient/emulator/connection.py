@@ -144,6 +144,10 @@ class Connection:
                 result.return_code = codec.CONNACK_NOT_AUTHORIZED
                 result.refusal = ("connect.will", f"the will topic must be this identity's telemetry "
                                   f"topic {prefix + '/'!r}, got {packet.will.topic!r}")
+        if result.return_code == codec.CONNACK_ACCEPTED and not self._allowed(result.identity.name, "connect"):
+            result.return_code = codec.CONNACK_SERVER_UNAVAILABLE
+            result.refusal = ("throttle.connect", f"more than {self.hub.throttle.rates['connect']:g} connects per "
+                              f"second for this identity (--throttle connect=…); SDKs retry CONNACK 3 with back-off")
         for rule, message in result.warnings:
             self.hub.diag(rule, message, received, packet.client_id or None, self.peer)
         if result.return_code != codec.CONNACK_ACCEPTED:
@@ -290,6 +294,11 @@ class Connection:
             self.send(codec.Puback(packet.packet_id))
 
     def _on_telemetry(self, packet: codec.Publish, kind: namespace.Telemetry) -> None:
+        if not self._allowed(self.identity.name, "telemetry"):
+            self.diag("throttle.telemetry", f"more than {self.hub.throttle.rates['telemetry']:g} messages per "
+                      f"second (--throttle telemetry=…): connection closed without PUBACK, as MQTT 3.1.1 has no "
+                      f"negative acknowledgement; reconnect with back-off and resend", codec.describe(packet))
+            raise _Close()
         bag = namespace.decode_property_bag(kind.bag)
         size = (len(packet.payload) + sum(len((v or "").encode()) for v in bag.system.values())
                 + sum(len(k.encode()) + len((v or "").encode()) for k, v in bag.application.items()))
@@ -309,6 +318,17 @@ class Connection:
             self.hub.route(self.identity.device_id, self.identity.module_id, packet.payload, bag.system,
                            dict(bag.application))
 
+    def _allowed(self, identity: str, kind: str) -> bool:
+        return self.hub.throttle is None or self.hub.throttle.allow(identity, kind)
+
+    def _twin_throttled(self, rid: str, packet: codec.Publish) -> bool:
+        if self._allowed(self.identity.name, "twin"):
+            return False
+        self.diag("throttle.twin", f"more than {self.hub.throttle.rates['twin']:g} twin requests per second "
+                  f"(--throttle twin=…): answered 429; retry with back-off", f"topic {packet.topic!r}")
+        self._respond_twin(429, rid)
+        return True
+
     def _check_rid(self, kind, packet: codec.Publish) -> Optional[str]:
         if not kind.raw_rid:
             self.diag("twin.rid" if not isinstance(kind, namespace.MethodResponse) else "method.rid",
@@ -327,12 +347,16 @@ class Connection:
         rid = self._check_rid(kind, packet)
         if rid is None:
             return
+        if self._twin_throttled(rid, packet):
+            return
         document = self.hub.twin(self.identity.name).document()
         self._respond_twin(200, rid, json.dumps(document).encode())
 
     def _on_twin_reported(self, packet: codec.Publish, kind: namespace.TwinReported) -> None:
         rid = self._check_rid(kind, packet)
         if rid is None:
+            return
+        if self._twin_throttled(rid, packet):
             return
         depth = jsonlimits.nesting(packet.payload)
         if depth > jsonlimits.MAX_TWIN_DEPTH + 1:   # + 1: the patch's own object is the section

@@ -105,6 +105,7 @@ class Hub:
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
         self.c2d_feedback: List[Dict[str, Any]] = []   # see c2d_feedback.py
         self.routes: List[routing.Route] = []           # module output -> input routes (routing.py)
+        self.throttle = None                             # a throttle.Throttle when rates are set
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
         #: observer(kind, data) for what the service side does and who connects (the dashboard's feed);
         #: kinds: connected, disconnected, c2d, method, method-result, desired.

@@ -81,7 +81,7 @@ class Emulator:
                  handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
                  max_events: int = MAX_EVENTS, cert_lifetime: Optional[float] = None,
                  credentials_api: bool = True, disconnect_on_expiry: bool = False,
-                 authorize_at_connect: bool = True):
+                 authorize_at_connect: bool = True, throttle: Optional[Dict[str, float]] = None):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
@@ -102,6 +102,10 @@ class Emulator:
         self._credentials_api = credentials_api
         self._disconnect_on_expiry = disconnect_on_expiry
         self._authorize_at_connect = authorize_at_connect
+        from .throttle import Throttle
+
+        #: Per-identity rates (operations per second) by kind: connect, twin, telemetry (see throttle.py).
+        self._throttle = Throttle(throttle) if throttle else None
         #: Why certificates are refused in the TLS handshake instead of at CONNECT ("" when they are not).
         self.tls_refusal_reason = ""
         self.registry = Registry()
@@ -166,6 +170,7 @@ class Emulator:
             self._hub.credentials = CredentialsService(
                 lambda csr, cn: certs.issue_from_csr(self.ca, csr, cn, self.cert_lifetime))
         self._hub.disconnect_on_expiry = self._disconnect_on_expiry
+        self._hub.throttle = self._throttle
         # As the hub: any client certificate passes TLS and is authorized at CONNECT (needs the native shim).
         from . import peer_trust
 

@@ -210,3 +210,33 @@ def test_route_syntax_errors_are_named():
     with pytest.raises(EmulatorError, match="is not of the form"):
         parse_route("FROM /messages/modules/m1 INTO $upstream")
     assert parse_route('FROM /messages/* INTO BrokeredEndpoint("/modules/m/inputs/i")').any_source
+
+
+# --------------------------------------------------------------------------- throttling
+
+
+def test_throttling_answers_429_disconnects_and_refuses_connects(tmp_path, clients):
+    from lightclient.emulator.service import Emulator
+
+    from .test_emulator import PahoDevice, ca_signed_cert
+
+    rates = {"connect": 0.1, "twin": 0.1, "telemetry": 0.1}     # bursts of 1, then one per 10 s
+    with Emulator(tmp_path / "emu", throttle=rates) as hub:
+        hub.register_device("busy")
+        cert, key = ca_signed_cert(hub, tmp_path, "busy")
+        client = PahoDevice(hub, "busy", cert, key)
+        clients.append(client)
+        client.connect()
+        client.subscribe("$iothub/twin/res/#")
+        client.publish("$iothub/twin/GET/?$rid=1")
+        client.publish("$iothub/twin/GET/?$rid=2")
+        assert client.wait_message("$iothub/twin/res/").topic == "$iothub/twin/res/200/?$rid=1"
+        assert client.wait_message("$iothub/twin/res/").topic == "$iothub/twin/res/429/?$rid=2"
+        client.publish("devices/busy/messages/events/", b"first")
+        client.client.publish("devices/busy/messages/events/", b"second", qos=1)
+        assert client.disconnected.wait(10), "the throttled connection was not closed"
+        assert [e.body for e in hub.events("busy")] == [b"first"]
+        assert "connection closed without PUBACK" in hub.wait_for_diagnostic("throttle.telemetry").message
+        client.connect(expect=136)                                 # paho's name for CONNACK 3
+        assert "CONNACK 3" in hub.wait_for_diagnostic("throttle.connect").message
+        assert hub.diagnostic_counts()["throttle.twin"] == 1
