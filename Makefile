@@ -9,11 +9,11 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Build: compiler + OpenSSL headers. Lab and tests: SoftHSM2, the libp11 engine, OpenSC tools,
 # mosquitto, the openssl CLI, curl, valgrind (shim memory checks); the software TPM chain: swtpm + tpm2-abrmd on a private D-Bus,
 # tpm2-pkcs11 (+ tpm2_ptool) and the tpm2-openssl provider; tinyproxy (HTTP CONNECT) and microsocks (SOCKS5)
-# for the proxy tests.
+# for the proxy tests; chromium (the emulator dashboard's browser test).
 APT_PACKAGES := gcc libc6-dev libssl-dev libffi-dev openssl ca-certificates curl valgrind \
                 softhsm2 libengine-pkcs11-openssl opensc mosquitto mosquitto-clients \
                 swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0 tpm2-abrmd libtss2-tcti-tabrmd0 dbus \
-                libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-openssl tinyproxy microsocks
+                libtpm2-pkcs11-1 libtpm2-pkcs11-tools tpm2-openssl tinyproxy microsocks chromium
 
 .PHONY: all demo test test-matrix unit bench bench-smoke system-deps venv shim clean
 

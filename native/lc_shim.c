@@ -951,3 +951,68 @@ int lc_csr_sign(const lc_key *key, const char **fields, const char **values, int
 }
 
 void lc_free(void *p) { free(p); }
+
+/* ------------------------------------------------------------------ server side (the emulator) */
+
+/* Every chain error is let through; OpenSSL keeps the first one as the connection's verify result,
+ * so authorization can happen later (at MQTT CONNECT) with the full story. */
+static int lc_accept_any_cb(int preverify_ok, X509_STORE_CTX *store)
+{
+    (void)preverify_ok;
+    (void)store;
+    return 1;
+}
+
+int lc_ctx_accept_any_peer(void *pyobj, uint64_t expected_options)
+{
+    SSL_CTX *ctx;
+    int rc = lc_ctx_get(pyobj, expected_options, &ctx);
+    if (rc != LC_OK)
+        return rc;
+    SSL_CTX_set_verify(ctx, SSL_CTX_get_verify_mode(ctx), lc_accept_any_cb);
+    return LC_OK;
+}
+
+/* CPython's _ssl.c: typedef struct { PyObject_HEAD PyObject *Socket; SSL *ssl; ... } PySSLSocket;
+ * unchanged from 3.6 to 3.13. The SSL* proves itself: its SSL_CTX must be the verified context's. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *Socket;
+    SSL *ssl;
+} lc_PySSLSocket;
+
+long lc_peer_verify_result(void *pysslobj, void *pyctx, uint64_t expected_options, char *text, size_t text_len)
+{
+    PyGILState_STATE gil;
+    PyObject *mod, *type;
+    SSL_CTX *ctx;
+    SSL *ssl = NULL;
+    long result;
+    int rc = lc_ctx_get(pyctx, expected_options, &ctx);
+
+    lc_copy(text, text_len, "");
+    if (rc != LC_OK)
+        return -rc;
+    if (pysslobj == NULL)
+        return -LC_E_TYPE;
+    gil = PyGILState_Ensure();
+    mod = PyImport_ImportModule("_ssl");
+    if (mod != NULL) {
+        type = PyObject_GetAttrString(mod, "_SSLSocket");
+        if (type != NULL && PyType_Check(type) &&
+            PyObject_TypeCheck((PyObject *)pysslobj, (PyTypeObject *)type))
+            ssl = ((lc_PySSLSocket *)pysslobj)->ssl;
+        Py_XDECREF(type);
+        Py_DECREF(mod);
+    }
+    if (PyErr_Occurred())
+        PyErr_Clear();
+    PyGILState_Release(gil);
+    if (ssl == NULL)
+        return -LC_E_TYPE;
+    if (SSL_get_SSL_CTX(ssl) != ctx)
+        return -LC_E_CTX_CHECK;
+    result = SSL_get_verify_result(ssl);
+    lc_copy(text, text_len, X509_verify_cert_error_string(result));
+    return result;
+}

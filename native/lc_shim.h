@@ -93,3 +93,12 @@ int lc_cert_matches_key(const char *pem, size_t pem_len, const lc_key *key);
 int lc_csr_sign(const lc_key *key, const char **fields, const char **values, int n,
                 const char *san, const char *digest, unsigned char **der, size_t *der_len);
 void lc_free(void *p);
+
+/* Server side, for the emulator (which loads the shim only when it is built): make the SSL_CTX inside an
+ * ssl.SSLContext finish every handshake whatever the client certificate's chain says, as IoT Hub does
+ * (it authorizes at CONNECT). OpenSSL still verifies and records the result per connection. */
+int lc_ctx_accept_any_peer(void *pyobj, uint64_t expected_options);
+/* That recorded result (X509_V_OK = 0, else an X509_V_ERR_* code) for the connection of an
+ * ssl.SSLObject's _sslobj, proven to belong to the context `pyctx`; <0 is -LC_E_*. The text of the
+ * code goes to `text`. */
+long lc_peer_verify_result(void *pysslobj, void *pyctx, uint64_t expected_options, char *text, size_t text_len);

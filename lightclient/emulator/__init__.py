@@ -14,6 +14,12 @@ Modules:
     http_api     a loopback HTTP API shaped like the IoT Hub service REST API
     certs        the CA, server and device certificates (via the openssl CLI)
     diagnostics  readable records of every protocol deviation
+    dps          the Device Provisioning Service over HTTPS; dps_mqtt the same DPS over MQTT
+    peer_trust   authorization of client certificates at CONNECT (loads the native shim when built)
+    routing      IoT Edge style module output -> input routes
+    c2d_feedback C2D expiry ($.exp) and Success/Expired feedback
+    throttle     optional per-identity rates (CONNACK 3, 429, disconnect)
+    dashboard    the live web dashboard (static/ holds its HTML, CSS and JS)
 """
 from .diagnostics import Diagnostic
 from .errors import EmulatorError, HubError

@@ -8,7 +8,7 @@ command line win over the file::
 
     {"port": 8883, "ws_port": 9443, "hostname": "localhost", "state_dir": ".emulator", "http_port": 8080,
      "devices": ["d1", "d1/m1"], "self_signed": {"d2": "d2.pem"},
-     "dps": {"port": 8443, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
+     "dps": {"port": 8443, "mqtt_port": 8884, "id_scope": "0ne00000001", "polls": 1, "retry_after": 1},
      "max_connections": 4096, "handshake_timeout": 10, "connect_timeout": 10, "verbose": true}
 
 Every ``--device`` is registered CA-signed and gets a key and certificate from the emulator's CA in
@@ -81,6 +81,9 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     parser.add_argument("--out", type=Path, help="where --sign-csr writes the certificate")
     parser.add_argument("--dps-port", type=int, default=None,
                         help="also serve a Device Provisioning Service over HTTPS on this port (0: free port)")
+    parser.add_argument("--dps-mqtt-port", type=int, default=None,
+                        help="also serve the DPS over MQTT (as the official SDKs provision) on this port "
+                             "(0: free port); implies the DPS")
     parser.add_argument("--id-scope", default="0ne00000001", help="the DPS ID scope (default 0ne00000001)")
     parser.add_argument("--dps-polls", type=int, default=1,
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
@@ -98,6 +101,17 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="refuse $iothub/credentials (a hub without certificate management)")
     parser.add_argument("--disconnect-on-expiry", action="store_true",
                         help="drop a connection when its certificate expires (not documented for the real hub)")
+    parser.add_argument("--route", action="append", default=[], metavar="ROUTE",
+                        help="route module outputs to module inputs as IoT Edge does, e.g. 'FROM /messages/modules/"
+                             "m1/outputs/out1 INTO BrokeredEndpoint(\"/modules/m2/inputs/in1\")' (repeatable)")
+    parser.add_argument("--throttle", action="append", default=[], metavar="KIND=RATE",
+                        help="throttle each identity to RATE operations per second, KIND one of connect "
+                             "(CONNACK 3), twin (status 429), telemetry (disconnect); repeatable")
+    parser.add_argument("--web-port", type=int, default=None,
+                        help="serve the live web dashboard on this loopback port (0 picks a free one)")
+    parser.add_argument("--refuse-in-tls", action="store_true",
+                        help="refuse untrusted client certificates in the TLS handshake instead of with CONNACK 5 "
+                             "at CONNECT as the hub does (the fallback when the native shim is not built)")
     parser.add_argument("--verbose", "-v", action="store_true", help="print each diagnostic as it happens")
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="read settings from a JSON file (command-line flags win)")
@@ -105,10 +119,12 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
 
 
 _CONFIG_KEYS = {"host": str, "port": int, "ws_port": int, "hostname": str, "state_dir": str, "http_port": int,
-                "devices": list, "self_signed": dict, "dps": dict, "verbose": bool, "ca_cert": str, "ca_key": str,
+                "web_port": int, "devices": list, "routes": list, "self_signed": dict, "dps": dict, "verbose": bool,
+                "ca_cert": str, "ca_key": str,
                 "server_cert": str, "server_key": str, "max_connections": int, "handshake_timeout": float,
                 "connect_timeout": float}
-_DPS_KEYS = {"port": "dps_port", "id_scope": "id_scope", "polls": "dps_polls", "retry_after": "dps_retry_after"}
+_DPS_KEYS = {"port": "dps_port", "mqtt_port": "dps_mqtt_port", "id_scope": "id_scope", "polls": "dps_polls",
+             "retry_after": "dps_retry_after"}
 
 
 def _config_defaults(path: Path) -> dict:
@@ -135,6 +151,8 @@ def _config_defaults(path: Path) -> dict:
             raise EmulatorError(f"setting {key!r} in {path} must be positive, not {value!r}")
         if key == "devices":
             defaults["device"] = [str(d) for d in value]
+        elif key == "routes":
+            defaults["route"] = [str(r) for r in value]
         elif key == "self_signed":
             defaults["self_signed"] = [f"{name}={cert}" for name, cert in value.items()]
         elif key == "dps":
@@ -180,13 +198,21 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
             print(f"emulator: error: {exc}", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
+    try:
+        from .throttle import parse_rates
+
+        rates = parse_rates(args.throttle)
+    except EmulatorError as exc:
+        print(f"emulator: error: {exc}", file=sys.stderr)
+        return 2
     emulator = Emulator(args.state_dir, host=args.host, port=args.port, hostname=args.hostname,
                         http_port=args.http_port, verbose=args.verbose, ca_cert=args.ca_cert,
                         ca_key=args.ca_key, server_cert=args.server_cert, server_key=args.server_key,
                         max_connections=args.max_connections, handshake_timeout=args.handshake_timeout,
                         connect_timeout=args.connect_timeout, cert_lifetime=args.cert_lifetime,
                         credentials_api=not args.no_credentials_api,
-                        disconnect_on_expiry=args.disconnect_on_expiry, ws_port=args.ws_port)
+                        disconnect_on_expiry=args.disconnect_on_expiry, ws_port=args.ws_port,
+                        authorize_at_connect=not args.refuse_in_tls, throttle=rates or None)
     written: List[Path] = []
     try:
         if args.sign_csr:
@@ -201,6 +227,9 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
         lines = [f"IoT Hub emulator '{args.hostname}' listening on mqtts://{args.host}:{emulator.port}",
                  f"  at most {emulator.max_connections} connections"]
         lines += [f"  warning: {d.message}" for d in emulator.diagnostics(rule="connection.fd-limit")]
+        lines.append("  client certificates: " + (f"refused in the TLS handshake when untrusted, because "
+                                                   f"{emulator.tls_refusal_reason}" if emulator.tls_refusal_reason
+                                                   else "authorized at CONNECT (CONNACK 5 when untrusted), as the hub does"))
         lines += [
                  f"  devices must trust the CA: {emulator.ca_path.resolve()}",
                  f"  username: {args.hostname}/{{deviceId}}[/{{moduleId}}]/?api-version=2021-04-12"]
@@ -211,11 +240,17 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
             lines.append(f"  service API: {api}")
             (args.state_dir / SERVICE_API_FILE).write_text(api + "\n")
             written.append(args.state_dir / SERVICE_API_FILE)
-        if args.dps_port is not None:
-            dps = emulator.start_dps(args.dps_port, id_scope=args.id_scope, retry_after=args.dps_retry_after,
-                                     polls=args.dps_polls)
+        if args.dps_port is not None or args.dps_mqtt_port is not None:
+            dps = emulator.start_dps(args.dps_port or 0, id_scope=args.id_scope, retry_after=args.dps_retry_after,
+                                     polls=args.dps_polls, mqtt_port=args.dps_mqtt_port)
             lines.append(f"  DPS: https://{args.host}:{dps.port}  id scope {args.id_scope}; group enrollment "
                          "'lab-devices' accepts every certificate issued by the emulator's CA")
+            if emulator.dps_mqtt_port is not None:
+                lines.append(f"  DPS over MQTT: mqtts://{args.host}:{emulator.dps_mqtt_port}")
+        for route in args.route:
+            lines.append(f"  route: {emulator.add_route(route).text}")
+        if args.web_port is not None:
+            lines.append(f"  dashboard: {emulator.start_dashboard(args.web_port).url}")
         for spec in args.device:
             device_id, module_id = _split(spec)
             emulator.register_device(device_id, module_id)

@@ -14,7 +14,7 @@ from typing import Optional
 from . import codec, credentials, jsonlimits, namespace
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
-from .registry import Identity, PeerCertificate, authorize
+from .registry import SELF_SIGNED, Identity, PeerCertificate, authorize
 from .tls_channel import TlsChannel
 from .twin import TwinTooLarge
 
@@ -129,6 +129,10 @@ class Connection:
         ssl_object = self.channel.ssl_object
         peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
         result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
+        untrusted = self._untrusted(ssl_object, packet.client_id)
+        if untrusted and result.return_code in (codec.CONNACK_ACCEPTED, codec.CONNACK_NOT_AUTHORIZED):
+            result.return_code = codec.CONNACK_NOT_AUTHORIZED
+            result.refusal = ("connect.certificate-untrusted", untrusted)
         received = f"client id {packet.client_id!r}, username {packet.username!r}"
         expired = credentials.expiry_refusal(ssl_object.getpeercert() or {})
         if result.return_code == codec.CONNACK_ACCEPTED and expired:
@@ -140,6 +144,10 @@ class Connection:
                 result.return_code = codec.CONNACK_NOT_AUTHORIZED
                 result.refusal = ("connect.will", f"the will topic must be this identity's telemetry "
                                   f"topic {prefix + '/'!r}, got {packet.will.topic!r}")
+        if result.return_code == codec.CONNACK_ACCEPTED and not self._allowed(result.identity.name, "connect"):
+            result.return_code = codec.CONNACK_SERVER_UNAVAILABLE
+            result.refusal = ("throttle.connect", f"more than {self.hub.throttle.rates['connect']:g} connects per "
+                              f"second for this identity (--throttle connect=…); SDKs retry CONNACK 3 with back-off")
         for rule, message in result.warnings:
             self.hub.diag(rule, message, received, packet.client_id or None, self.peer)
         if result.return_code != codec.CONNACK_ACCEPTED:
@@ -161,6 +169,21 @@ class Connection:
             self._expiry = credentials.watch_expiry(self, ssl_object.getpeercert() or {})
         self.hub.resume(self.session)
         return True
+
+    def _untrusted(self, ssl_object, client_id: str) -> Optional[str]:
+        """Why the TLS layer's chain verification failed, when that matters (see :mod:`.peer_trust`).
+        A self-signed identity is authorized by its thumbprint alone, as on the hub."""
+        if self.hub.peer_trust is None:
+            return None
+        identity = self.hub.registry.get(client_id)
+        if identity is not None and identity.auth == SELF_SIGNED:
+            return None
+        code, text = self.hub.peer_trust.verify_result(ssl_object)
+        if code == 0:
+            return None
+        return (f"the client certificate does not chain to a CA this hub trusts (X.509 error {code}: {text}); "
+                f"IoT Hub accepts it in the TLS handshake and refuses here. Use a certificate issued by the "
+                f"emulator's CA, or register a self-signed one by thumbprint")
 
     async def _serve(self) -> bool:
         """Handle packets until DISCONNECT (returns True) or the stream ends (False)."""
@@ -271,6 +294,11 @@ class Connection:
             self.send(codec.Puback(packet.packet_id))
 
     def _on_telemetry(self, packet: codec.Publish, kind: namespace.Telemetry) -> None:
+        if not self._allowed(self.identity.name, "telemetry"):
+            self.diag("throttle.telemetry", f"more than {self.hub.throttle.rates['telemetry']:g} messages per "
+                      f"second (--throttle telemetry=…): connection closed without PUBACK, as MQTT 3.1.1 has no "
+                      f"negative acknowledgement; reconnect with back-off and resend", codec.describe(packet))
+            raise _Close()
         bag = namespace.decode_property_bag(kind.bag)
         size = (len(packet.payload) + sum(len((v or "").encode()) for v in bag.system.values())
                 + sum(len(k.encode()) + len((v or "").encode()) for k, v in bag.application.items()))
@@ -286,6 +314,20 @@ class Connection:
             application["mqtt-retain"] = "true"
         self.hub.events.add(Event(self.identity.device_id, self.identity.module_id, packet.payload,
                                   bag.system, application, packet.topic, packet.retain))
+        if self.hub.routes:
+            self.hub.route(self.identity.device_id, self.identity.module_id, packet.payload, bag.system,
+                           dict(bag.application))
+
+    def _allowed(self, identity: str, kind: str) -> bool:
+        return self.hub.throttle is None or self.hub.throttle.allow(identity, kind)
+
+    def _twin_throttled(self, rid: str, packet: codec.Publish) -> bool:
+        if self._allowed(self.identity.name, "twin"):
+            return False
+        self.diag("throttle.twin", f"more than {self.hub.throttle.rates['twin']:g} twin requests per second "
+                  f"(--throttle twin=…): answered 429; retry with back-off", f"topic {packet.topic!r}")
+        self._respond_twin(429, rid)
+        return True
 
     def _check_rid(self, kind, packet: codec.Publish) -> Optional[str]:
         if not kind.raw_rid:
@@ -305,12 +347,16 @@ class Connection:
         rid = self._check_rid(kind, packet)
         if rid is None:
             return
+        if self._twin_throttled(rid, packet):
+            return
         document = self.hub.twin(self.identity.name).document()
         self._respond_twin(200, rid, json.dumps(document).encode())
 
     def _on_twin_reported(self, packet: codec.Publish, kind: namespace.TwinReported) -> None:
         rid = self._check_rid(kind, packet)
         if rid is None:
+            return
+        if self._twin_throttled(rid, packet):
             return
         depth = jsonlimits.nesting(packet.payload)
         if depth > jsonlimits.MAX_TWIN_DEPTH + 1:   # + 1: the patch's own object is the section

@@ -88,8 +88,11 @@ class DpsEmulator:
     def __init__(self, *, ca: certs.CertificateAuthority, server_cert: Path, server_key: Path,
                  host: str = "127.0.0.1", port: int = 0, id_scope: str = "0ne00000001",
                  retry_after: int = 1, on_assigned: Optional[Callable[[str, str, Optional[bytes]], None]] = None,
-                 log: Optional[Callable[[str], None]] = None, cert_lifetime: Optional[float] = None):
+                 log: Optional[Callable[[str], None]] = None, cert_lifetime: Optional[float] = None,
+                 diag: Optional[Callable[[str, str, str, str], None]] = None):
         self.ca = ca
+        #: diag(rule, message, received, peer): protocol mismatches worth showing (a non-HTTP client …).
+        self.diag = diag or (lambda rule, message, received, peer: None)
         self.cert_lifetime = cert_lifetime   # seconds an issued certificate is valid (None: a year)
         self.id_scope = id_scope
         self.retry_after = retry_after
@@ -118,6 +121,14 @@ class DpsEmulator:
     @property
     def port(self) -> int:
         return self._server.server_address[1]
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """The server context (trusting the enrolled CAs and individual certificates); DPS over MQTT
+        shares it, so both transports accept the same devices."""
+        return self._ctx
+
+    api_versions = KNOWN_API_VERSIONS
 
     @property
     def endpoint(self) -> str:
@@ -300,6 +311,14 @@ class _Server(ThreadingHTTPServer):
         self.emulator = emulator
         super().__init__(address, handler)
 
+    def handle_error(self, request, client_address) -> None:
+        """An unexpected failure in a handler: one line through the log, never a traceback on stderr."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        self.emulator.diag("dps.internal", f"the DPS emulator failed on a request: {type(exc).__name__}: {exc}",
+                           "", f"{client_address[0]}:{client_address[1]}")
+
     def get_request(self):
         sock, addr = self.socket.accept()
         # The handshake happens on the handler's thread, so one slow client cannot stall accept().
@@ -329,7 +348,29 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         if self._peer is None:
             return
-        super().handle()
+        try:
+            super().handle()
+        except (ConnectionError, ssl.SSLError, OSError) as exc:
+            # The client went away mid-request (often a non-HTTP client giving up): one line, no traceback.
+            self.server.emulator._log(f"DPS connection from {self.client_address[0]} ended: {exc}")
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """The base class's answer to a request it cannot parse: a diagnostic naming the likely cause."""
+        line = (getattr(self, "raw_requestline", b"") or b"")[:60]
+        if line[:1] == b"\x10" or b"MQTT" in line:
+            hint = ("an MQTT CONNECT arrived on the DPS HTTPS port; DPS over MQTT has its own port "
+                    "(--dps-mqtt-port / start_dps(mqtt_port=…))")
+        else:
+            hint = f"the request is not HTTP/1.1 ({message or code})"
+        self.server.emulator.diag("dps.not-http", hint, f"first bytes {line!r}",
+                                  f"{self.client_address[0]}:{self.client_address[1]}")
+        self.close_connection = True
+        if self.request_version in ("", "HTTP/0.9"):  # a status line even when the request line was garbage
+            self.request_version = self.protocol_version
+        try:
+            self._send(*_error(400 if code < 500 else code, 400004, hint))
+        except (ConnectionError, ssl.SSLError, OSError):
+            pass
 
     def _serve(self) -> None:
         emu = self.server.emulator

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 _sequence = itertools.count(1)
 
@@ -53,11 +53,14 @@ class EventLog:
     def __init__(self, max_items: int = MAX_EVENTS) -> None:
         self._items: Deque[Event] = deque(maxlen=max_items)
         self._cond = threading.Condition()
+        self.listeners: List[Callable[[Event], None]] = []   # called on the hub's loop (the dashboard)
 
     def add(self, event: Event) -> None:
         with self._cond:
             self._items.append(event)
             self._cond.notify_all()
+        for listener in list(self.listeners):
+            listener(event)
 
     def items(self, device_id: Optional[str] = None, module_id: Optional[str] = None) -> List[Event]:
         with self._cond:

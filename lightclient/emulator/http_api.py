@@ -8,7 +8,7 @@ Routes (``?api-version=…`` is accepted and ignored; module forms insert ``/mod
                                                       "x509Thumbprint": {"primaryThumbprint": …},
                                                       "x509Certificate": PEM (emulator extension)}
     DELETE /devices/{id}[/modules/{mid}]              unregister
-    GET    /twins/{id}[/modules/{mid}]                twin {"deviceId", "properties": {"desired", "reported"}}
+    GET    /twins/{id}[/modules/{mid}]                twin {"deviceId", "modelId", "properties": {…}}
     PATCH  /twins/{id}[/modules/{mid}]                {"properties": {"desired": {…}}} -> updated twin
     POST   /twins/{id}[/modules/{mid}]/methods        {"methodName", "payload", "responseTimeoutInSeconds"}
                                                       -> {"status", "payload"}; 404 offline, 504 timeout
@@ -19,6 +19,7 @@ Routes (``?api-version=…`` is accepted and ignored; module forms insert ``/mod
                                                       (the real service sends C2D over AMQP only)
     GET    /emulator/events[?deviceId=&moduleId=]     accepted telemetry, oldest first
     GET    /emulator/diagnostics[?identity=&rule=]    recorded protocol deviations
+    GET    /emulator/feedback[?deviceId=]             C2D feedback records (Success / Expired), see c2d_feedback
 
 Errors come back with the hub's status and a body ``{"errorCode": 404103, "message": …}``; so does every
 malformed request (bad JSON, a body that is not an object, too deep JSON, a wrong Content-Length, a body
@@ -57,6 +58,7 @@ _ROUTES = [
     ("POST", re.compile(r"^/devices/(?P<device>[^/]+)/messages/deviceBound/?$", re.I), "send_c2d"),
     ("GET", re.compile(r"^/emulator/events/?$"), "events"),
     ("GET", re.compile(r"^/emulator/diagnostics/?$"), "diagnostics"),
+    ("GET", re.compile(r"^/emulator/feedback/?$"), "feedback"),
 ]
 
 
@@ -241,7 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _twin_json(self, device: str, module: Optional[str]) -> dict:
         twin = self.emulator.get_twin(device, module)
-        result = {"deviceId": device, "etag": "AAAAAAAAAAE=",
+        result = {"deviceId": device, "modelId": self.emulator.model_id(device, module) or "",
+                  "etag": "AAAAAAAAAAE=",
                   "version": twin["desired"]["$version"] + twin["reported"]["$version"],
                   "properties": twin}
         if module:
@@ -277,7 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_c2d(self, device: str) -> Tuple[int, Any]:
         headers = {k.lower(): v for k, v in self.headers.items()}
-        properties = {k[len("iothub-app-"):]: v for k, v in headers.items() if k.startswith("iothub-app-")}
+        # Header names are case-insensitive, property names are not: keep each name as the caller wrote it.
+        properties = {k[len("iothub-app-"):]: v for k, v in self.headers.items()
+                      if k.lower().startswith("iothub-app-")}
         message_id = self.emulator.send_c2d(
             device, self.body, message_id=headers.get("iothub-messageid"),
             correlation_id=headers.get("iothub-correlationid"), user_id=headers.get("iothub-userid"),
@@ -289,6 +294,9 @@ class _Handler(BaseHTTPRequestHandler):
     def events(self) -> Tuple[int, Any]:
         events = self.emulator.events(self.query.get("deviceId"), self.query.get("moduleId"))
         return 200, [e.to_json() for e in events]
+
+    def feedback(self) -> Tuple[int, Any]:
+        return 200, self.emulator.c2d_feedback(self.query.get("deviceId"))
 
     def diagnostics(self) -> Tuple[int, Any]:
         items = self.emulator.diagnostics(self.query.get("identity"), self.query.get("rule"))

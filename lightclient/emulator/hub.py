@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 import ssl
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
-from . import codec, jsonlimits, namespace
+from . import c2d_feedback, codec, jsonlimits, namespace, routing
 from .diagnostics import Diagnostic, DiagnosticLog
 from .errors import HubError
 from .events import EventLog
@@ -44,6 +45,10 @@ class C2DMessage:
     body: bytes
     pairs: Tuple[Tuple[str, Optional[str]], ...]
     message_id: str
+    expires: Optional[float] = None    # seconds since the epoch ($.exp), None: never
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
     @property
     def topic(self) -> str:
@@ -92,11 +97,19 @@ class Hub:
         self.handshake_timeout = handshake_timeout
         self.credentials = None            # a credentials.CredentialsService while the credentials API is on
         self.disconnect_on_expiry = False  # drop a connection when its certificate expires (UNCERTAIN, off)
+        self.peer_trust = None             # a peer_trust.PeerTrust: certificates are authorized at CONNECT
+        self.peer_trust_off = ""           # why not, when peer_trust is None (named in TLS diagnostics)
         self.sessions: Dict[str, Session] = {}
         self.twins: Dict[str, Twin] = {}
         self.c2d_queues: Dict[str, Deque[C2DMessage]] = {}
         self.pending_methods: Dict[Tuple[str, str], asyncio.Future] = {}
+        self.c2d_feedback: List[Dict[str, Any]] = []   # see c2d_feedback.py
+        self.routes: List[routing.Route] = []           # module output -> input routes (routing.py)
+        self.throttle = None                             # a throttle.Throttle when rates are set
         self.model_ids: Dict[str, Optional[str]] = {}   # identity -> model-id of its last CONNECT
+        #: observer(kind, data) for what the service side does and who connects (the dashboard's feed);
+        #: kinds: connected, disconnected, c2d, method, method-result, desired.
+        self.observers: List[Any] = []
         self._method_rids = itertools.count(1)
         self._server: Optional[asyncio.base_events.Server] = None
         self._ws_server: Optional[asyncio.base_events.Server] = None   # MQTT over WebSockets (.websocket)
@@ -169,8 +182,11 @@ class Hub:
             self.diag("tls.handshake-timeout", "TLS handshake not completed in time; connection closed",
                       reason, peer=channel.peer)
         else:
+            why = (f" (IoT Hub accepts any certificate here and refuses at CONNECT with CONNACK 5; this "
+                   f"emulator refuses in the handshake because {self.peer_trust_off})"
+                   if self.peer_trust is None and self.peer_trust_off else "")
             self.diag("tls.handshake", "TLS handshake failed; the hub requires TLS 1.2+ and a client "
-                      "certificate issued by the emulator's CA or registered as self-signed", reason,
+                      "certificate issued by the emulator's CA or registered as self-signed" + why, reason,
                       peer=channel.peer)
 
     def _on_secure(self, channel: TlsChannel) -> None:
@@ -184,6 +200,10 @@ class Hub:
         task = asyncio.get_running_loop().create_task(websocket.serve(self, channel))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def notify(self, kind: str, **data: Any) -> None:
+        for observer in list(self.observers):
+            observer(kind, data)
 
     # ------------------------------------------------------------------ diagnostics
 
@@ -212,6 +232,7 @@ class Hub:
             session, present = existing, True
         session.connection = connection
         self.sessions[identity] = session
+        self.notify("connected", identity=identity)
         return session, present
 
     def detach(self, connection) -> None:
@@ -219,6 +240,7 @@ class Hub:
         if session is None or session.connection is not connection:
             return
         session.connection = None
+        self.notify("disconnected", identity=session.identity)
         if not session.persistent and self.sessions.get(session.identity) is session:
             self._discard(session)
             del self.sessions[session.identity]
@@ -265,13 +287,41 @@ class Hub:
             return
         if namespace.c2d_filter(device_id) not in session.subscriptions:
             return
+        self.expire_c2d(device_id)
         queue = self.c2d_queues.get(device_id)
         while queue:
             message = queue.popleft()
             self.deliver(session, message.topic, message.body, 1, message)
 
     def acknowledge(self, session: Session, packet_id: int) -> bool:
-        return session.inflight.pop(packet_id, None) is not None
+        entry = session.inflight.pop(packet_id, None)
+        if entry is not None and entry[1] is not None:   # a C2D message completed by the device
+            c2d_feedback.record(self.c2d_feedback, entry[1], "Success")
+        return entry is not None
+
+    def expire_c2d(self, device_id: str) -> None:
+        """Drop queued messages whose $.exp has passed (with Expired feedback where asked for)."""
+        queue = self.c2d_queues.get(device_id)
+        if not queue:
+            return
+        now = time.time()
+        for message in [m for m in queue if m.expired(now)]:
+            queue.remove(message)
+            c2d_feedback.record(self.c2d_feedback, message, "Expired")
+
+    def route(self, device_id: str, module_id: Optional[str], payload: bytes,
+              system: Dict[str, Optional[str]], application: Dict[str, Optional[str]]) -> None:
+        """Deliver a copy of a telemetry message to every module input a route names (routing.py)."""
+        for target, input_name in routing.targets(self.routes, module_id, system):
+            identity = f"{device_id}/{target}"
+            topic = (f"devices/{device_id}/modules/{target}/inputs/{input_name}/"
+                     + namespace.encode_property_bag(routing.input_pairs(device_id, module_id, system, application)))
+            session = self.sessions.get(identity)
+            if session is None or not self.deliver(session, topic, payload, 1):
+                self.diag("routing.undelivered", f"route to {identity!r} input {input_name!r}: the module is not "
+                          f"connected or not subscribed to 'devices/{device_id}/modules/{target}/inputs/#'; the "
+                          f"copy is dropped (IoT Edge would store it)", f"message from {device_id}/{module_id}",
+                          f"{device_id}/{module_id}" if module_id else device_id)
 
     # ------------------------------------------------------------------ twins
 
@@ -301,6 +351,7 @@ class Hub:
         except TwinTooLarge as exc:
             self.diag("service.twin-size", str(exc), identity=identity)
             raise HubError(400, 400004, f"{exc}.") from None
+        self.notify("desired", identity=identity, patch=patch, version=version)
         session = self.sessions.get(identity)
         if session is not None:
             body = json.dumps({**patch, "$version": version}).encode()
@@ -321,11 +372,15 @@ class Hub:
         rid = str(next(self._method_rids))
         future = asyncio.get_running_loop().create_future()
         self.pending_methods[(identity, rid)] = future
+        self.notify("method", identity=identity, method=method_name, payload=payload)
         try:
             self.deliver(session, f"$iothub/methods/POST/{method_name}/?$rid={rid}",
                          json.dumps(payload).encode(), 0)
-            return await asyncio.wait_for(future, timeout)
+            status, answer = await asyncio.wait_for(future, timeout)
+            self.notify("method-result", identity=identity, method=method_name, status=status, payload=answer)
+            return status, answer
         except asyncio.TimeoutError:
+            self.notify("method-result", identity=identity, method=method_name, status=504, payload=None)
             raise HubError(504, 504101, "Timed out waiting for the response from device.") from None
         finally:
             self.pending_methods.pop((identity, rid), None)
@@ -350,6 +405,8 @@ class Hub:
         if len(body) > C2D_MAX_BYTES:
             raise HubError(413, 413001, f"Message of {len(body)} bytes exceeds the C2D limit of "
                            f"{C2D_MAX_BYTES} bytes.")
+        expires = c2d_feedback.parse_expiry(expiry)
+        self.expire_c2d(device_id)
         queue = self.c2d_queues.setdefault(device_id, deque())
         # As on the hub, a message counts against the queue depth until the device completes it (PUBACK),
         # so one that never acknowledges cannot make the emulator hold messages without end.
@@ -366,10 +423,12 @@ class Hub:
             if value is not None:
                 pairs.append((key, value))
         pairs.extend((properties or {}).items())
-        queue.append(C2DMessage(device_id, bytes(body), tuple(pairs), message_id))
+        queue.append(C2DMessage(device_id, bytes(body), tuple(pairs), message_id, expires))
+        self.notify("c2d", identity=device_id, body=bytes(body), properties=dict(pairs))
         self.pump_c2d(device_id)
         return message_id
 
     def queued_c2d(self, device_id: str) -> int:
         """Messages waiting in the hub's queue (not yet sent to the device)."""
+        self.expire_c2d(device_id)
         return len(self.c2d_queues.get(device_id, ()))

@@ -34,7 +34,11 @@ DESIRED_FILTER = "$iothub/twin/PATCH/properties/desired/#"
 METHODS_FILTER = "$iothub/methods/POST/#"
 CREDENTIALS_FILTER = "$iothub/credentials/res/#"
 
-_UNRESERVED_OR_ESCAPE = re.compile(r"[^A-Za-z0-9\-._~%]")
+#: RFC 2396 "unreserved" (reference §2.1: bags are RFC 2396 encoded) plus '%' escapes: sent as they are,
+#: these read the same at the hub, so ``! ' ( ) *`` left raw by encodeURIComponent (Node SDK) are fine.
+_UNRESERVED_OR_ESCAPE = re.compile(r"[^A-Za-z0-9\-._~!*'()%]")
+#: Named in every encoding diagnostic, so the reader can check the rule.
+ENCODING_REFERENCE = "reference §2.1: RFC 2396 percent-encoding, as in an HTTPS query string"
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _METHOD_RESPONSE = re.compile(r"^\$iothub/methods/res/([^/]*)/$")
 
@@ -211,7 +215,8 @@ def decode_property_bag(bag: str, system_keys: frozenset = TELEMETRY_SYSTEM_PROP
         for raw in (raw_key, raw_value):
             if _BAD_ESCAPE.search(raw):
                 problems.append(("telemetry.property-encoding",
-                                 f"invalid percent-escape in {raw!r}; the hub leaves it undecoded"))
+                                 f"invalid percent-escape in {raw!r}; the hub leaves it undecoded "
+                                 f"({ENCODING_REFERENCE})"))
         if raw_key.startswith("$"):
             problems.append(("telemetry.property-encoding",
                              f"system property key {raw_key!r} sent unencoded; SDKs send "
@@ -221,12 +226,13 @@ def decode_property_bag(bag: str, system_keys: frozenset = TELEMETRY_SYSTEM_PROP
             if "+" in bad:
                 problems.append(("telemetry.property-encoding",
                                  f"'+' in {raw!r} is a literal plus at the hub, not a space; "
-                                 f"encode a space as %20 (never use quote_plus)"))
+                                 f"encode a space as %20 (never use quote_plus; {ENCODING_REFERENCE})"))
                 bad.remove("+")
             if bad:
                 problems.append(("telemetry.property-encoding",
-                                 f"unencoded character(s) {''.join(bad)!r} in {raw!r}; percent-encode "
-                                 f"everything except A-Z a-z 0-9 - . _ ~"))
+                                 f"unencoded character(s) {''.join(bad)!r} in {raw!r}: reserved or excluded in "
+                                 f"RFC 2396, so the hub may read them differently; percent-encode everything "
+                                 f"except A-Z a-z 0-9 - _ . ! ~ * ' ( ) ({ENCODING_REFERENCE})"))
         key = unquote(raw_key)
         value = unquote(raw_value) if sep else None
         target = system if key.startswith("$.") else application

@@ -30,6 +30,8 @@ KNOWN_API_VERSIONS = ("2018-06-30", "2019-03-30", "2019-10-01", "2020-09-30", "2
                       "2025-08-01-preview")
 EXAMPLE_API_VERSION = "2021-04-12"
 
+_QUERY_RAW = re.compile(r"[^A-Za-z0-9\-._~!*'()%]")
+_MODEL_ID_RAW = re.compile(r"[^A-Za-z0-9\-._~!*'()%:;]")
 _ID_CHARS = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}$")
 
 
@@ -162,10 +164,15 @@ def check_username(username: Optional[str], hostname: str, client_id: str) -> Tu
     for item in query.split("&") if query else []:
         key, sep, value = item.partition("=")
         params[unquote(key)] = unquote(value) if sep else None
-        if re.search(r"[^A-Za-z0-9\-._~%]", value):
+        # RFC 2396 unreserved characters read the same encoded or not; so do the ':' and ';' of a raw
+        # model id (dtmi:com:example:Thermostat;1), which the Node SDK and its samples send to the hub.
+        allowed = _MODEL_ID_RAW if unquote(key) == "model-id" else _QUERY_RAW
+        bad = sorted(set(allowed.findall(value)))
+        if bad:
             warnings.append(("connect.username-encoding",
-                             f"value of {unquote(key)!r} is not percent-encoded ({value!r}); the hub "
-                             f"percent-decodes every query value"))
+                             f"value of {unquote(key)!r} is not percent-encoded ({value!r}): {''.join(bad)!r} "
+                             f"may read differently, since the hub percent-decodes every query value "
+                             f"(reference §1, URL-encoding rule; RFC 2396)"))
     api_version = params.get("api-version")
     if not api_version:
         warnings.append(("connect.api-version", f"username has no api-version; the hub documents "

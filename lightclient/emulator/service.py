@@ -82,7 +82,8 @@ class Emulator:
                  max_packet_size: int = codec.DEFAULT_MAX_PACKET_SIZE, max_connections: int = MAX_CONNECTIONS,
                  handshake_timeout: float = 10.0, max_diagnostics: int = MAX_DIAGNOSTICS,
                  max_events: int = MAX_EVENTS, cert_lifetime: Optional[float] = None,
-                 credentials_api: bool = True, disconnect_on_expiry: bool = False, ws_port: Optional[int] = None):
+                 credentials_api: bool = True, disconnect_on_expiry: bool = False, ws_port: Optional[int] = None,
+                 authorize_at_connect: bool = True, throttle: Optional[Dict[str, float]] = None):
         self.state_dir = Path(state_dir)
         self.host = host
         self.hostname = hostname
@@ -104,12 +105,22 @@ class Emulator:
         self.cert_lifetime = cert_lifetime
         self._credentials_api = credentials_api
         self._disconnect_on_expiry = disconnect_on_expiry
+        self._authorize_at_connect = authorize_at_connect
+        from .throttle import Throttle
+
+        #: Per-identity rates (operations per second) by kind: connect, twin, telemetry (see throttle.py).
+        self._throttle = Throttle(throttle) if throttle else None
+        #: Why certificates are refused in the TLS handshake instead of at CONNECT ("" when they are not).
+        self.tls_refusal_reason = ""
         self.registry = Registry()
         self.diagnostic_log = DiagnosticLog(max_diagnostics)
         self.event_log = EventLog(max_events)
         self._output = output
         self.verbose = verbose
         self.dps = None
+        self._dps_mqtt = None
+        self.dps_mqtt_port: Optional[int] = None
+        self.dashboard = None
         if verbose:
             self.diagnostic_log.listeners.append(self._print_diagnostic)
         self._ca_paths = (ca_cert, ca_key)
@@ -163,6 +174,13 @@ class Emulator:
             self._hub.credentials = CredentialsService(
                 lambda csr, cn: certs.issue_from_csr(self.ca, csr, cn, self.cert_lifetime))
         self._hub.disconnect_on_expiry = self._disconnect_on_expiry
+        self._hub.throttle = self._throttle
+        # As the hub: any client certificate passes TLS and is authorized at CONNECT (needs the native shim).
+        from . import peer_trust
+
+        self._hub.peer_trust, self.tls_refusal_reason = peer_trust.enable(self._ssl_context,
+                                                                          self._authorize_at_connect)
+        self._hub.peer_trust_off = self.tls_refusal_reason
         self._thread = threading.Thread(target=self._loop.run_forever, name="iothub-emulator", daemon=True)
         self._thread.start()
         try:
@@ -213,8 +231,9 @@ class Emulator:
         return self._call(self._async(lambda: self._hub.connection_count))
 
     def start_dps(self, port: int = 0, *, id_scope: str = "0ne00000001", retry_after: int = 1,
-                  group: Optional[str] = "lab-devices", polls: int = 1):
+                  group: Optional[str] = "lab-devices", polls: int = 1, mqtt_port: Optional[int] = None):
         """Serve a DPS beside the hub (HTTPS, same CA and server certificate); returns the DpsEmulator.
+        With ``mqtt_port`` (0: a free one) the same DPS is also served over MQTT (``dps_mqtt_port``).
 
         With ``group``, every device whose certificate comes from this emulator's CA may register
         (a group enrollment by CA). Assigned devices are registered in this hub, so they can
@@ -228,11 +247,46 @@ class Emulator:
         self.dps = DpsEmulator(ca=ca, server_cert=cert, server_key=key, host=self.host, port=port,
                                id_scope=id_scope, retry_after=retry_after, on_assigned=self._dps_assigned,
                                cert_lifetime=self.cert_lifetime,
+                               diag=lambda rule, message, received, peer: self.diagnostic_log.add(
+                                   Diagnostic(rule, message, received, None, peer)),
                                log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
                                                        flush=True)) if self.verbose else None)
         if group:
             self.dps.add_group(group, ca.cert_path.read_bytes(), assigned_hub=self.hostname, polls=polls)
-        return self.dps.start()
+        self.dps.start()
+        if mqtt_port is not None:
+            from .dps_mqtt import DpsMqttServer
+
+            self._dps_mqtt = DpsMqttServer(self.dps, self.diagnostic_log.add,
+                                           handshake_timeout=self._options["handshake_timeout"],
+                                           connect_timeout=self._options["connect_timeout"])
+            try:
+                self.dps_mqtt_port = self._call(self._dps_mqtt.start(self.host, mqtt_port))
+            except BaseException:
+                self.stop()
+                raise
+        return self.dps
+
+    def add_route(self, route: str):
+        """Add an IoT Edge style route (``FROM /messages/modules/m1/outputs/o1 INTO BrokeredEndpoint(
+        "/modules/m2/inputs/i1")``, see :mod:`.routing`); returns the parsed Route."""
+        from .routing import parse_route
+
+        parsed = parse_route(route)
+        self._require_started()
+        self._call(self._async(self._hub.routes.append, parsed))
+        return parsed
+
+    def start_dashboard(self, port: int = 0):
+        """Serve the live web dashboard on loopback (see :mod:`.dashboard`); returns it (``.url``)."""
+        from .dashboard import LOOPBACK, Dashboard
+
+        self._require_started()
+        if self.dashboard is not None:
+            raise EmulatorError("the dashboard is already running")
+        # Loopback whatever the MQTT listener's address: the dashboard has no authentication.
+        self.dashboard = Dashboard(self, self.host if self.host in LOOPBACK else "127.0.0.1", port)
+        return self.dashboard
 
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
@@ -247,6 +301,15 @@ class Emulator:
 
     def stop(self) -> None:
         """Close every connection and the listeners, and join the threads.  Safe to call twice."""
+        if self.dashboard is not None:
+            self.dashboard.close()
+            self.dashboard = None
+        if self._dps_mqtt is not None:
+            try:
+                self._call(self._dps_mqtt.stop(), timeout=10)
+            except EmulatorError:
+                pass
+            self._dps_mqtt = None
         if self.dps is not None:
             self.dps.stop()
             self.dps = None
@@ -394,6 +457,15 @@ class Emulator:
             device_id, data, message_id=message_id, correlation_id=correlation_id, user_id=user_id,
             content_type=content_type, content_encoding=content_encoding, expiry=expiry, ack=ack,
             properties=properties))
+
+    def c2d_feedback(self, device_id: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Delivery feedback so far (see :mod:`.c2d_feedback`): ``Success`` when a device completed a
+        message sent with ``ack`` ``positive``/``full``, ``Expired`` when one with ``negative``/``full`` expired."""
+        def read():
+            for queued in list(self._hub.c2d_queues):
+                self._hub.expire_c2d(queued)
+            return [dict(r) for r in self._hub.c2d_feedback if device_id in (None, r["deviceId"])]
+        return self._call(self._async(read))
 
     def queued_c2d(self, device_id: str) -> int:
         return self._call(self._async(self._hub.queued_c2d, device_id))
