@@ -224,7 +224,7 @@ class Pipeline:
         if total <= self.max_messages and size <= self.max_bytes:
             return 0
         where = "outbox" if self.outbox is not None else "offline queue"
-        what = "the message was" if count == 1 else f"none of the {count} messages was"
+        what = "the message was" if count == 1 else f"the {count} messages were"
         limits = (f"{self.count} messages, {self.bytes} bytes pending; limits {self.max_messages} messages, "
                   f"{self.max_bytes} bytes")
         if count == 1 and cost > self.max_bytes:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
 from . import paho as lcpaho
-from . import topics
+from . import _fastpath, topics
 from ._pipeline import Pipeline, SendHandle, TopicForm, queue_settings, wait_all
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
@@ -204,6 +204,7 @@ class Device:
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
         client.on_publish = self._on_publish
+        self._fast_acks = _fastpath.install(client)  # cheaper PUBACKs where this paho allows it
         lcpaho.route(client, identity,
                    on_c2d=None if identity.is_module else self._got_message,
                    on_input=self._got_message if identity.is_module else None,

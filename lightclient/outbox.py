@@ -203,7 +203,7 @@ class Outbox:
                 count = len(self._sizes) - sum(1 for key in drop if key in self._sizes)
                 if count + len(rows) > self.max_messages or self._bytes - freed + sum(costs) > self.max_bytes:
                     self._acked = acked + self._acked
-                    what = "the message was" if len(rows) == 1 else f"none of the {len(rows)} messages was"
+                    what = "the message was not" if len(rows) == 1 else f"none of the {len(rows)} messages was"
                     raise QueueFullError(
                         f"the outbox is full ({len(self._sizes)} messages, {self._bytes} bytes; limits "
                         f"{self.max_messages} messages, {self.max_bytes} bytes): {what} accepted")
