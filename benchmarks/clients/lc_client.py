@@ -68,7 +68,10 @@ def send_lightclient(ctx, count, warmup):
         _fastpath.enabled = False
     mode, batch, body = spec.get("mode", "send"), spec.get("batch", 100), payload()
     outbox = spec.get("outbox")
-    kwargs = {"outbox": outbox, "max_queue": max(count, 10000) + warmup} if outbox else {}
+    # Room for the whole run (raw paho's queue is unbounded): the sender outruns the network.
+    kwargs = {"outbox": outbox, "max_queue": max(count, 10000) + warmup, "max_queue_bytes": 2 ** 40}
+    if not outbox:
+        del kwargs["outbox"]
     with device(ctx, f"bench-lc-{os.getpid()}", **kwargs) as dev:
         def run(n):
             if mode == "send_many":
