@@ -141,7 +141,7 @@ def queue_memory(count, size):
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for _ in range(count):
-        dev.send(bytes(body), PROPERTIES)  # a payload object per message, as an application's would be
+        dev.send(bytes(bytearray(body)), PROPERTIES)  # a new payload object per message, as an app would have
     total = (tracemalloc.get_traced_memory()[0] - before) / count
     tracemalloc.stop()
     return {"bytes_per_message": total, "payload_object": sys.getsizeof(body),
