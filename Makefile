@@ -45,8 +45,14 @@ venv: system-deps $(VENV)/.installed
 demo: venv
 	$(PY) examples/demo.py
 
+# The Device integration tests run a second time with paho's stock PUBACK handling (lightclient/_fastpath.py
+# is only used where the installed paho allows it; both paths must pass). About 1-2 minutes more.
+STOCK_PAHO_TESTS = tests/integration/test_device.py tests/integration/test_device_emulator.py \
+	tests/integration/test_device_telemetry.py tests/integration/test_reliability.py
+
 test: venv
 	$(PY) -m pytest -q
+	LIGHTCLIENT_TEST_STOCK_PAHO=1 $(PY) -m pytest -q $(STOCK_PAHO_TESTS)
 
 bench: venv
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[bench]'

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
 
@@ -34,8 +34,8 @@ if TYPE_CHECKING:
 
 from . import _transport
 from . import paho as lcpaho
-from . import topics
-from ._pipeline import Pipeline, SendHandle, queue_settings
+from . import _fastpath, topics
+from ._pipeline import Pipeline, SendHandle, TopicForm, queue_settings, wait_all
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
 from .backoff import Backoff
@@ -242,6 +242,7 @@ class Device:
         client.on_connect_fail = self._on_connect_fail
         client.on_pre_connect = self._on_pre_connect
         client.on_publish = self._on_publish
+        self._fast_acks = _fastpath.install(client)  # cheaper PUBACKs where this paho allows it
         lcpaho.route(client, identity,
                    on_c2d=None if identity.is_module else self._got_message,
                    on_input=self._got_message if identity.is_module else None,
@@ -664,31 +665,72 @@ class Device:
 
             devices/{id}/messages/events/%24.mid=m1&%24.ct=application%2Fjson&unit=C
 
-        With an outbox the message is committed to it before this returns. Raises :class:`ConfigError`
-        for bad properties, :class:`MessageTooLargeError` above 256 KB, :class:`QueueFullError` when the
-        queue (or outbox) is full and ``full_policy`` is ``"reject_new"``, and
-        :class:`~lightclient.exceptions.OutboxError` if the outbox cannot be written.
+        With an outbox the message is committed to it before this returns (senders on several threads
+        share one commit: see :meth:`send_many`). Raises :class:`ConfigError` for bad properties,
+        :class:`MessageTooLargeError` above 256 KB, :class:`QueueFullError` when the queue (or outbox) is
+        full and ``full_policy`` is ``"reject_new"``, and :class:`~lightclient.exceptions.OutboxError` if
+        the outbox cannot be written.
         """
+        return self._acks.put(self._message(payload, properties, system_properties))
+
+    def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None,
+                  **system_properties: Any) -> List[SendHandle]:
+        """Accept a batch of telemetry messages with the same properties; one :class:`SendHandle` each, in order.
+
+        The batch is accepted whole or not at all (:class:`QueueFullError`, nothing queued); with an outbox
+        it is one transaction (one disk flush), which is what makes durable telemetry fast. Every message
+        gets its own fresh ``$.mid``, so ``message_id`` is not accepted here; other arguments and errors
+        are those of :meth:`send`. Wait for the batch with :meth:`wait_all`::
+
+            handles = device.send_many([reading.encode() for reading in batch], {"unit": "C"})
+            device.wait_all(handles, timeout=30)
+        """
+        if "message_id" in system_properties:
+            raise ConfigError("send_many() gives every message its own fresh message_id; to choose message ids, "
+                              "call send(payload, message_id=...) for each message")
+        if isinstance(payloads, (bytes, str, bytearray, memoryview)):
+            raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
+                              "send(payload)")
+        return self._acks.put_many([self._message(payload, properties, system_properties)
+                                    for payload in payloads])
+
+    @staticmethod
+    def wait_all(handles: Iterable[SendHandle], timeout: Optional[float] = 30.0) -> None:
+        """Wait until the hub acknowledged every message in ``handles`` (from :meth:`send` or :meth:`send_many`).
+
+        :class:`OperationTimeout` if they are not all acknowledged within ``timeout`` seconds in all (they
+        stay queued and are sent again after a reconnect); :class:`MessageDroppedError` (the first, in the
+        order given, after waiting for the rest) if some were dropped to make room (``drop_oldest``).
+        """
+        wait_all(handles, timeout)
+
+    def _message(self, payload: Any, properties: Optional[topics.Properties],
+                 system_properties: Dict[str, Any]) -> SendHandle:
+        """One checked message, not yet accepted: its handle (the topic stays in parts until it is sent)."""
         if isinstance(payload, (bytearray, memoryview)):
             payload = bytes(payload)
         message_id = system_properties.get("message_id")
         if message_id is None:
             system_properties.pop("message_id", None)
-            head, tail, overhead = self._topic(properties, system_properties, True)
-            message_id = self._next_message_id()
-            topic = head + message_id + tail
+            form, overhead = self._topic(properties, system_properties, True)
+            n: Optional[int] = next(self._mid_counter)
+            cost = form.fixed  # type: ignore[union-attr]
         else:
-            topic, _, overhead = self._topic(properties, system_properties, False)
+            form, overhead = self._topic(properties, system_properties, False)
+            n = None
+            cost = len(form)  # type: ignore[arg-type]
         if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
             # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
             if not isinstance(payload, (bytes, str)):
                 raise ConfigError(f"payload must be bytes or str (sent as UTF-8), bytearray or memoryview, not "
                                   f"{type(payload).__name__}; send b'' for a message without a body")
-            system_properties["message_id"] = message_id
+            if n is not None:
+                system_properties = dict(system_properties, message_id=form.message_id(n))  # type: ignore[union-attr]
             topics.check_message_size(payload, properties, topics.system_properties(**system_properties))
             if not isinstance(payload, bytes):
                 payload = payload.encode("utf-8")
-        return self._acks.put(topic, payload, message_id)
+        # The topic is ASCII (ids are ASCII, the bag is %-encoded): its length is its size in bytes.
+        return SendHandle(self._acks, form, n, payload, cost + len(payload))
 
     def _next_message_id(self) -> str:
         """A unique ``$.mid`` of 36 characters, like a UUID: a random 96-bit prefix per Device and a
@@ -696,10 +738,10 @@ class Device:
         return f"{self._mid_prefix}-{next(self._mid_counter):011x}"
 
     def _topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any],
-               auto_id: bool) -> Tuple[str, str, int]:
+               auto_id: bool) -> Tuple[Union[TopicForm, str], int]:
         """The telemetry topic and the size its properties count against the 256 KB limit, cached.
 
-        With ``auto_id`` the topic is returned in two parts, to be joined around a fresh ``$.mid``.
+        With ``auto_id`` the topic is a :class:`TopicForm`, to be completed with a fresh ``$.mid``.
         Most applications send the same few property sets over and over; building and validating the
         topic costs more than paho's whole publish(), and the sending thread shares the GIL with the
         network thread, so the cache is what keeps Device.send close to a raw paho publish.
@@ -721,11 +763,12 @@ class Device:
             raise ConfigError(f"{exc}; system properties are message_id, correlation_id, user_id, content_type, "
                               "content_encoding, absolute_expiry, creation_time, component, output_name") from None
         size = topics.message_size(None, properties, system)
+        result: Tuple[Union[TopicForm, str], int]
         if auto_id:
             head, tail = topic.split("%24.mid=" + _MID_PLACEHOLDER, 1)
-            result = (head + "%24.mid=", tail, size)
+            result = (TopicForm(head + "%24.mid=", self._mid_prefix, tail, size), size)
         else:
-            result = (topic, "", size)
+            result = (topic, size)
         if key is not None:
             if len(self._topics) >= _TOPIC_CACHE_SIZE:
                 self._topics.clear()  # unique message ids defeat any cache; keep memory bounded instead

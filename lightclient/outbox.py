@@ -4,7 +4,10 @@ Opt in with ``Device(..., outbox="/var/lib/app/outbox.db")`` (or an :class:`Outb
 limits). Then:
 
 * :meth:`Device.send` returns only after the message is committed to the SQLite file (WAL mode,
-  ``synchronous=FULL`` by default: the commit is on disk when ``send`` returns).
+  ``synchronous=FULL`` by default: the commit is on disk when ``send`` returns). Group commit: the
+  messages of every thread waiting in ``send`` at that moment share one transaction (one disk flush),
+  and :meth:`Device.send_many` commits a whole batch at once, so durable telemetry keeps up with the
+  network.
 * A message leaves the file only after the hub acknowledged it (MQTT PUBACK). Acknowledged rows are
   deleted in small batches a few milliseconds later, so after a crash a handful of already-acknowledged
   messages may be sent again: delivery is at-least-once, and every message carries its ``$.mid``.
@@ -172,9 +175,25 @@ class Outbox:
 
         Raises :class:`QueueFullError` if it does not fit within the limits even after the drops.
         """
-        if not isinstance(topic, str) or not isinstance(payload, bytes):
-            raise ConfigError("an outbox message is a str topic and a bytes payload")
-        cost = message_cost(topic, payload)
+        return self.add_many([(topic, payload)], drop=drop)[0]
+
+    def add_many(self, messages: Iterable[Tuple[str, bytes]], *, drop: Iterable[int] = ()) -> List[int]:
+        """Commit ``(topic, payload)`` messages in one transaction (one disk flush); their keys, in order.
+
+        The ``drop`` keys are deleted in the same transaction. All or nothing: :class:`QueueFullError` if
+        they do not fit within the limits even after the drops, :class:`OutboxError` if the file cannot
+        be written.
+        """
+        rows = []
+        costs = []
+        now = time.time()
+        for topic, payload in messages:
+            if not isinstance(topic, str) or not isinstance(payload, bytes):
+                raise ConfigError("an outbox message is a str topic and a bytes payload")
+            rows.append((topic, payload, now))
+            costs.append(message_cost(topic, payload))
+        if not rows:
+            return []
         drop = [key for key in drop]
         with self._db_lock:
             self._check_open()
@@ -182,21 +201,32 @@ class Outbox:
                 acked, self._acked = self._acked, []
                 freed = sum(self._sizes.get(key, 0) for key in drop)
                 count = len(self._sizes) - sum(1 for key in drop if key in self._sizes)
-                if count + 1 > self.max_messages or self._bytes - freed + cost > self.max_bytes:
+                if count + len(rows) > self.max_messages or self._bytes - freed + sum(costs) > self.max_bytes:
                     self._acked = acked + self._acked
+                    what = "the message was not" if len(rows) == 1 else f"none of the {len(rows)} messages was"
                     raise QueueFullError(
                         f"the outbox is full ({len(self._sizes)} messages, {self._bytes} bytes; limits "
-                        f"{self.max_messages} messages, {self.max_bytes} bytes): the message was not accepted")
+                        f"{self.max_messages} messages, {self.max_bytes} bytes): {what} accepted")
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     gone = acked + drop
                     if gone:
                         self._conn.executemany("DELETE FROM messages WHERE id = ?", [(k,) for k in gone])
-                    cursor = self._conn.execute(
-                        "INSERT INTO messages (topic, payload, created) VALUES (?, ?, ?)",
-                        (topic, payload, time.time()))
-                    key = cursor.lastrowid
+                    if len(rows) == 1:
+                        keys = [self._conn.execute(
+                            "INSERT INTO messages (topic, payload, created) VALUES (?, ?, ?)", rows[0]).lastrowid]
+                    else:
+                        # Keys are consecutive: AUTOINCREMENT under BEGIN IMMEDIATE (no other writer).
+                        first = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+                                                   ).fetchone()
+                        self._conn.executemany("INSERT INTO messages (topic, payload, created) VALUES (?, ?, ?)",
+                                               rows)
+                        last = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'"
+                                                  ).fetchone()[0]
+                        keys = list(range(last - len(rows) + 1, last + 1))
+                        if first is not None and keys[0] <= first[0]:
+                            raise OutboxError("the outbox's message ids are not consecutive")  # pragma: no cover
                     self._conn.execute("COMMIT")
                 except BaseException:
                     self._conn.execute("ROLLBACK")
@@ -212,10 +242,10 @@ class Outbox:
             with self._state:
                 for k in drop:
                     self._bytes -= self._sizes.pop(k, 0)
-                self._sizes[key] = cost
-                self._bytes += cost
-            assert key is not None
-            return key
+                for key, cost in zip(keys, costs):
+                    self._sizes[key] = cost
+                    self._bytes += cost
+            return keys  # type: ignore[return-value]
 
     def remove(self, key: int) -> None:
         """The hub acknowledged message ``key``: forget it (the row is deleted a few milliseconds later)."""

@@ -3,12 +3,25 @@
 Nothing here is mocked. Keys are created on the token as sensitive and non-extractable; device
 certificates are issued by the test CA from CSRs that lightclient signs with the token keys.
 """
+import os
 import ssl
 
 import pytest
 
-from lightclient import keys
+from lightclient import _fastpath, keys
 from tests import lab
+
+# `make test` runs the Device integration tests a second time with paho's stock PUBACK handling
+# (lightclient._fastpath is used only where the installed paho allows it; both paths must pass).
+STOCK_PAHO = os.environ.get("LIGHTCLIENT_TEST_STOCK_PAHO") == "1"
+if STOCK_PAHO:
+    _fastpath.enabled = False
+
+
+def pytest_report_header(config):
+    why = _fastpath.paho_version()
+    return (f"paho PUBACK path: {'stock (LIGHTCLIENT_TEST_STOCK_PAHO=1)' if STOCK_PAHO else 'fast'}"
+            f" (paho-mqtt {'.'.join(map(str, why or ()))})")
 
 PIN = "4711-pin"          # distinctive, so a leak into any text is easy to spot
 SO_PIN = "so-pin-0815"

@@ -34,11 +34,12 @@ def plain_context():
     return ctx
 
 
-def device(ctx, client_id):
+def device(ctx, client_id, **kwargs):
     from lightclient.device import Device
     from lightclient.identity import Identity
 
-    return Device(Identity("localhost", client_id), ctx, port=spec["port"], max_inflight=spec.get("window", 20))
+    return Device(Identity("localhost", client_id), ctx, port=spec["port"], max_inflight=spec.get("window", 20),
+                  **kwargs)
 
 
 def paho_client(ctx, client_id):
@@ -51,14 +52,55 @@ def paho_client(ctx, client_id):
     return client
 
 
+def payload():
+    size = spec.get("size", 256)
+    return bytes(i & 0xFF for i in range(size)) if size <= 256 else os.urandom(size)
+
+
 def send_lightclient(ctx, count, warmup):
-    """(seconds, CPU seconds) for ``count`` Device.send()s after ``warmup`` untimed ones."""
-    with device(ctx, f"bench-lc-{os.getpid()}") as dev:
-        for handle in [dev.send(PAYLOAD, PROPERTIES) for _ in range(warmup)]:
-            handle.wait(60)
+    """(seconds, CPU seconds) for ``count`` messages after ``warmup`` untimed ones.
+
+    ``mode``: ``send`` (one send() per message, then wait_all()), ``send_many`` (batches of ``batch``),
+    ``threads`` (``threads`` threads each calling send() for its share). ``outbox``: a file path."""
+    from lightclient import _fastpath
+
+    if spec.get("stock_paho"):
+        _fastpath.enabled = False
+    mode, batch, body = spec.get("mode", "send"), spec.get("batch", 100), payload()
+    outbox = spec.get("outbox")
+    # Room for the whole run (raw paho's queue is unbounded): the sender outruns the network.
+    kwargs = {"outbox": outbox, "max_queue": max(count, 10000) + warmup, "max_queue_bytes": 2 ** 40}
+    if not outbox:
+        del kwargs["outbox"]
+    with device(ctx, f"bench-lc-{os.getpid()}", **kwargs) as dev:
+        def run(n):
+            if mode == "send_many":
+                handles = []
+                for start in range(0, n, batch):
+                    handles += dev.send_many([body] * min(batch, n - start), PROPERTIES)
+            elif mode == "threads":
+                import threading
+
+                handles, parts = [], []
+
+                def sender(k):
+                    mine = [dev.send(body, PROPERTIES) for _ in range(k)]
+                    parts.append(mine)
+
+                share = [n // spec["threads"] + (1 if i < n % spec["threads"] else 0) for i in range(spec["threads"])]
+                threads = [threading.Thread(target=sender, args=(k,)) for k in share]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                handles = [h for part in parts for h in part]
+            else:
+                handles = [dev.send(body, PROPERTIES) for _ in range(n)]
+            dev.wait_all(handles, timeout=120)
+
+        run(warmup)
         start, cpu = time.perf_counter(), time.process_time()
-        for handle in [dev.send(PAYLOAD, PROPERTIES) for _ in range(count)]:
-            handle.wait(60)
+        run(count)
         return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -84,22 +126,79 @@ def send_aio(ctx, count, warmup):
 def send_paho(ctx, count, warmup, client_id="bench-paho"):
     # What a careful raw-paho app does: the topic computed once, the same window, waiting for PUBACKs.
     topic = f"devices/{client_id}/messages/events/sensor=bench"
+    body = payload()
     client = paho_client(ctx, client_id)
     client.connect("localhost", spec["port"])
     client.loop_start()
     try:
-        for info in [client.publish(topic, PAYLOAD, qos=1) for _ in range(warmup)]:
+        for info in [client.publish(topic, body, qos=1) for _ in range(warmup)]:
             info.wait_for_publish(60)
         start, cpu = time.perf_counter(), time.process_time()
-        infos = [client.publish(topic, PAYLOAD, qos=1) for _ in range(count)]
+        infos = [client.publish(topic, body, qos=1) for _ in range(count)]
         for info in infos:
-            info.wait_for_publish(60)
+            info.wait_for_publish(120)
             if not info.is_published():
-                raise RuntimeError("paho: a message was not acknowledged within 60 s")
+                raise RuntimeError("paho: a message was not acknowledged within 120 s")
         return time.perf_counter() - start, time.process_time() - cpu
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def queue_memory(count, size):
+    """Bytes per message queued in an offline Device (tracemalloc), with and without the payload object."""
+    import ssl as _ssl
+    import tracemalloc
+
+    from lightclient.device import Device
+    from lightclient.identity import Identity
+
+    dev = Device(Identity("localhost", "bench-queue"), _ssl.create_default_context(), max_queue=count + 1,
+                 max_queue_bytes=2 ** 40)
+    body = bytes(size)
+    dev.send(body, PROPERTIES)  # caches the topic form
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for _ in range(count):
+        dev.send(bytes(bytearray(body)), PROPERTIES)  # a new payload object per message, as an app would have
+    total = (tracemalloc.get_traced_memory()[0] - before) / count
+    tracemalloc.stop()
+    return {"bytes_per_message": total, "payload_object": sys.getsizeof(body),
+            "overhead_per_message": total - sys.getsizeof(body), "queued": dev.queued}
+
+
+def profile_send(ctx, count):
+    """cProfile of every thread while ``count`` messages are sent: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+    import threading
+
+    profiles = []
+
+    def trace(*args):
+        profile = cProfile.Profile()
+        profiles.append(profile)
+        profile.enable()
+        return None
+
+    threading.setprofile(trace)  # each thread started from now on profiles itself
+    main = cProfile.Profile()
+    main.enable()
+    seconds, cpu = send_lightclient(ctx, count, spec.get("warmup", 0))
+    main.disable()
+    threading.setprofile(None)
+    for p in profiles:
+        p.disable()
+    stats = pstats.Stats(main)
+    for p in profiles:
+        stats.add(p)
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(spec.get("top", 18))
+    lines = [line for line in out.getvalue().splitlines() if line.strip()]
+    start = next(i for i, line in enumerate(lines) if "ncalls" in line)
+    return {"rate": count / seconds, "profile": lines[start:start + 1 + spec.get("top", 18)]}
 
 
 def handshake_ms(ctx, port):
@@ -146,6 +245,12 @@ def main():
         key = keys.load_key(spec["key"], pin=spec.get("pin"))
         return {"csr": keys.csr_pem(keys.sign_csr(key, spec["cn"])).decode()}
 
+    if task == "queue_memory":
+        return queue_memory(spec["count"], spec.get("size", 16))
+
+    if task == "profile":
+        return profile_send(lc_context(), spec["count"])
+
     if task == "throughput":
         ctx = lc_context()
         fn = {"lightclient": send_lightclient, "aio": send_aio}.get(spec["client"], send_paho)
@@ -161,8 +266,7 @@ def main():
         else:
             ctx = lc_context()
             with device(ctx, f"bench-rss-{time.time_ns()}") as dev:
-                for handle in [dev.send(PAYLOAD, PROPERTIES) for _ in range(count)]:
-                    handle.wait(60)
+                dev.wait_all([dev.send(PAYLOAD, PROPERTIES) for _ in range(count)], timeout=60)
         import resource
         return {"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                 "requests": "requests" in sys.modules, "modules": len(sys.modules)}

@@ -181,7 +181,8 @@ def test_proxy_cuts_refuses_stalls_and_black_holes_mid_stream(token_context, bro
         proxy.close()
 
 
-def test_sigkill_mid_stream_with_the_outbox_loses_nothing(device, test_ca, broker, service_context, tmp_path):
+@pytest.mark.parametrize("mode", ["send", "threads", "many"])
+def test_sigkill_mid_stream_with_the_outbox_loses_nothing(device, test_ca, broker, service_context, tmp_path, mode):
     proxy = TcpProxy(broker.port)
     receiver = child = None
     device_id = f"rel-{uuid.uuid4().hex[:8]}"
@@ -190,7 +191,7 @@ def test_sigkill_mid_stream_with_the_outbox_loses_nothing(device, test_ca, broke
             str(device["ec"]["cert"]), device["ec"]["uri"], device_id, str(outbox)]
 
     def spawn(count):
-        proc = subprocess.Popen(args + [str(count)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(args + [str(count), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, cwd=ROOT)
         proc.stdin.write(PIN + "\n")
         proc.stdin.close()
@@ -209,7 +210,7 @@ def test_sigkill_mid_stream_with_the_outbox_loses_nothing(device, test_ca, broke
                 proxy.black_hole()  # what is in flight now stays unacknowledged; the rest queues up
                 black_holed = True
             if accepted >= 600:
-                break
+                break  # everything up to here returned from send(): it must survive the SIGKILL
         child.kill()   # SIGKILL
         child.wait(10)
         assert child.returncode == -9
