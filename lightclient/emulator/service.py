@@ -224,9 +224,14 @@ class Emulator:
                                cert_lifetime=self.cert_lifetime,
                                log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
                                                        flush=True)) if self.verbose else None)
+        self.dps.on_symmetric_assigned = self._dps_assigned_symmetric
         if group:
             self.dps.add_group(group, ca.cert_path.read_bytes(), assigned_hub=self.hostname, polls=polls)
         return self.dps.start()
+
+    def _dps_assigned_symmetric(self, device_id: str, hub: str, keys) -> None:
+        if self.registry.get(device_id) is None:
+            self.register_device(device_id, symmetric_keys=keys)
 
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
