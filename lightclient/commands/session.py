@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .. import diagnostics, tls, topics
 from .. import paho as lcpaho
 from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, setting, warn
+from .common import AuthRefused, ConnectionFailed, identity, load_key, sas_credential, setting, warn
 
 DEFAULT_PORT = 8883
 
@@ -98,6 +98,9 @@ class Session:
         if address is not None:
             self.host, self.port = address
         self.timeout = getattr(args, "timeout", 15.0)
+        sas = sas_credential(args, self.identity) if ssl_context is None else None
+        if sas is not None:
+            ssl_context = tls.server_context(ca=setting(args, "ca"))
         if ssl_context is None:
             cert = setting(args, "cert", required=True, what="the device certificate")
             key = load_key(args)
@@ -108,6 +111,8 @@ class Session:
             warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
                  "decrypt the captured traffic. Delete it when done.")
         self.client = lcpaho.new_client(self.identity, ssl_context=ctx)
+        if sas is not None:  # the MQTT password is the SAS token, signed in the token just now
+            self.client.username_pw_set(self.identity.username(), sas.current().value)
         self.on_record = on_record
         self._connected = threading.Event()
         self._connack: Optional[Any] = None
