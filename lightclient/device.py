@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 from . import _transport
 from . import paho as lcpaho
-from . import _fastpath, topics
+from . import _fastpath, _sas_session, topics
 from ._pipeline import Pipeline, SendHandle, TopicForm, queue_settings, wait_all
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
@@ -173,12 +173,18 @@ class Device:
                  on_connection_state: Optional[Callable[[bool, str], None]] = None,
                  transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
                  gateway_hostname: Optional[str] = None,
-                 transport_cache: Union[None, str, "os.PathLike[str]"] = None):
+                 transport_cache: Union[None, str, "os.PathLike[str]"] = None, sas: Any = None):
         if not isinstance(identity, Identity):
             raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
         if not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigError("ssl_context must be an ssl.SSLContext with the device key, e.g. from "
                               f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
+        _sas_session.check(sas)
+        #: SAS authentication (a lightclient.symkey.SasCredential): the password of every CONNECT, renewed
+        #: by reconnecting after 80 % of the token's lifetime (see lightclient._sas_session).
+        self._sas = sas
+        self._sas_renewal: Optional[_sas_session.Renewal] = None
+        self._username = identity.username(api_version, client_type)
         _check_int("keepalive", keepalive, 1, MAX_KEEPALIVE,
                    f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
                    f"{MAX_KEEPALIVE} s works; 60 is the default")
@@ -351,6 +357,10 @@ class Device:
                     f"not complete within {timeout} s; {why}")
             if self._first_error is not None:
                 raise self._first_error
+            if self._sas is not None and self._sas_renewal is None:
+                self._sas_renewal = _sas_session.Renewal(self._sas, self._renew_sas,
+                                                         f"lightclient-sas-{self.identity.client_id}")
+                self._sas_renewal.start()
         except BaseException:
             self._teardown()
             raise
@@ -393,6 +403,9 @@ class Device:
         Messages still unacknowledged stay queued in memory and are sent after the next :meth:`connect`.
         Pending twin requests fail with :class:`OperationTimeout`. Does nothing if not connected.
         """
+        if self._sas_renewal is not None and not self._sas_renewal.is_current():
+            self._sas_renewal.stop()
+            self._sas_renewal = None
         with self._lock:
             if not self._running:
                 return
@@ -477,6 +490,9 @@ class Device:
                 hint = ("check that the device is registered and enabled in the hub, and that its certificate "
                         "(CN = device id) or CA is registered" if code in _NOT_AUTHORIZED
                         else "check the identity and api_version")
+                if self._sas is not None and code in _NOT_AUTHORIZED:
+                    hint = ("check that the device is registered with this symmetric key, and the clock "
+                            "(SAS tokens carry their expiry)")
                 self._first_error = ConnectRefusedError(
                     f"{self.host} refused {self.identity.client_id!r}: CONNACK {code} ({text}); {hint}", code)
                 self._outcome.set()
@@ -510,6 +526,15 @@ class Device:
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         self._attempt_failed = False
+        if self._sas is not None:
+            _sas_session.apply(client, self._username, self._sas)
+
+    def _renew_sas(self) -> None:
+        if not self._running:
+            return
+        self.disconnect(5.0)   # waits for in-flight telemetry; the rest stays queued for the new connection
+        self._sas.renew()
+        self.connect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was_connected = self._connected.is_set()

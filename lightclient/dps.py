@@ -296,8 +296,14 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
               csr: Union[bytes, str, None] = None, api_version: Optional[str] = None,
               timeout: float = 120.0, request_timeout: float = 30.0,
               poll_interval: Tuple[float, float] = (1.0, 60.0), cert_out: Optional[str] = None,
-              sleep: Callable[[float], None] = time.sleep, proxy: Any = None) -> RegistrationResult:
+              sleep: Callable[[float], None] = time.sleep, proxy: Any = None,
+              sas: Any = None) -> RegistrationResult:
     """Register with DPS and wait for the outcome; returns the assigned :class:`RegistrationResult`.
+
+    Symmetric-key enrollments: give ``sas`` (a :class:`lightclient.symkey.SasCredential` from
+    ``SasCredential.for_dps``) and an ``ssl_context`` without client certificate
+    (``tls.server_context(alpn=["http/1.1"])``); every request then carries ``Authorization: SharedAccessSignature
+    sr={idScope}%2Fregistrations%2F{regId}&sig=…&se=…&skn=registration``.
 
     Give ``ssl_context`` (from :func:`lightclient.tls.https_context`) or a ready ``session``
     (:func:`lightclient.tls.https_session`). ``Retry-After`` is honoured within ``poll_interval``
@@ -316,8 +322,8 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
 
     checked_proxy = check_proxy(proxy)
     version = api_version or (CSR_API_VERSION if csr is not None else API_VERSION)
-    request = register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
-                               api_version=version)
+    request = _authorized(register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
+                                           api_version=version), sas)
     if session is None:
         if ssl_context is None:
             raise ConfigError("provision() needs ssl_context= (lightclient.tls.https_context) or session=")
@@ -347,12 +353,27 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
                 return _finish(result, registration_id, cert_out)
             if not result.operation_id:
                 raise ProtocolError(f"DPS said {result.status!r} without an operationId to poll")
-            request = operation_status_request(id_scope, registration_id, result.operation_id,
-                                               endpoint=endpoint, api_version=version)
+            request = _authorized(operation_status_request(id_scope, registration_id, result.operation_id,
+                                                           endpoint=endpoint, api_version=version), sas)
             exchange.pause(retry_after(response.headers, minimum=lo, maximum=hi), response.status)
     finally:
         if own_session:
             session.close()
+
+
+class _Headers(dict):
+    """Request headers whose repr hides the Authorization value (a SAS token is a bearer secret)."""
+
+    def __repr__(self) -> str:
+        return repr({k: ("<secret>" if k.lower() == "authorization" else v) for k, v in self.items()})
+
+
+def _authorized(request: Request, sas: Any) -> Request:
+    if sas is None:
+        return request
+    from dataclasses import replace
+
+    return replace(request, headers=_Headers({**request.headers, "Authorization": sas.current().value}))
 
 
 def _check_poll_interval(poll_interval: object) -> Tuple[float, float]:

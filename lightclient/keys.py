@@ -127,6 +127,11 @@ class KeyRef:
         return self._uri.attribute_bytes(name) if self._uri is not None else None
 
     @property
+    def is_secret_key(self) -> bool:
+        """A PKCS#11 secret (HMAC) key for SAS tokens (``type=secret-key``), not an X.509 private key."""
+        return self._uri is not None and self.attribute("type") == "secret-key"
+
+    @property
     def redacted(self) -> str:
         """The reference as written, with any pin-value replaced by ``***``."""
         return str(self)
@@ -204,17 +209,18 @@ def redact(text: str) -> str:
     return _pkcs11_uri.redact(text)
 
 
-def _parse_pkcs11(uri: str, original: str) -> KeyRef:
+def _parse_pkcs11(uri: str, original: str, default_type: str = "private") -> KeyRef:
     parsed = _pkcs11_uri.parse(uri)
     names = [n for n, _ in parsed.path]
     if not any(n in ("object", "id") for n in names):
         raise ConfigError(
             f"the pkcs11: URI {parsed.redacted!r} names no key: add object=<label> or id=<hex id>")
     types = [v for n, v in parsed.path if n == "type"]
-    if types and types != ["private"]:
-        raise ConfigError(f"the pkcs11: URI {parsed.redacted!r} must name a private key (type=private)")
+    if types and types not in (["private"], ["secret-key"]):
+        raise ConfigError(f"the pkcs11: URI {parsed.redacted!r} must name a private key (type=private) or, for "
+                          "SAS tokens, a secret key (type=secret-key)")
     if not types:
-        parsed = replace(parsed, path=parsed.path + (("type", "private"),))
+        parsed = replace(parsed, path=parsed.path + (("type", default_type),))
     return KeyRef("engine", parsed.uri(), engine_id="pkcs11", module_path=parsed.module_path,
                   original=redact(original), _pin_value=parsed.pin_value, _pin_source=parsed.pin_source,
                   kind="pkcs11", _uri=parsed)
@@ -270,6 +276,25 @@ def parse_key_ref(ref: Union[str, os.PathLike, KeyRef]) -> KeyRef:
     return KeyRef("file", path, original=shown, kind="file")
 
 
+def parse_secret_key_ref(ref: Union[str, KeyRef]) -> KeyRef:
+    """Parse the reference of a symmetric (SAS) key: a pkcs11: URI, ``type=secret-key`` added when absent.
+
+    ``pkcs11:token=lab;object=sas?module-path=/usr/lib/softhsm/libsofthsm2.so`` names the
+    CKK_GENERIC_SECRET key that signs SAS tokens with CKM_SHA256_HMAC inside the token.
+    """
+    if isinstance(ref, KeyRef):
+        kr = ref
+    elif isinstance(ref, str) and ref.strip().startswith("pkcs11:"):
+        kr = _parse_pkcs11(ref.strip(), ref.strip(), default_type="secret-key")
+    else:
+        shown = redact(ref) if isinstance(ref, str) else type(ref).__name__
+        raise ConfigError(f"a symmetric key reference must be a pkcs11: URI naming a secret key, e.g. "
+                          f"pkcs11:token=lab;object=sas?module-path=/usr/lib/softhsm/libsofthsm2.so, not {shown!r}")
+    if not kr.is_secret_key:
+        raise ConfigError(f"{kr} names a private key; a SAS key is a secret key (type=secret-key)")
+    return kr
+
+
 def _raise_if_token_missing(kr: KeyRef, exc: KeyNotFoundError) -> None:
     if not kr.module_path or kr.pkcs11_uri is None:
         return
@@ -293,6 +318,9 @@ def load_key(ref: Union[str, os.PathLike, KeyRef], *, pin: Optional[str] = None,
     from . import _native
 
     kr = parse_key_ref(ref).with_options(module_path=module_path, providers=providers, propq=propq)
+    if kr.is_secret_key:
+        raise ConfigError(f"{kr} is a secret (HMAC) key for SAS tokens, not an X.509 private key: use it as "
+                          "the SAS key (lightclient.symkey.TokenKey, --sas-key)")
     secret = kr.resolve_pin(pin, pin_file, pin_callback)
     if kr.backend == "engine":
         if kr.kind == "pkcs11" and not kr.module_path:

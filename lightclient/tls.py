@@ -175,6 +175,18 @@ def client_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, pin:
     return ctx
 
 
+def server_context(*, ca: Optional[PathOrPem] = None, alpn: Optional[Sequence[str]] = None,
+                   minimum_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_2,
+                   maximum_version: Optional[ssl.TLSVersion] = None) -> ssl.SSLContext:
+    """TLS that verifies the server (bundled IoT Hub roots or ``ca``) and sends no client certificate:
+    for SAS authentication, where the MQTT password or the HTTP Authorization header is the credential.
+    ``alpn=["http/1.1"]`` for DPS over HTTPS."""
+    ctx = _base_context(ca, minimum_version, maximum_version)
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    return ctx
+
+
 def https_context(*, cert: PathOrPem, key, ca: Optional[PathOrPem] = None, **kwargs) -> ssl.SSLContext:
     """Like :func:`client_context`, for HTTPS (DPS): offers ALPN ``http/1.1``.
 

@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import exceptions
-from .exceptions import (BackendUnavailableError, ConfigError, KeyLoadError, LightClientError, ModuleLoadError,
-                         OperationTimeout, PinError, TokenNotFoundError)
+from .exceptions import (BackendUnavailableError, ConfigError, KeyConfigError, KeyLoadError, KeyNotFoundError,
+                         LightClientError, ModuleLoadError, OperationTimeout, PinError, TokenNotFoundError)
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+#: Symmetric key type (keygen --type hmac): a CKK_GENERIC_SECRET key for CKM_SHA256_HMAC signing only.
+SECRET_KEY_TYPE = "hmac"
 _CURVES = {"ec-p256": "secp256r1", "ec-p384": "secp384r1"}
 
 
@@ -39,11 +41,11 @@ class TokenInfo:
 class KeyInfo:
     label: str
     id_hex: str
-    key_type: str          # "RSA" or "EC"
+    key_type: str          # "RSA", "EC" or "HMAC" (a secret key)
     token_label: str
 
     def uri(self, module_path: Optional[str] = None) -> str:
-        """The pkcs11: URI that names this private key (without any PIN)."""
+        """The pkcs11: URI that names this key (without any PIN): type=private, or type=secret-key for HMAC."""
         from urllib.parse import quote
 
         parts = [f"token={quote(self.token_label, safe='')}"]
@@ -51,7 +53,7 @@ class KeyInfo:
             parts.append(f"object={quote(self.label, safe='')}")
         if self.id_hex:
             parts.append("id=" + "".join(f"%{self.id_hex[i:i + 2]}" for i in range(0, len(self.id_hex), 2)))
-        parts.append("type=private")
+        parts.append("type=secret-key" if self.key_type == "HMAC" else "type=private")
         uri = "pkcs11:" + ";".join(parts)
         if module_path:
             uri += "?module-path=" + quote(module_path, safe="/")
@@ -128,6 +130,8 @@ def list_keys(module_path: str, token_label: str, pin: Optional[str]) -> List[Ke
             out.append(KeyInfo(_text(obj.label or ""), (obj.id or b"").hex(),
                                "EC" if kt == pkcs11.KeyType.EC else "RSA" if kt == pkcs11.KeyType.RSA else str(kt),
                                token_label))
+        for obj in session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY}):
+            out.append(KeyInfo(_text(obj.label or ""), (obj.id or b"").hex(), "HMAC", token_label))
     return out
 
 
@@ -180,6 +184,182 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
     return KeyInfo(key_label, key_id.hex(), "EC" if key_type.startswith("ec-") else "RSA", token_label)
 
 
+# ------------------------------------------------------------------------------ symmetric (HMAC) keys
+#
+# A device's SAS key as a CKK_GENERIC_SECRET object that can do one thing: C_Sign with CKM_SHA256_HMAC.
+# CKA_SENSITIVE and not CKA_EXTRACTABLE, so C_GetAttributeValue(CKA_VALUE) is refused and it cannot be
+# wrapped out; no encrypt/decrypt/wrap/derive usage. Nothing here ever asks for CKA_VALUE.
+
+
+def _secret_template(key_label: str, key_id: bytes) -> dict:
+    from pkcs11 import Attribute
+
+    return {Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False, Attribute.SIGN: True, Attribute.VERIFY: False,
+            Attribute.ENCRYPT: False, Attribute.DECRYPT: False, Attribute.WRAP: False, Attribute.UNWRAP: False,
+            Attribute.DERIVE: False, Attribute.LABEL: key_label, Attribute.ID: key_id}
+
+
+def _check_new_secret(session, token_label: str, key_label: str) -> None:
+    pkcs11 = _pkcs11()
+    if not key_label:
+        raise ConfigError("key_label must not be empty: it is how the key is found again")
+    if list(session.get_objects({pkcs11.Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                 pkcs11.Attribute.LABEL: key_label})):
+        raise ConfigError(f"token {token_label!r} already holds a secret key labelled {key_label!r}")
+
+
+def _verify_secret(key, token_label: str, key_label: str) -> None:
+    from pkcs11 import Attribute
+
+    if key[Attribute.EXTRACTABLE] or not key[Attribute.SENSITIVE]:
+        key.destroy()
+        raise KeyLoadError(f"token {token_label!r} did not keep {key_label!r} sensitive and non-extractable; "
+                           "the key was deleted again")
+
+
+def _store_secret(session, token_label: str, key_label: str, value: bytearray, key_id: Optional[bytes]):
+    """C_CreateObject for ``value``; the caller wipes ``value``."""
+    pkcs11 = _pkcs11()
+    from pkcs11 import Attribute, KeyType, ObjectClass
+
+    import os
+
+    key_id = key_id or os.urandom(8)
+    template = {**_secret_template(key_label, key_id), Attribute.CLASS: ObjectClass.SECRET_KEY,
+                Attribute.KEY_TYPE: KeyType.GENERIC_SECRET, Attribute.VALUE: bytes(value)}
+    try:
+        key = session.create_object(template)
+    except (pkcs11.exceptions.DeviceMemory, pkcs11.exceptions.HostMemory):
+        raise KeyLoadError(f"token {token_label!r} has no room for another key (CKR_DEVICE_MEMORY)") from None
+    except pkcs11.exceptions.PKCS11Error as exc:
+        raise KeyLoadError(f"token {token_label!r} refused to import an HMAC key ({type(exc).__name__}); "
+                           "it may not support CKK_GENERIC_SECRET keys") from None
+    finally:
+        template.clear()
+    _verify_secret(key, token_label, key_label)
+    return KeyInfo(key_label, key_id.hex(), "HMAC", token_label)
+
+
+def import_secret_key(module_path: str, token_label: str, pin: str, key_label: str, key_b64: str,
+                      key_id: Optional[bytes] = None) -> KeyInfo:
+    """Import a base64 device key (IoT Hub / DPS primary or secondary key) as a sign-only HMAC key.
+
+    The decoded key is wiped from this process's buffer once the token holds it; errors never show it.
+    """
+    from .sas import decode_key, wipe
+
+    value = decode_key(key_b64, "the device key to import")
+    try:
+        lib = _open_lib(module_path)
+        tok = _get_token(lib, module_path, token_label)
+        with _login(tok, pin, rw=True) as session:
+            _check_new_secret(session, token_label, key_label)
+            return _store_secret(session, token_label, key_label, value, key_id)
+    finally:
+        wipe(value)
+
+
+def generate_secret_key(module_path: str, token_label: str, pin: str, key_label: str,
+                        size: int = 32, key_id: Optional[bytes] = None) -> KeyInfo:
+    """Create a random HMAC key of ``size`` bytes in the token (C_GenerateKey, CKM_GENERIC_SECRET_KEY_GEN).
+
+    Its value never exists outside the token, so IoT Hub cannot be told it: use it where the service side
+    gets the key another way, or import the hub's key with :func:`import_secret_key`.
+    """
+    if not isinstance(size, int) or not 16 <= size <= 64:
+        raise ConfigError(f"an HMAC key is 16 to 64 bytes, not {size!r}")
+    pkcs11 = _pkcs11()
+    from pkcs11 import KeyType
+
+    import os
+
+    lib = _open_lib(module_path)
+    tok = _get_token(lib, module_path, token_label)
+    key_id = key_id or os.urandom(8)
+    with _login(tok, pin, rw=True) as session:
+        _check_new_secret(session, token_label, key_label)
+        template = _secret_template(key_label, key_id)
+        try:
+            key = session.generate_key(KeyType.GENERIC_SECRET, size * 8, store=True, label=key_label, id=key_id,
+                                       template=template)
+        except pkcs11.exceptions.PKCS11Error as exc:
+            raise KeyLoadError(f"token {token_label!r} cannot generate an HMAC key ({type(exc).__name__})") from None
+        _verify_secret(key, token_label, key_label)
+    return KeyInfo(key_label, key_id.hex(), "HMAC", token_label)
+
+
+def _find_secret(session, token_label: str, key_label: Optional[str], key_id: Optional[bytes]):
+    pkcs11 = _pkcs11()
+    from pkcs11 import Attribute
+
+    template = {Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY}
+    if key_label:
+        template[Attribute.LABEL] = key_label
+    if key_id:
+        template[Attribute.ID] = key_id
+    if len(template) == 1:
+        raise ConfigError("name the secret key with object=<label> or id=<hex id>")
+    found = list(session.get_objects(template))
+    shown = " ".join(p for p in (f"object={key_label}" if key_label else "",
+                                 f"id={key_id.hex()}" if key_id else "") if p)
+    if not found:
+        raise KeyNotFoundError(f"token {token_label!r} holds no secret key with {shown}: import one with "
+                               "`lightclient import-key` or create one with `lightclient keygen --type hmac`")
+    if len(found) > 1:
+        raise KeyConfigError(f"token {token_label!r} holds {len(found)} secret keys with {shown}: add id= to "
+                             "the key reference")
+    return found[0]
+
+
+def hmac_sign(module_path: str, token_label: str, pin: Optional[str], message: bytes,
+              key_label: Optional[str] = None, key_id: Optional[bytes] = None) -> bytes:
+    """HMAC-SHA256 of ``message`` computed in the token (C_Sign, CKM_SHA256_HMAC)."""
+    pkcs11 = _pkcs11()
+    from pkcs11 import Mechanism
+
+    if pin is None:
+        raise PinError(f"signing with a secret key on token {token_label!r} needs its user PIN")
+    lib = _open_lib(module_path)
+    tok = _get_token(lib, module_path, token_label)
+    with _login(tok, pin, rw=False) as session:
+        key = _find_secret(session, token_label, key_label, key_id)
+        try:
+            return bytes(key.sign(message, mechanism=Mechanism.SHA256_HMAC))
+        except (pkcs11.exceptions.MechanismInvalid, pkcs11.exceptions.KeyFunctionNotPermitted,
+                pkcs11.exceptions.KeyTypeInconsistent, pkcs11.exceptions.FunctionNotSupported) as exc:
+            raise KeyLoadError(f"the secret key on token {token_label!r} cannot sign with CKM_SHA256_HMAC "
+                               f"({type(exc).__name__})") from None
+
+
+def derive_secret_key(module_path: str, token_label: str, pin: str, registration_id: str, new_label: str,
+                      group_label: Optional[str] = None, group_id: Optional[bytes] = None,
+                      key_id: Optional[bytes] = None) -> KeyInfo:
+    """A group enrollment's device key, derived in the token and stored there as a new HMAC key.
+
+    derived = HMAC-SHA256(group key, registration id) is computed by C_Sign inside the token. PKCS#11 has
+    no mechanism that turns an HMAC output into a key object in place (SoftHSM and tpm2-pkcs11 implement
+    no SP 800-108 KDF), so the 32 derived bytes pass through this process once, from C_Sign to
+    C_CreateObject, and are wiped right after. The group key never leaves the token.
+    """
+    from .sas import check_group_registration_id, wipe
+
+    check_group_registration_id(registration_id)
+    _pkcs11()
+    from pkcs11 import Mechanism
+
+    lib = _open_lib(module_path)
+    tok = _get_token(lib, module_path, token_label)
+    with _login(tok, pin, rw=True) as session:
+        _check_new_secret(session, token_label, new_label)
+        group = _find_secret(session, token_label, group_label, group_id)
+        derived = bytearray(group.sign(registration_id.encode("utf-8"), mechanism=Mechanism.SHA256_HMAC))
+        try:
+            return _store_secret(session, token_label, new_label, derived, key_id)
+        finally:
+            wipe(derived)
+
+
 def destroy_key(module_path: str, token_label: str, pin: str, key_label: str,
                 key_id: Optional[bytes] = None) -> int:
     """Delete the key pair labelled ``key_label`` (and, if given, with CKA_ID ``key_id``) from the token:
@@ -196,6 +376,8 @@ def destroy_key(module_path: str, token_label: str, pin: str, key_label: str,
     with _login(tok, pin, rw=True) as session:
         privs = list(session.get_objects({Attribute.CLASS: pkcs11.ObjectClass.PRIVATE_KEY,
                                           Attribute.LABEL: key_label}))
+        privs += list(session.get_objects({Attribute.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                                           Attribute.LABEL: key_label}))
         ids = set()
         for priv in privs:
             kid = priv.id or b""
@@ -354,6 +536,22 @@ def _need_pin(pin: Optional[str], token_label: str) -> str:
     return pin
 
 
+def _hmac_sign_op(module_path: str, token_label: str, message: str, key_label: Optional[str] = None,
+                  key_id_hex: Optional[str] = None, pin: Optional[str] = None) -> str:
+    import base64
+
+    signature = hmac_sign(module_path, token_label, pin, message.encode("utf-8"), key_label,
+                          bytes.fromhex(key_id_hex) if key_id_hex else None)
+    return base64.b64encode(signature).decode("ascii")
+
+
+def _derive_secret_op(module_path: str, token_label: str, registration_id: str, new_label: str,
+                      group_label: Optional[str] = None, group_id_hex: Optional[str] = None,
+                      pin: Optional[str] = None) -> dict:
+    return asdict(derive_secret_key(module_path, token_label, _need_pin(pin, token_label), registration_id,
+                                    new_label, group_label, bytes.fromhex(group_id_hex) if group_id_hex else None))
+
+
 # What a child can run: JSON-able arguments in, a JSON-able result out. PINs arrive as ``pin``/``so_pin``.
 CHILD_OPS: Dict[str, Callable[..., Any]] = {
     "tokens": lambda module_path: [asdict(t) for t in list_tokens(module_path)],
@@ -364,6 +562,14 @@ CHILD_OPS: Dict[str, Callable[..., Any]] = {
         bytes.fromhex(key_id_hex) if key_id_hex else None),
     "init-token": lambda module_path, label, so_pin, pin: asdict(init_token(module_path, label, so_pin, pin)),
     "probe": probe,
+    # Symmetric keys. The base64 key to import, like a PIN, travels only on the child's stdin.
+    "import-secret": lambda module_path, token_label, key_label, key_b64, key_id_hex=None, pin=None: asdict(
+        import_secret_key(module_path, token_label, _need_pin(pin, token_label), key_label, key_b64,
+                          bytes.fromhex(key_id_hex) if key_id_hex else None)),
+    "keygen-secret": lambda module_path, token_label, key_label, size=32, pin=None: asdict(
+        generate_secret_key(module_path, token_label, _need_pin(pin, token_label), key_label, size)),
+    "hmac-sign": _hmac_sign_op,
+    "derive-secret": _derive_secret_op,
 }
 
 

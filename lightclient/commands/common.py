@@ -44,6 +44,7 @@ ENV: Dict[str, Tuple[str, ...]] = {
     "model_id": ("LIGHTCLIENT_MODEL_ID",),
     "cert": ("PATH_TO_CERTIFICATE_FILE", "LIGHTCLIENT_CERT"),
     "key": ("KEY_IDENTIFIER", "LIGHTCLIENT_KEY"),
+    "sas_key": ("LIGHTCLIENT_SAS_KEY",),
     "module_path": ("LIGHTCLIENT_MODULE_PATH", "PKCS11_MODULE_PATH"),
     "ca": ("LIGHTCLIENT_CA",),
     "id_scope": ("PROVISIONING_IDSCOPE", "LIGHTCLIENT_ID_SCOPE"),
@@ -55,7 +56,7 @@ ENV: Dict[str, Tuple[str, ...]] = {
 }
 
 FLAG = {"hub": "--hub", "device_id": "--device-id", "module_id": "--module-id", "model_id": "--model-id",
-        "cert": "--cert", "key": "--key", "module_path": "--module-path", "ca": "--ca", "port": "--port",
+        "cert": "--cert", "key": "--key", "sas_key": "--sas-key", "module_path": "--module-path", "ca": "--ca", "port": "--port",
         "id_scope": "--id-scope", "registration_id": "--registration-id", "endpoint": "--endpoint"}
 
 
@@ -144,6 +145,10 @@ def add_key_options(parser: argparse.ArgumentParser, key_required: bool = True) 
     g.add_argument("--module-path", "--pkcs11-module", dest="module_path",
                    help=env_help("module_path", "the PKCS#11 module (.so) for a pkcs11: key reference without "
                                                 "?module-path="))
+    g.add_argument("--sas-key", metavar="REF", help=env_help("sas_key", "symmetric key in a token for SAS "
+                   "authentication instead of a certificate: pkcs11:token=…;object=…;type=secret-key"))
+    g.add_argument("--sas-lifetime", type=int, default=3600, metavar="S",
+                   help="SAS token lifetime in seconds (default 3600)")
     add_pin_options(g)
 
 
@@ -262,6 +267,19 @@ def key_ref(args: argparse.Namespace, required: bool = True):
              f"--pin-file FILE, --pin-env VAR or {PIN_ENV_DEFAULT}, or pin-source=FILE in the URI")
         args._pin_value_warned = True
     return kr
+
+
+def sas_credential(args: argparse.Namespace, ident):
+    """A SasCredential for --sas-key / LIGHTCLIENT_SAS_KEY (signed in the token), or None without one."""
+    ref = setting(args, "sas_key")
+    if ref is None:
+        return None
+    from lightclient.symkey import SasCredential, TokenKey
+
+    kr = keys.parse_secret_key_ref(ref)
+    pin = resolve_pin(args, f"the SAS key {str(kr).split('?')[0]}", prompt=kr.needs_pin or not kr.has_pin)
+    key = TokenKey(kr, pin=pin, module_path=setting(args, "module_path"))
+    return SasCredential.for_identity(ident, key, lifetime=getattr(args, "sas_lifetime", 3600) or 3600)
 
 
 def load_key(args: argparse.Namespace):

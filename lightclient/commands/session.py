@@ -17,7 +17,7 @@ from .. import paho as lcpaho
 from .. import diagnostics, tls, topics
 from .. import paho as lcpaho
 from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ProxyError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, proxy_for, setting, warn
+from .common import AuthRefused, ConnectionFailed, identity, load_key, proxy_for, sas_credential, setting, warn
 
 DEFAULT_PORT = 8883
 
@@ -105,6 +105,9 @@ class Session:
             self.host, self.port = address
         self.proxy = proxy_for(args, self.host)
         self.timeout = getattr(args, "timeout", 15.0)
+        sas = sas_credential(args, self.identity) if ssl_context is None else None
+        if sas is not None:
+            ssl_context = tls.server_context(ca=setting(args, "ca"))
         if ssl_context is None:
             cert = setting(args, "cert", required=True, what="the device certificate")
             key = load_key(args)
@@ -115,6 +118,8 @@ class Session:
             warn(f"--keylog {args.keylog}: this file holds the TLS session secrets; anyone who can read it can "
                  "decrypt the captured traffic. Delete it when done.")
         self.client = lcpaho.new_client(self.identity, ssl_context=ctx, transport=self.transport, proxy=self.proxy)
+        if sas is not None:  # the MQTT password is the SAS token, signed in the token just now
+            self.client.username_pw_set(self.identity.username(), sas.current().value)
         self.on_record = on_record
         self._connected = threading.Event()
         self._connack: Optional[Any] = None

@@ -45,11 +45,24 @@ def register(sub) -> None:
     _module_option(p)
     p.add_argument("--token", required=True, help="label of the token to create the key on")
     p.add_argument("--label", required=True, help="label for the new key (how it is found again)")
-    p.add_argument("--type", dest="key_type", default="ec-p256", choices=tk.KEY_TYPES,
-                   help="key type (default ec-p256)")
+    p.add_argument("--type", dest="key_type", default="ec-p256", choices=tk.KEY_TYPES + (tk.SECRET_KEY_TYPE,),
+                   help="key type (default ec-p256); hmac: a 32-byte symmetric key for SAS tokens, created in "
+                        "the token (the hub must learn it another way: usually import-key the hub's key instead)")
     p.add_argument("--id", dest="key_id", metavar="HEX", help="CKA_ID for the key pair (default: 8 random bytes)")
     add_pin_options(p.add_argument_group("PIN"))
     p.set_defaults(func=run_keygen)
+
+    p = sub.add_parser("import-key", help="import a device's symmetric (SAS) key into a PKCS#11 token",
+                       description="Import a base64 symmetric key (IoT Hub primary/secondary key, a connection "
+                                   "string's SharedAccessKey, a DPS enrollment key) as a sensitive, non-extractable "
+                                   "HMAC-SHA256 signing key. The key is read from --key-file, from stdin (--key-file "
+                                   "-) or a terminal prompt, never from the command line. Delete the source after.")
+    _module_option(p)
+    p.add_argument("--token", required=True, help="label of the token to import into")
+    p.add_argument("--label", required=True, help="label for the key (how it is found again)")
+    p.add_argument("--key-file", metavar="FILE", help="file holding the base64 key, or - for stdin")
+    add_pin_options(p.add_argument_group("PIN"))
+    p.set_defaults(func=run_import_key)
 
 
 def _module_option(p) -> None:
@@ -141,8 +154,55 @@ def run_init_token(args) -> int:
     return EXIT_OK
 
 
+def _read_key_text(args) -> str:
+    import getpass
+    import sys
+
+    if args.key_file == "-":
+        return sys.stdin.readline(4096).strip()
+    if args.key_file:
+        from ..keys import read_pin_file  # bounded, regular files only; errors never show the content
+
+        return read_pin_file(args.key_file).strip()
+    if sys.stdin is not None and sys.stdin.isatty():
+        return getpass.getpass("base64 device key (input hidden): ").strip()
+    raise ConfigError("import-key needs the key: give --key-file FILE (or - for stdin), or run it on a terminal "
+                      "to be asked; never put the key on the command line")
+
+
+def run_import_key(args) -> int:
+    module = module_path(args)
+    key_text = _read_key_text(args)
+    pin = resolve_pin(args, f"token {args.token!r}")
+    if pin is None:
+        raise PinError("import-key needs the token's user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN")
+    # In a child: this process may not initialise the module (see lightclient.token).
+    info = tk.KeyInfo(**tk.run_in_child("import-secret", module_path=module, token_label=args.token,
+                                        key_label=args.label, key_b64=key_text, pin=pin))
+    del key_text
+    uri = info.uri(module)
+    print(f"imported the symmetric key as {info.label!r} (id {info.id_hex}) on token {args.token!r}: it is "
+          "sensitive and non-extractable and can only sign SAS tokens (HMAC-SHA256)")
+    print("key reference (use it with --sas-key, or set LIGHTCLIENT_SAS_KEY):")
+    print(uri)
+    where = f"the file {args.key_file!r}" if args.key_file and args.key_file != "-" else "wherever you copied it from"
+    print(f"now delete the key from {where} (and any connection string holding it): the token has it")
+    return EXIT_OK
+
+
 def run_keygen(args) -> int:
     module = module_path(args)
+    if args.key_type == tk.SECRET_KEY_TYPE:
+        pin = resolve_pin(args, f"token {args.token!r}")
+        if pin is None:
+            raise PinError("keygen needs the token's user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN")
+        info = tk.KeyInfo(**tk.run_in_child("keygen-secret", module_path=module, token_label=args.token,
+                                            key_label=args.label, pin=pin))
+        print(f"created HMAC key {info.label!r} (id {info.id_hex}) on token {args.token!r}: sensitive, "
+              "non-extractable, sign-only")
+        print("key reference (use it with --sas-key):")
+        print(info.uri(module))
+        return EXIT_OK
     pin = resolve_pin(args, f"token {args.token!r}")
     if pin is None:
         raise PinError("keygen needs the token's user PIN: give --pin-file FILE or set LIGHTCLIENT_PIN "

@@ -12,6 +12,7 @@ import ssl
 from typing import Optional
 
 from . import codec, credentials, jsonlimits, namespace
+from . import sas as sas_expiry
 from .codec import MalformedPacket, PacketTooLarge
 from .events import Event
 from .registry import SELF_SIGNED, Identity, PeerCertificate, authorize
@@ -127,7 +128,7 @@ class Connection:
                       codec.describe(packet))
             return False
         ssl_object = self.channel.ssl_object
-        peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True), ssl_object.getpeercert())
+        peer = PeerCertificate.from_ssl(ssl_object.getpeercert(binary_form=True) or b"", ssl_object.getpeercert() or {})
         result = authorize(packet, peer, self.hub.registry, self.hub.hostname, self.hub.ca_subject)
         untrusted = self._untrusted(ssl_object, packet.client_id)
         if untrusted and result.return_code in (codec.CONNACK_ACCEPTED, codec.CONNACK_NOT_AUTHORIZED):
@@ -165,7 +166,9 @@ class Connection:
         # IoT Plug and Play: the hub shows the model the device announced (twin "modelId").
         self.hub.model_ids[self.identity.name] = _model_id(packet.username)
         self.send(codec.Connack(present, codec.CONNACK_ACCEPTED))
-        if self.hub.disconnect_on_expiry:
+        if result.sas_expiry is not None:  # the hub drops a connection whose SAS token expires
+            self._expiry = sas_expiry.watch(self, result.sas_expiry)
+        elif self.hub.disconnect_on_expiry:
             self._expiry = credentials.watch_expiry(self, ssl_object.getpeercert() or {})
         self.hub.resume(self.session)
         return True

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import certs, jsonlimits
+from . import certs, jsonlimits, sas
 
 #: The largest request body taken (413 beyond); a registration with a CSR is a few KB.
 MAX_BODY_BYTES = 64 * 1024
@@ -52,9 +52,13 @@ class Enrollment:
     payload: Any = None                    # returned to the device as registrationState.payload
     disabled: bool = False
     polls: int = 1                         # polls answered "assigning" before the final state
+    keys: Tuple[str, ...] = field(default=(), repr=False)   # symmetric-key enrollments: primary, secondary
+    symmetric_group: bool = False          # a group whose device keys are derived from ``keys``
 
     @property
     def kind(self) -> str:
+        if self.keys:
+            return "group" if self.symmetric_group else "individual"
         return "individual" if self.cert_der is not None else "group"
 
 
@@ -101,6 +105,11 @@ class DpsEmulator:
         self._lock = threading.Lock()
         self._enrollments: Dict[str, Enrollment] = {}
         self._groups: Dict[str, Enrollment] = {}
+        self._symmetric: Dict[str, Enrollment] = {}        # registration id (lower) -> individual
+        self._symmetric_groups: Dict[str, Enrollment] = {}
+        self._device_keys: Dict[str, Tuple[str, ...]] = {}   # registration id (lower) -> keys it signs with
+        #: ``(device_id, hub, device_keys)`` when a symmetric-key registration is assigned.
+        self.on_symmetric_assigned: Optional[Callable[[str, str, Tuple[str, ...]], None]] = None
         self._faults: Dict[str, List[int]] = {}
         self._operations: Dict[str, _Operation] = {}
         self._registrations: Dict[str, dict] = {}
@@ -156,6 +165,48 @@ class DpsEmulator:
             self._ctx.load_verify_locations(cadata=der)
         return enrollment
 
+    def add_symmetric_individual(self, registration_id: str, primary: str, secondary: Optional[str] = None,
+                                 **options) -> Enrollment:
+        """Enroll one device by its symmetric key(s): it authenticates with a SAS token (emulator/sas.py)."""
+        enrollment = Enrollment(registration_id, keys=tuple(k for k in (primary, secondary) if k), **options)
+        with self._lock:
+            self._symmetric[registration_id.lower()] = enrollment
+            self._ctx.verify_mode = ssl.CERT_OPTIONAL   # SAS devices send no certificate
+        return enrollment
+
+    def add_symmetric_group(self, group_id: str, primary: str, secondary: Optional[str] = None,
+                            **options) -> Enrollment:
+        """A group enrollment by symmetric key: each device signs with HMAC(group key, registration id)."""
+        enrollment = Enrollment(group_id, keys=tuple(k for k in (primary, secondary) if k), symmetric_group=True,
+                                **options)
+        with self._lock:
+            self._symmetric_groups[group_id] = enrollment
+            self._ctx.verify_mode = ssl.CERT_OPTIONAL
+        return enrollment
+
+    def _symmetric_for(self, scope: str, rid: str, authorization: Optional[str]):
+        """(enrollment, device keys, None) or (None, (), why) for a SAS-authenticated request.
+
+        Individual enrollments first; then every symmetric group whose derived key verifies. Group
+        registration ids must be lowercase alphanumerics and '-' (the DPS page's rule; UNCERTAIN whether DPS
+        applies the wider general rule): others are refused with a message saying so."""
+        resource = f"{scope}/registrations/{rid}"
+        individual = self._symmetric.get(rid.lower())
+        if individual is not None:
+            problem, _ = sas.check(authorization, individual.keys, resource, policy="registration", rule="dps.sas")
+            return (None, (), problem[1]) if problem else (individual, individual.keys, None)
+        why = f"no symmetric-key enrollment matches {rid!r}"
+        for group in self._symmetric_groups.values():
+            if not re.fullmatch(r"[a-z0-9-]{1,128}", rid):
+                return None, (), (f"registration id {rid!r} is not allowed in a symmetric-key group enrollment: "
+                                  "lowercase letters, digits and '-' only")
+            derived = tuple(sas.derive_device_key(k, rid) for k in group.keys)
+            problem, _ = sas.check(authorization, derived, resource, policy="registration", rule="dps.sas")
+            if problem is None:
+                return group, derived, None
+            why = problem[1]
+        return None, (), why
+
     def inject(self, registration_id: str, *statuses: int) -> None:
         """Answer the next requests for ``registration_id`` with these statuses (429, 500, 503 …)."""
         with self._lock:
@@ -190,8 +241,8 @@ class DpsEmulator:
                 return group
         return None
 
-    def handle(self, method: str, raw_path: str, body: bytes, peer_der: bytes, peer: dict
-               ) -> Tuple[int, dict, Dict[str, str]]:
+    def handle(self, method: str, raw_path: str, body: bytes, peer_der: bytes, peer: dict,
+               authorization: Optional[str] = None) -> Tuple[int, dict, Dict[str, str]]:
         """Pure request handling: (status, JSON body, extra headers)."""
         url = urlsplit(raw_path)
         query = parse_qs(url.query)
@@ -213,13 +264,20 @@ class DpsEmulator:
                 headers = {"Retry-After": str(self.retry_after)} if status == 429 else {}
                 return status, {"errorCode": status * 1000 + 1, "message": f"injected fault {status}",
                                 "trackingId": uuid.uuid4().hex}, headers
-        cn = _cn_of(peer)
-        if cn != rid:
-            return _error(401, 401002, f"registration id {rid!r} does not match the certificate CN {cn!r}")
-        with self._lock:
-            enrollment = self._enrollment_for(rid, peer_der, peer)
-        if enrollment is None:
-            return _error(404, 404201, f"no enrollment matches {rid!r} and its certificate")
+        if authorization is not None or not peer_der:   # symmetric key: the SAS token authenticates
+            with self._lock:
+                enrollment, device_keys, why = self._symmetric_for(scope, rid, authorization)
+            if enrollment is None:
+                return _error(401, 401002, f"SAS authentication failed: {why}")
+            self._device_keys[rid.lower()] = device_keys
+        else:
+            cn = _cn_of(peer)
+            if cn != rid:
+                return _error(401, 401002, f"registration id {rid!r} does not match the certificate CN {cn!r}")
+            with self._lock:
+                enrollment = self._enrollment_for(rid, peer_der, peer)
+            if enrollment is None:
+                return _error(404, 404201, f"no enrollment matches {rid!r} and its certificate")
 
         if method == "PUT" and match["action"] == "register":
             return self._register(rid, enrollment, body, api_version)
@@ -275,7 +333,12 @@ class DpsEmulator:
                 op.result = self._final_state(op)
                 self._registrations[rid.lower()] = op.result["registrationState"]
             result = op.result
-        if first and result["status"] == "assigned" and self.on_assigned is not None:
+        if first and result["status"] == "assigned" and op.enrollment.keys:
+            if self.on_symmetric_assigned is not None:
+                state = result["registrationState"]
+                self.on_symmetric_assigned(state["deviceId"], state["assignedHub"],
+                                           self._device_keys.get(rid.lower(), ()))
+        elif first and result["status"] == "assigned" and self.on_assigned is not None:
             cert = op.chain[0] if op.chain else (op.enrollment.cert_der if op.enrollment.kind == "individual" else None)
             self.on_assigned(result["registrationState"]["deviceId"], result["registrationState"]["assignedHub"], cert)
         self._log(f"DPS {rid}: {result['status']}")
@@ -285,7 +348,9 @@ class DpsEmulator:
         e = op.enrollment
         state: Dict[str, Any] = {"registrationId": op.registration_id, "createdDateTimeUtc": op.created,
                                  "lastUpdatedDateTimeUtc": _now(), "etag": uuid.uuid4().hex}
-        if e.kind == "group":
+        if e.keys:
+            state["symmetricKey"] = {"enrollmentGroupId": e.name} if e.kind == "group" else {}
+        elif e.kind == "group":
             state["x509"] = {"enrollmentGroupId": e.name}
         if e.disabled:
             state.update(status="disabled", errorCode=401004, errorMessage="the enrollment is disabled")
@@ -338,8 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._peer = None
             return
-        self._peer = self.connection.getpeercert()
-        self._peer_der = self.connection.getpeercert(binary_form=True)
+        self._peer = self.connection.getpeercert() or {}   # {} / b"": a SAS device sent no certificate
+        self._peer_der = self.connection.getpeercert(binary_form=True) or b""
         cn = _cn_of(self._peer or {}) or "?"
         emu = self.server.emulator
         with emu._lock:
@@ -392,7 +457,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send(*_error(400, 400004, f"the body ended after {len(body)} of {length} bytes"))
             return
-        status, data, headers = emu.handle(self.command, self.path, body, self._peer_der, self._peer)
+        status, data, headers = emu.handle(self.command, self.path, body, self._peer_der, self._peer,
+                                           self.headers.get("Authorization"))
         with emu._lock:
             emu.requests.append((self.command, self.path, status))
         self._send(status, data, headers)

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 from urllib.parse import unquote
 
-from . import codec
+from . import codec, sas
 from .errors import EmulatorError
 from .namespace import Problem
 
 CA_SIGNED = "certificateAuthority"
 SELF_SIGNED = "selfSigned"
+SYMMETRIC_KEY = "sas"      # primary/secondary symmetric keys: the MQTT password is a SAS token (emulator/sas.py)
 
 #: api-versions current SDKs send (protocol notes §1); others still connect, with a diagnostic.
 KNOWN_API_VERSIONS = ("2018-06-30", "2019-03-30", "2019-10-01", "2020-09-30", "2021-04-12",
@@ -43,13 +44,17 @@ class Identity:
     thumbprints: Tuple[str, ...] = ()
     """Upper-case hex SHA-1 and/or SHA-256 thumbprints (self-signed identities only)."""
     enabled: bool = True
+    keys: Tuple[str, ...] = field(default=(), repr=False)
+    """Base64 primary and secondary keys (symmetric-key identities only)."""
 
     @property
     def name(self) -> str:
         return f"{self.device_id}/{self.module_id}" if self.module_id else self.device_id
 
     def describe(self) -> str:
-        if self.auth == CA_SIGNED:
+        if self.auth == SYMMETRIC_KEY:
+            how = "symmetric key, SAS token"
+        elif self.auth == CA_SIGNED:
             how = f"CA-signed, certificate CN={self.name}"
         else:
             how = "self-signed, thumbprint " + " or ".join(t[:16] + "…" for t in self.thumbprints)
@@ -74,7 +79,9 @@ class Registry:
         check_id(identity.device_id, "device id")
         if identity.module_id is not None:
             check_id(identity.module_id, "module id")
-        if identity.auth not in (CA_SIGNED, SELF_SIGNED):
+        if identity.auth == SYMMETRIC_KEY and not any(identity.keys):
+            raise EmulatorError(f"symmetric-key identity {identity.name!r} needs a primary or secondary key")
+        if identity.auth not in (CA_SIGNED, SELF_SIGNED, SYMMETRIC_KEY):
             raise EmulatorError(f"unknown authentication type {identity.auth!r}")
         if identity.auth == SELF_SIGNED and not identity.thumbprints:
             raise EmulatorError(f"self-signed identity {identity.name!r} needs a thumbprint")
@@ -107,6 +114,11 @@ class PeerCertificate:
         return cls(der, _flatten_name(decoded.get("subject", ())), _flatten_name(decoded.get("issuer", ())))
 
     @property
+    def present(self) -> bool:
+        """The device sent a certificate (a SAS device sends none)."""
+        return bool(self.der)
+
+    @property
     def common_name(self) -> Optional[str]:
         return self.subject.get("commonName")
 
@@ -135,6 +147,8 @@ class Authorization:
     """(rule, message) saying why CONNACK was not 0."""
     warnings: List[Problem] = field(default_factory=list)
     """Deviations the hub tolerates (missing api-version, unencoded username values, …)."""
+    sas_expiry: Optional[int] = None
+    """The accepted SAS token's ``se``: the hub closes the connection then."""
 
 
 def _refuse(rule: str, message: str, code: int = codec.CONNACK_NOT_AUTHORIZED,
@@ -209,9 +223,19 @@ def authorize(connect: codec.Connect, peer: PeerCertificate, registry: Registry,
     if not identity.enabled:
         return _refuse("connect.disabled", f"identity {identity.name!r} is disabled in the registry",
                        warnings=warnings)
+    if identity.auth == SYMMETRIC_KEY:
+        resource = f"{hostname}/devices/{identity.device_id}" + (
+            f"/modules/{identity.module_id}" if identity.module_id else "")
+        problem, expiry = sas.check(connect.password, identity.keys, resource)
+        if problem is not None:
+            return _refuse(*problem, warnings=warnings)
+        return Authorization(codec.CONNACK_ACCEPTED, identity, warnings=warnings, sas_expiry=expiry)
     if connect.password is not None:
         return _refuse("connect.password", "X.509 devices send no password; the hub would read it as a "
                        "SAS token, which this emulator does not support", warnings=warnings)
+    if not peer.present:
+        return _refuse("connect.certificate", f"{identity.name!r} authenticates with an X.509 certificate, but the "
+                       "device sent none in the TLS handshake", warnings=warnings)
     if identity.auth == CA_SIGNED:
         if peer.self_signed:
             return _refuse("connect.certificate", f"{identity.name!r} is registered as CA-signed, but the "

@@ -27,7 +27,7 @@ from .diagnostics import MAX_DIAGNOSTICS, Diagnostic, DiagnosticLog
 from .errors import EmulatorError
 from .events import MAX_EVENTS, Event, EventLog
 from .hub import MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, Hub
-from .registry import CA_SIGNED, SELF_SIGNED, Identity, Registry, check_id
+from .registry import CA_SIGNED, SELF_SIGNED, SYMMETRIC_KEY, Identity, Registry, check_id
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,7 @@ class Emulator:
                                    Diagnostic(rule, message, received, None, peer)),
                                log=(lambda line: print(f"emulator: {line}", file=self._output or sys.stderr,
                                                        flush=True)) if self.verbose else None)
+        self.dps.on_symmetric_assigned = self._dps_assigned_symmetric
         if group:
             self.dps.add_group(group, ca.cert_path.read_bytes(), assigned_hub=self.hostname, polls=polls)
         self.dps.start()
@@ -287,6 +288,10 @@ class Emulator:
         # Loopback whatever the MQTT listener's address: the dashboard has no authentication.
         self.dashboard = Dashboard(self, self.host if self.host in LOOPBACK else "127.0.0.1", port)
         return self.dashboard
+
+    def _dps_assigned_symmetric(self, device_id: str, hub: str, keys) -> None:
+        if self.registry.get(device_id) is None:
+            self.register_device(device_id, symmetric_keys=keys)
 
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
@@ -365,7 +370,7 @@ class Emulator:
 
     def register_device(self, device_id: str, module_id: Optional[str] = None, *,
                         certificate=None, certificate_pem: Optional[str] = None, thumbprints: Iterable[str] = (),
-                        enabled: bool = True) -> Identity:
+                        enabled: bool = True, symmetric_keys: Iterable[str] = ()) -> Identity:
         """Register a device (or module) identity.
 
         Without ``certificate``/``certificate_pem``/``thumbprints`` it is CA-signed: its certificate must
@@ -374,7 +379,11 @@ class Emulator:
         then kept in ``{state_dir}/registered/``) its SHA-1 and SHA-256 thumbprints are registered and the
         certificate is trusted for the TLS handshake.  ``thumbprints`` alone are accepted for completeness,
         but the handshake then fails unless that certificate is trusted some other way.  Everything is
-        checked before anything is written or trusted."""
+        checked before anything is written or trusted.  With ``symmetric_keys`` (base64 primary[, secondary])
+        it authenticates with SAS tokens instead (emulator/sas.py), and the hub's handshake stops requiring
+        a client certificate (X.509 identities are then refused at CONNECT if they send none)."""
+        if symmetric_keys:
+            return self._register_symmetric(device_id, module_id, tuple(symmetric_keys), enabled)
         check_id(device_id, "device id")
         if module_id is not None:
             check_id(module_id, "module id")
@@ -401,6 +410,21 @@ class Emulator:
                 kept.write_text(ssl.DER_cert_to_PEM_cert(der))
             self._ssl_context.load_verify_locations(cadata=der)
         return self.registry.add(identity)
+
+    def _register_symmetric(self, device_id: str, module_id: Optional[str], keys, enabled: bool) -> Identity:
+        import base64
+        import binascii
+
+        for key in keys:
+            try:
+                if len(base64.b64decode(key, validate=True)) < 16:
+                    raise ValueError
+            except (binascii.Error, ValueError, TypeError):
+                raise EmulatorError(f"the symmetric keys of {device_id!r} must be base64 of 16-64 bytes") from None
+        identity = self.registry.add(Identity(device_id, module_id, SYMMETRIC_KEY, (), enabled, keys))
+        # The hub asks for a certificate but lets a SAS device go without one.
+        self._ssl_context.verify_mode = ssl.CERT_OPTIONAL
+        return identity
 
     def unregister(self, device_id: str, module_id: Optional[str] = None) -> None:
         self.registry.remove(_identity_name(device_id, module_id))

@@ -9,7 +9,8 @@ Rules:
    falls back when that fails, so the emulator still imports and runs with the standard library alone.
    Why: Python's ``ssl`` has no server-side verify callback, and the shim's is what lets the emulator
    authorize client certificates at CONNECT as IoT Hub does.
-2. The pure layer (``lightclient/topics.py``, ``lightclient/identity.py``) imports no paho and does no I/O:
+2. The pure layer (``lightclient/topics.py``, ``lightclient/identity.py``, ``lightclient/sas.py``) imports no paho
+   and does no I/O:
    it imports no module of :data:`IO_MODULES` (network, files, processes, threads), from ``lightclient``
    only the other pure modules (:data:`PURE`), calls no :data:`IO_BUILTINS` and touches no
    ``sys.stdin``/``stdout``/``stderr``.
@@ -37,7 +38,7 @@ CLIENT_DEPENDENCIES = ("paho", "requests", "cffi", "pkcs11")
 IO_MODULES = ("paho", "socket", "ssl", "select", "selectors", "asyncio", "http", "urllib.request", "requests",
               "subprocess", "multiprocessing", "os", "io", "pathlib", "shutil", "tempfile", "glob", "sqlite3",
               "fcntl", "mmap", "threading")
-PURE = ("lightclient.exceptions", "lightclient.topics", "lightclient.identity")
+PURE = ("lightclient.exceptions", "lightclient.topics", "lightclient.identity", "lightclient.sas")
 IO_BUILTINS = ("open", "print", "input", "exec", "eval", "compile", "breakpoint")
 #: (importing module, imported module): the emulator's one optional, run-time-only load (rule 1).
 EMULATOR_OPTIONAL = (("lightclient.emulator.peer_trust", "lightclient._shim"),)
@@ -229,7 +230,7 @@ def test_emulator_imports_nothing_else_from_lightclient():
 
 
 def test_topics_and_identity_import_no_paho_and_do_no_io():
-    report = _check(_files(PACKAGE / "topics.py", PACKAGE / "identity.py"), pure_violations)
+    report = _check(_files(PACKAGE / "topics.py", PACKAGE / "identity.py", PACKAGE / "sas.py"), pure_violations)
     assert not report, "the pure layer must stay pure:\n" + "\n".join(report)
 
 
