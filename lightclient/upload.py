@@ -736,8 +736,10 @@ def _transfer(storage: _Storage, target: UploadTarget, source: _Source, block_si
 
     def held() -> Dict[str, int]:
         response = storage.send(get_block_list_request(target))
-        if response.status == 404:
-            return {}  # no blob and no blocks yet
+        if response.status in (403, 404):
+            # 404: no blob and no blocks yet. 403: a SAS without read permission (whether hubs grant
+            # 'r' is not documented): the blocks cannot be listed, so every block is sent.
+            return {}
         if not 200 <= response.status < 300:
             raise storage_error(response.status, response.body, response.headers, target, "Get Block List")
         return parse_block_list(response.body)

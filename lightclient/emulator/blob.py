@@ -144,7 +144,7 @@ class BlobStore:
     def _string_to_sign(self, sp: str, st: str, se: str, blob: str, sv: str, sr: str) -> bytes:
         return "\n".join((sp, st, se, f"/blob/{self.account}/{self.container}/{blob}", sv, sr)).encode()
 
-    def issue_sas(self, blob: str, *, permissions: str = "cw", ttl: float = 3600.0,
+    def issue_sas(self, blob: str, *, permissions: str = "rcw", ttl: float = 3600.0,
                   service_version: Optional[str] = None) -> str:
         """A service SAS (``?sv=…&sig=…``) for ``blob`` in the container, valid ``ttl`` seconds."""
         now = datetime.datetime.now(datetime.timezone.utc)
