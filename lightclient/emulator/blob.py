@@ -22,7 +22,8 @@ Limits follow the token's ``sv`` (see :data:`LIMITS`); every block id of a blob 
 
 Data goes to disk under ``{root}`` as it arrives (64 KiB at a time), so memory stays small for any size.
 Fault injection (:meth:`BlobStore.inject`): answer a chosen request with a status (503 with
-``Retry-After``, 403, 500 …), or ``"drop"``: read half of its body, then reset the connection.
+``Retry-After``, 403, 500 …); ``"drop"``: read half of its body, then reset the connection; ``"lost"``:
+carry it out, then reset the connection instead of answering.
 """
 from __future__ import annotations
 
@@ -130,12 +131,13 @@ class BlobStore:
             self._thread.join(5)
 
     def inject(self, action: Union[int, str], *, op: str = "any", skip: int = 0) -> None:
-        """Answer the next request of kind ``op`` (after ``skip`` such requests) with status ``action``,
-        or with ``"drop"``: take half of its body, then reset the connection."""
+        """Answer the next request of kind ``op`` (after ``skip`` such requests) with status ``action``;
+        ``"drop"``: take half of its body, then reset the connection; ``"lost"``: carry the request out,
+        then reset the connection instead of answering (the client cannot know it worked)."""
         if op not in ("any", "put", "block", "blocklist", "getblocklist", "get"):
             raise ValueError(f"unknown operation {op!r}")
-        if not (action == "drop" or (isinstance(action, int) and 400 <= action < 600)):
-            raise ValueError(f"a fault is an error status (400-599) or 'drop', not {action!r}")
+        if not (action in ("drop", "lost") or (isinstance(action, int) and 400 <= action < 600)):
+            raise ValueError(f"a fault is an error status (400-599), 'drop' or 'lost', not {action!r}")
         with self._lock:
             self._faults.append(_Fault(action, op, skip))
 
@@ -385,6 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
             length = self._length(method)
             if fault == "drop":
                 self._drop(length)
+            self._lose_answer = fault == "lost"
             if isinstance(fault, int):
                 self._discard(length)
                 if fault == 503:
@@ -437,6 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
             with store._lock:
                 store.drops += 1
         except StorageError as exc:
+            self._lose_answer = False
             store._record(method, op, blob, exc.status)
             self.close_connection = self.close_connection or exc.status in (400, 411, 413)
             self._error(exc, getattr(exc, "headers", {}))
@@ -500,6 +504,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, status: int, body: bytes = b"", content_type: Optional[str] = None,
                headers: Optional[Dict[str, str]] = None) -> None:
+        if getattr(self, "_lose_answer", False):
+            self._drop(0)
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)

@@ -142,13 +142,14 @@ def test_connection_cut_mid_upload_resumes_without_resending_blocks(files, enrol
     def progress(sent, total):
         if sent >= 1 * MiB and not cut_at:
             cut_at.append(sent)
-            proxy.cut()
+            proxy.black_hole()   # the open connection carries nothing more, ever: the next block is lost on it
     try:
-        result = _up(files, enrolled, str(path), "cut.bin", block_size=128 * KiB, progress=progress)
+        result = _up(files, enrolled, str(path), "cut.bin", block_size=128 * KiB, progress=progress,
+                     request_timeout=1.5)
     finally:
         proxy.close()
     assert files.blob.digest(result.blob_name) == digest
-    assert proxy.connections >= 2, "the cut did not break the storage connection"
+    assert proxy.connections >= 2, "the upload did not go on over a new connection"
     puts = files.blob.block_puts[result.blob_name]
     assert len(puts) == 24 and set(puts.values()) == {1}, "a finished block was sent again"
 
@@ -170,6 +171,18 @@ def test_drop_mid_block_is_retried_and_a_later_call_resumes(files, enrolled, tmp
     assert result.blocks == 10 and result.blocks_skipped == 4
     assert files.blob.digest(result.blob_name) == digest
     assert set(files.blob.block_puts[result.blob_name].values()) == {1}
+
+
+def test_block_stored_but_answer_lost_is_not_sent_again(files, enrolled, tmp_path):
+    """Storage took block 2 but the connection broke before its answer: the block list shows it, so the
+    upload goes on with block 3 instead of sending block 2 again."""
+    path = tmp_path / "lost.bin"
+    digest = _random_file(path, 6 * 16 * KiB)
+    files.blob.inject("lost", op="block", skip=2)
+    result = _up(files, enrolled, str(path), "lost.bin", block_size=16 * KiB)
+    assert files.blob.digest(result.blob_name) == digest
+    assert files.blob.drops >= 1
+    assert set(files.blob.block_puts[result.blob_name].values()) == {1}, "block 2 was sent twice"
 
 
 def test_storage_503_once_is_retried(files, enrolled, tmp_path):
