@@ -226,9 +226,10 @@ class UploadTarget:
             if secret:
                 text = text.replace(secret, "<SAS redacted>")
                 text = text.replace(quote(secret, safe=""), "<SAS redacted>")
-        return text
+        return _SIG_VALUE.sub(r"\1<SAS redacted>", text)   # any signature a server echoed, even partly
 
 
+_SIG_VALUE = re.compile(r"(sig=)(?!<SAS redacted>)[^&\s\"'<>)]+", re.I)
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-]{1,253}(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
 

@@ -1,6 +1,7 @@
 """File upload (issue 21) against the emulator's hub endpoints and blob storage: real HTTPS on loopback, the
 device key in SoftHSM, storage reached with server verification and no client certificate."""
 import hashlib
+import json
 import logging
 import os
 import ssl
@@ -42,7 +43,11 @@ def enrolled(emu, device, tmp_path_factory):
     cert = emu.sign_csr(out / "d.csr", out / "d.pem")
     emu.register_device(device_id)
     ctx = tls.https_context(cert=cert, key=device["ec"]["key"], ca=emu.ca_path)
+    enrolled_cert[device_id] = cert
     return device_id, ctx
+
+
+enrolled_cert = {}
 
 
 @pytest.fixture
@@ -339,3 +344,29 @@ def test_storage_never_gets_the_client_certificate(files, enrolled, test_ca, tmp
         thread.join(5)
         listener.close()
     assert seen == [None]
+
+
+def test_cli_upload_with_the_token_key(emu, files, enrolled, device, tmp_path):
+    import subprocess
+    import sys
+
+    from ..conftest import PIN
+
+    device_id = enrolled[0]
+    path = tmp_path / "report.csv"
+    digest = _random_file(path, 300 * KiB)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIGHTCLIENT_")
+           and k not in ("IOT_HUB_HOSTNAME", "DEVICE_ID", "PATH_TO_CERTIFICATE_FILE", "KEY_IDENTIFIER")}
+    env["LIGHTCLIENT_PIN"] = PIN
+    args = [sys.executable, "-m", "lightclient", "upload", str(path), "--name", "reports/r.csv", "--hub", "localhost",
+            "--device-id", device_id, "--cert", str(enrolled_cert[device_id]), "--key", device["ec"]["uri"],
+            "--ca", str(emu.ca_path), "--https-port", str(files.port), "--block-size", str(64 * KiB), "--json"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["blobName"] == f"{device_id}/reports/r.csv" and out["blocks"] == 5 and out["size"] == 300 * KiB
+    assert files.blob.digest(out["blobName"]) == digest
+    assert PIN not in proc.stdout + proc.stderr and "sig=" not in proc.stdout + proc.stderr
+    bad = subprocess.run(args[:5] + ["--name", "a/../b"] + args[7:], env=env, capture_output=True, text=True,
+                         timeout=60, stdin=subprocess.DEVNULL)
+    assert bad.returncode == 2 and "--name" in bad.stderr and "'..'" in bad.stderr
