@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -437,6 +438,8 @@ class _Source:
             self.size = os.fstat(self._fd).st_size
         elif hasattr(source, "read") and hasattr(source, "seek"):
             self.name = "the file object"
+            if isinstance(source, io.TextIOBase):
+                raise ConfigError("the file object is in text mode: open it in binary mode ('rb')")
             try:
                 if not source.seekable():
                     raise ConfigError("the file object must be seekable (a regular file opened 'rb', or BytesIO): "
