@@ -55,7 +55,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, quote
 
 from ._https import Exchange, Request, Response, header, retry_delay
 from .backoff import Backoff
