@@ -97,6 +97,13 @@ def check_user_file(path: str, *, what: str, limit: int,
     os.close(_open_regular(path, what, limit, unreadable, hint))
 
 
+def open_user_file(path: str, *, what: str, limit: int,
+                   unreadable: Type[LightClientError] = ConfigError, hint: str = "") -> int:
+    """A read-only fd of the regular file ``path`` (at most ``limit`` bytes), checked as :func:`read_user_file`
+    checks, for content streamed in parts (file upload) rather than read whole. The caller closes it."""
+    return _open_regular(path, what, limit, unreadable, hint)
+
+
 def prepare_private_file(path: str, *, what: str) -> None:
     """Make sure ``path`` exists as a regular file only its owner can read, before a secret goes in.
 

@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .commands import csr, doctor, messaging, provision, tokens, trace
     from .commands import renew, status
+    from .commands import upload
 
     parser = argparse.ArgumentParser(
         prog="lightclient",
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.register(sub)
     trace.register(sub)
     messaging.register(sub)
+    upload.register(sub)
     sub.add_parser("emulator", add_help=False,
                    help="run the local IoT Hub + DPS emulator (`lightclient emulator --help` lists its options)")
     return parser

@@ -883,6 +883,20 @@ class Device:
                                                    self._connected)
         return self._credentials.request(csr_der, replace=replace, timeout=timeout)
 
+    def upload_file(self, path_or_fileobj: Any, blob_name: str, progress: Optional[Callable[[int, int], None]] = None,
+                    **options: Any) -> Any:
+        """Upload a file (path or seekable binary file object) to the hub's linked storage as ``blob_name``, over
+        HTTPS with this device's key; needs no MQTT connection. Returns an
+        :class:`~lightclient.upload.UploadResult`; ``progress(sent, total)`` gets bytes. ``options`` are
+        those of :func:`lightclient.upload.upload_file` (``endpoint`` defaults to the hub host on 443)."""
+        from . import upload
+
+        if self.identity.module_id:
+            raise ConfigError("file upload is for device identities: IoT Hub offers it to no module")
+        options.setdefault("endpoint", self.host)
+        return upload.upload_file(path_or_fileobj, blob_name, device_id=self.identity.device_id,
+                                  ssl_context=self._ssl_context, progress=progress, **options)
+
     # ------------------------------------------------------------------------------------- twin
 
     def get_twin(self, timeout: Optional[float] = None) -> Dict[str, Any]:

@@ -25,6 +25,7 @@ too, so ``except ValueError`` keeps working for callers who do not know lightcli
     ├── OutboxError                         the durable outbox file cannot be used
     ├── ServiceError                        the hub answered a request with an error status
     │   ├── ProvisioningError               DPS refused or failed a registration
+    │   ├── UploadError                     a file upload failed at the hub or at storage
     │   └── ConnectRefusedError             the hub refused the MQTT CONNECT (CONNACK 1-5)
     ├── OperationTimeout (TimeoutError)     a request got no answer in time
     └── ProxyError (ConnectionError)        the proxy could not be reached, refused, or could not reach the hub
@@ -211,6 +212,20 @@ class ProvisioningError(ServiceError):
         super().__init__(message, status)
         self.error_code = error_code
         self.tracking_id = tracking_id
+
+
+class UploadError(ServiceError):
+    """A file upload failed at the hub or at storage (``stage``: "sas", "storage" or "notify"; ``notified``:
+    whether the hub was told of the failure; ``correlation_id`` of the upload when the hub gave one)."""
+
+    def __init__(self, message: str, status: Optional[int] = None, *, stage: Optional[str] = None,
+                 error_code: Optional[str] = None, correlation_id: Optional[str] = None,
+                 notified: Optional[bool] = None):
+        super().__init__(message, status)
+        self.stage = stage
+        self.error_code = error_code
+        self.correlation_id = correlation_id
+        self.notified = notified
 
 
 class ConnectRefusedError(ServiceError):

@@ -88,6 +88,10 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
     parser.add_argument("--dps-polls", type=int, default=1,
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
     parser.add_argument("--dps-retry-after", type=int, default=1, help="DPS Retry-After seconds (default 1)")
+    parser.add_argument("--files-port", type=int, default=None,
+                        help="also serve the hub's file-upload endpoints (HTTPS, device certificates) on this port "
+                             "and a local blob storage on --blob-port (0: free ports)")
+    parser.add_argument("--blob-port", type=int, default=0, help="the blob storage's HTTPS port (default: a free one)")
     parser.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
                         help=f"open MQTT connections before further ones are closed at once (default "
                              f"{MAX_CONNECTIONS}); the open-file limit is raised to fit where allowed")
@@ -251,6 +255,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m lightclient.em
             lines.append(f"  route: {emulator.add_route(route).text}")
         if args.web_port is not None:
             lines.append(f"  dashboard: {emulator.start_dashboard(args.web_port).url}")
+        if args.files_port is not None:
+            files = emulator.start_file_upload(args.files_port, blob_port=args.blob_port)
+            lines.append(f"  file upload: https://{args.host}:{files.port}/devices/{{id}}/files (lightclient upload "
+                         f"--https-port {files.port}); blob storage https://{files.blob_host}")
         for spec in args.device:
             device_id, module_id = _split(spec)
             emulator.register_device(device_id, module_id)

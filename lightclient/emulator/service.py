@@ -121,6 +121,7 @@ class Emulator:
         self._dps_mqtt = None
         self.dps_mqtt_port: Optional[int] = None
         self.dashboard = None
+        self.files = None      # the file-upload endpoints + blob storage (start_file_upload)
         if verbose:
             self.diagnostic_log.listeners.append(self._print_diagnostic)
         self._ca_paths = (ca_cert, ca_key)
@@ -293,6 +294,21 @@ class Emulator:
         if self.registry.get(device_id) is None:
             self.register_device(device_id, symmetric_keys=keys)
 
+    def start_file_upload(self, port: int = 0, **options):
+        """Serve the hub's file-upload endpoints (HTTPS with device certificates) and a local blob storage
+        (``.blob``); returns the :class:`~lightclient.emulator.files.FileUpload`. Options: ``blob_port``,
+        ``blob_host`` (the storage host:port the hub hands out), ``service_version``, ``sas_ttl``,
+        ``allow_ca_signed``."""
+        from . import files
+
+        self._require_started()
+        if self.files is not None:
+            raise EmulatorError("the file-upload endpoints are already running")
+        log = (lambda line: print(f"emulator: {line}", file=self._output or sys.stderr, flush=True)) \
+            if self.verbose else None
+        self.files = files.start(self, port=port, log=log, **options)
+        return self.files
+
     def _dps_assigned(self, device_id: str, hub: str, cert_der: Optional[bytes]) -> None:
         if self.registry.get(device_id) is not None:
             return
@@ -318,6 +334,9 @@ class Emulator:
         if self.dps is not None:
             self.dps.stop()
             self.dps = None
+        if self.files is not None:
+            self.files.stop()
+            self.files = None
         if self._http is not None:
             self._http.close()
             self._http = None

@@ -5,6 +5,7 @@ connection carries on) within a time bound; the process survives; and the PIN ap
 text, repr, log line, stdout or stderr. Single-subject tests of the same inputs with more detail live in
 test_bad_input.py, test_cli.py and test_dps.py; this table is the breadth check.
 """
+import io
 import logging
 import math
 import ssl
@@ -624,6 +625,22 @@ CASES.update({
     "cli-proxy-and-no-proxy": (_cli_row(["send", "x"], "--no-proxy", code=2, text="contradict",
                                         **{"--proxy": "http://p:1"}), CliFailed, ""),
 })
+
+def _upload(lab, source, name="x.bin", **kwargs):
+    from lightclient import upload
+
+    return upload.upload_file(source, name, device_id="sw-up", endpoint="localhost:1", ssl_context=lab.ctx, **kwargs)
+
+
+CASES.update({
+    "upload-file-fifo": (lambda lab: _upload(lab, _user_file(lab, "fifo")), ConfigError, "FIFO"),
+    "upload-file-dir": (lambda lab: _upload(lab, _user_file(lab, "dir")), ConfigError, "directory"),
+    "upload-file-dev-zero": (lambda lab: _upload(lab, "/dev/zero"), ConfigError, "character device"),
+    "upload-fileobj-text-mode": (lambda lab: _upload(lab, io.StringIO("text")), ConfigError, "binary"),
+    "upload-blob-name-dotdot": (lambda lab: _upload(lab, __file__, "a/../b"), ConfigError, "'..'"),
+    "upload-block-size-tiny": (lambda lab: _upload(lab, __file__, block_size=10), ConfigError, "block_size"),
+})
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_sweep(lab_, name, capfd, caplog):
