@@ -22,13 +22,13 @@ MASK = b"\x11\x22\x33\x44"
 def emu(tmp_path_factory):
     with Emulator(tmp_path_factory.mktemp("ws-emu"), port=free_port(), ws_port=0, connect_timeout=5) as hub:
         hub.register_device(DEVICE)
-        hub.files = hub.issue_certificate(DEVICE)
+        hub.device_files = hub.issue_certificate(DEVICE)  # not .files: the emulator has its own (file upload)
         yield hub
 
 
 def _tls(emu):
     ctx = ssl.create_default_context(cafile=str(emu.ca_path))
-    cert, key = emu.files
+    cert, key = emu.device_files
     ctx.load_cert_chain(str(cert), str(key))
     raw = socket.create_connection(("127.0.0.1", emu.ws_port), timeout=5)
     return ctx.wrap_socket(raw, server_hostname="localhost")
