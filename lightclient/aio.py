@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import inspect
-import itertools
 import logging
 import os
 import ssl
@@ -46,7 +45,7 @@ import paho.mqtt.client as mqtt
 from . import device as _sync
 from . import paho as lcpaho
 from . import topics
-from ._pipeline import Pipeline, SendHandle, queue_settings
+from ._pipeline import MessageMaker, Pipeline, SendHandle, queue_settings
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
 from .backoff import Backoff
@@ -92,19 +91,28 @@ class Message:
 
 
 class _Waker:
-    """Stands in for a :class:`SendHandle`'s ``threading.Event``: the pipeline calls ``set()`` on the
-    acknowledgement (or the drop), which resolves the futures of everyone awaiting the handle."""
+    """A :class:`SendHandle`'s wait lock (``_waker``: held until the pipeline releases it on the
+    acknowledgement or the drop) that also resolves the futures of the coroutines awaiting the handle.
 
-    __slots__ = ("loop", "thread", "futures", "fired")
+    It wraps the plain lock a synchronous ``wait()`` may already have made (or makes one), so threads
+    blocked in ``SendHandle.wait()`` on the same handle wake exactly as before."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: int):
+    __slots__ = ("loop", "thread", "lock", "futures")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: int, lock: Optional[Any]):
         self.loop = loop
         self.thread = thread
+        if lock is None:
+            lock = threading.Lock()
+            lock.acquire()
+        self.lock = lock
         self.futures: List["asyncio.Future[None]"] = []
-        self.fired = False
 
-    def set(self) -> None:  # called with the pipeline's lock held: must not block
-        self.fired = True
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self.lock.acquire(blocking, timeout)  # SendHandle.wait() on another thread
+
+    def release(self) -> None:  # called with the pipeline's lock held: must not block
+        self.lock.release()
         if threading.get_ident() == self.thread:
             self._wake()
         else:
@@ -154,22 +162,21 @@ class AsyncSendHandle:
         """Wait for the acknowledgement; :class:`OperationTimeout` after ``timeout`` s (the message stays
         queued), :class:`MessageDroppedError` if it was dropped to make room for newer ones."""
         handle = self._handle
-        if handle._done:
+        if handle.done():
             return
         loop = asyncio.get_running_loop()
-        book = handle._book
-        with book.lock:
-            if handle._done:
-                return
-            if handle._error is not None:
-                raise handle._error
-            waker = handle._event
-            if not isinstance(waker, _Waker):
-                # SendHandle makes its Event lazily and only the sync wait() does; aio handles never use it.
-                waker = _Waker(loop, threading.get_ident())
-                handle._event = waker  # type: ignore[assignment]
-            future: "asyncio.Future[None]" = loop.create_future()
-            waker.futures.append(future)
+        with handle._book.lock:
+            if handle._state is not None:  # acknowledged or dropped meanwhile
+                waker = None
+            else:
+                waker = handle._waker
+                if not isinstance(waker, _Waker):  # made lazily, by the first waiter (sync or async)
+                    waker = handle._waker = _Waker(loop, threading.get_ident(), waker)  # type: ignore[assignment]
+                future: "asyncio.Future[None]" = loop.create_future()
+                waker.futures.append(future)
+        if waker is None:
+            self._raise_if_dropped()
+            return
         try:
             if timeout is None:
                 await future
@@ -186,8 +193,12 @@ class AsyncSendHandle:
                 waker.futures.remove(future)
             except ValueError:
                 pass
-        if handle._error is not None:
-            raise handle._error
+        self._raise_if_dropped()
+
+    def _raise_if_dropped(self) -> None:
+        error = self._handle.error
+        if error is not None:
+            raise error
 
     def __await__(self):
         return self.wait().__await__()
@@ -332,11 +343,9 @@ class Device:
         self._desired_state = DesiredState()
         self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
 
-        # Telemetry: the sync Device's pipeline, $.mid scheme and topic cache, unchanged.
-        self._mid_prefix = os.urandom(12).hex()
-        self._mid_counter = itertools.count(1)
-        self._topics: Dict[Any, Tuple[str, str, int]] = {}
+        # Telemetry: the sync Device's pipeline and message maker ($.mid scheme, checks, topic cache).
         self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
+        self._maker = MessageMaker(identity, self._acks)
         try:
             #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
             self.recovered: List[AsyncSendHandle] = (
@@ -345,11 +354,6 @@ class Device:
             if self._own_outbox and outbox is not None:
                 outbox.close()
             raise
-
-    # The sync Device's send path (validation, $.mid, topic cache, pipeline) is shared, not copied.
-    _accept = _sync.Device.send
-    _topic = _sync.Device._topic
-    _next_message_id = _sync.Device._next_message_id
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -718,21 +722,45 @@ class Device:
         Arguments, wire format and errors as :meth:`lightclient.device.Device.send` (raised here, before
         anything is awaited). ``await device.send(…)`` returns once the hub acknowledged the message.
         """
-        return AsyncSendHandle(self._accept(payload, properties, **system_properties))
+        return AsyncSendHandle(self._acks.put(self._maker.message(payload, properties, system_properties)))
 
     async def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None, *,
                         timeout: Optional[float] = None, **system_properties: Any) -> List[AsyncSendHandle]:
         """Send every payload (pipelined, in order, each with its own ``$.mid``) and wait until all are
-        acknowledged; return their handles. A message that cannot be accepted raises at once; the ones
-        before it stay accepted and are delivered."""
+        acknowledged; return their handles.
+
+        As :meth:`lightclient.device.Device.send_many`, the batch is accepted whole or not at all (a bad
+        payload or :class:`QueueFullError` raises before anything is queued), and with an outbox it is one
+        transaction. Waiting as :meth:`wait_all` (``timeout`` s in all).
+        """
         if "message_id" in system_properties:
             raise ConfigError("send_many() gives every message its own $.mid; drop message_id= "
                               "(or call send() once per message with its own id)")
-        handles = [self.send(payload, properties, **system_properties) for payload in payloads]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for handle in handles:
-            await handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if isinstance(payloads, (bytes, str, bytearray, memoryview)):
+            raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
+                              "send(payload)")
+        make = self._maker.message
+        handles = [AsyncSendHandle(h) for h in self._acks.put_many(
+            [make(payload, properties, system_properties) for payload in payloads])]
+        await self.wait_all(handles, timeout)
         return handles
+
+    @staticmethod
+    async def wait_all(handles: Iterable[AsyncSendHandle], timeout: Optional[float] = None) -> None:
+        """Wait until the hub acknowledged every handle (:class:`OperationTimeout` after ``timeout`` s in
+        all; the messages stay queued). A message dropped to make room (``drop_oldest``) raises its
+        :class:`MessageDroppedError` (the first, in the order given) after the others were waited for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first: Optional[MessageDroppedError] = None
+        for handle in handles:
+            if handle.done():
+                continue
+            try:
+                await handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except MessageDroppedError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     # ---------------------------------------------------------------------------------- methods
 
