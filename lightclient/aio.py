@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import logging
 import os
@@ -42,6 +43,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List
 
 import paho.mqtt.client as mqtt
 
+from . import _transport
 from . import device as _sync
 from . import paho as lcpaho
 from . import topics
@@ -51,7 +53,7 @@ from ._verify import permanent_tls_error
 from .backoff import Backoff
 from .device import MAX_KEEPALIVE, MethodResponse, paho_log
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         QueueFullError, ServiceError)
+                         ProxyError, QueueFullError, ServiceError)
 from .identity import API_VERSION, Identity
 from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
@@ -227,8 +229,9 @@ class Device:
 
     The constructor takes the options of :class:`lightclient.device.Device` (``host``, ``port``,
     ``keepalive``, ``max_inflight``, ``clean_session``, ``backoff``, ``method_workers``, ``twin_timeout``,
-    ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``)
-    with the same meaning and the same checks, plus ``on_connection_state(connected, reason)`` (a
+    ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``,
+    ``transport``, ``websocket_port``, ``proxy``, ``gateway_hostname``, ``transport_cache``) with the same
+    meaning and the same checks (not ``sas``: SAS authentication is for the sync Device only), plus ``on_connection_state(connected, reason)`` (a
     function or a coroutine function).
 
     Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
@@ -263,7 +266,10 @@ class Device:
                  api_version: str = API_VERSION, client_type: Optional[str] = None,
                  max_queue: Optional[int] = None, max_queue_bytes: Optional[int] = None,
                  full_policy: Optional[str] = None, outbox: Union[None, str, "os.PathLike[str]", Outbox] = None,
-                 on_connection_state: Optional[Callable[[bool, str], Any]] = None):
+                 on_connection_state: Optional[Callable[[bool, str], Any]] = None,
+                 transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
+                 gateway_hostname: Optional[str] = None,
+                 transport_cache: Union[None, str, "os.PathLike[str]"] = None):
         if not isinstance(identity, Identity):
             raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
         if not isinstance(ssl_context, ssl.SSLContext):
@@ -273,6 +279,16 @@ class Device:
                          f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
                          f"{MAX_KEEPALIVE} s works; 60 is the default")
         _sync._check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
+        _sync._check_int("websocket_port", websocket_port, 1, 65535, "IoT Hub serves MQTT over WebSockets on 443")
+        transport = _transport.check_transport(transport)
+        checked_proxy = _transport.check_proxy(proxy)
+        if gateway_hostname is not None:
+            if not isinstance(gateway_hostname, str) or not gateway_hostname.strip():
+                raise ConfigError(f"gateway_hostname must be the gateway's host name, not {gateway_hostname!r}")
+            if host is not None:
+                raise ConfigError("give host= or gateway_hostname=, not both: both name the server to connect to")
+            host = gateway_hostname.strip()
+        memory = _transport.TransportMemory(transport_cache)
         _sync._check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
         _sync._check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
         if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
@@ -287,7 +303,13 @@ class Device:
         self.outbox: Optional[Outbox] = outbox
         self.identity = identity
         self.host = identity.hostname if host is None else host
-        self.port = port
+        #: The port of the current (or last) connection; ``port`` and ``websocket_port`` are the choices.
+        self.port = websocket_port if transport == _transport.WEBSOCKETS else port
+        self.transport = transport
+        self.proxy = checked_proxy
+        self.websocket_port = websocket_port
+        self._tcp_port = port
+        self._memory = memory
         self.keepalive = keepalive
         self.on_connection_state = on_connection_state
         self._backoff = backoff or Backoff()
@@ -298,7 +320,10 @@ class Device:
         self._ssl_context = ssl_context
 
         client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
-                                   api_version=api_version, client_type=client_type)
+                                   api_version=api_version, client_type=client_type,
+                                   transport=transport, proxy=checked_proxy)
+        if checked_proxy is None:
+            _transport.install_socket_factory(client, None)  # paho must not pick a proxy from the environment
         client.max_inflight_messages_set(max_inflight)
         client.suppress_exceptions = True   # a bug in a callback is logged; the loop carries on
         client.enable_logger(paho_log)
@@ -403,7 +428,6 @@ class Device:
             self._method_workers, thread_name_prefix=f"{self._threads}-methods")
         deadline = time.monotonic() + timeout
         try:
-            self._client.connect_async(self.host, self.port, self.keepalive)
             await self._first_connect(deadline, timeout)
             self._spawn(self._misc_loop())
             self._spawn(self._supervise())
@@ -425,29 +449,44 @@ class Device:
         attempt = 0
         while True:
             try:
-                await self._open()
+                used = await self._open(first=True)
+                self.port = self.websocket_port if used == _transport.WEBSOCKETS else self._tcp_port
                 return
             except OSError as exc:
+                self.port = self._client.port or self.port
+                if isinstance(exc, ProxyError) and not exc.retryable:
+                    raise
                 permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
                 if permanent is not None:
                     raise permanent from exc
                 delay = self._backoff.delay(attempt)
                 attempt += 1
                 if time.monotonic() + delay >= deadline:
+                    if isinstance(exc, ProxyError):
+                        raise ProxyError(f"could not connect to {self.host} within {timeout} s ({attempt} attempts): "
+                                         f"{exc}", proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
                     raise OperationTimeout(
-                        f"could not connect to {self.host}:{self.port} within {timeout} s "
+                        f"could not connect to {self.host}:{self.port}{_sync._ws_hint(exc)} within {timeout} s "
                         f"({attempt} attempts); last error: {exc}") from exc
                 log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _open(self) -> None:
-        """paho's reconnect() (DNS, TCP, TLS handshake with the device key, CONNECT queued) off the loop."""
+    async def _open(self, first: bool = False) -> Any:
+        """Connect off the loop (DNS, TCP, proxy, TLS handshake with the device key, CONNECT queued):
+        the first time with :func:`lightclient.paho.connect` (``transport="auto"`` chooses there), after
+        a drop with paho's reconnect() to the same place, as the sync Device's network thread does."""
         assert self._loop is not None and self._connector is not None
-        self._opening = self._loop.run_in_executor(self._connector, self._client.reconnect)
+        if first:
+            opening = functools.partial(lcpaho.connect, self._client, self.host, transport=self.transport,
+                                        port=self._tcp_port, websocket_port=self.websocket_port,
+                                        keepalive=self.keepalive, memory=self._memory)
+        else:
+            opening = self._client.reconnect
+        self._opening = self._loop.run_in_executor(self._connector, opening)
         try:
             # Shielded: a cancelled caller must not leave the thread's half-made socket unaccounted;
             # _teardown() waits for it.
-            await asyncio.shield(self._opening)
+            return await asyncio.shield(self._opening)
         finally:
             if self._opening.done():
                 self._opening = None
@@ -587,8 +626,8 @@ class Device:
             self._client.loop_read()
             # TLS may hold decrypted packets the socket no longer signals: read them too.
             for _ in range(1000):
-                sock = self._client.socket()
-                if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                sock = self._client.socket()  # an SSLSocket, or paho's WebSocket wrapper around one
+                if sock is None or not hasattr(sock, "pending") or not sock.pending():
                     break
                 self._client.loop_read()
         except Exception:
