@@ -3,8 +3,9 @@
 :class:`Pipeline` counts every accepted message against the queue limits, hands at most ``window`` of them
 to paho at a time (in order of acceptance), commits them to the :class:`~lightclient.outbox.Outbox` when
 there is one (group commit: one transaction for every message waiting at that moment), and completes their
-:class:`SendHandle` on the PUBACK. :func:`queue_settings` checks the Device's queue and outbox options.
-Private: Device is the API; ``SendHandle`` is re-exported there.
+:class:`SendHandle` on the PUBACK. :class:`MessageMaker` builds the messages from ``send()``'s arguments;
+:func:`queue_settings` checks the Device's queue and outbox options. Private: the sync and the asyncio
+Device are the API (both build on these); ``SendHandle`` is re-exported there.
 
 One object per message: the :class:`SendHandle` the caller gets is also the queue entry, and it keeps
 the topic in parts (a :class:`TopicForm` shared by every message with the same properties, plus the
@@ -14,23 +15,30 @@ than its payload.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Deque, Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Tuple, Union
 
+from . import topics
 from .exceptions import ConfigError, LightClientError, MessageDroppedError, OperationTimeout, QueueFullError
 from .outbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_MESSAGES, REJECT_NEW, Outbox, check_limits
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
+    from .identity import Identity
+
 # Device's logger: the pipeline is part of Device as far as anyone configuring logging is concerned.
 log = logging.getLogger("lightclient.device")
 
 _DONE = True   # SendHandle._state once acknowledged (None while pending, the error once dropped)
+_TOPIC_CACHE_SIZE = 256
+# Stands in for the $.mid while a topic is cached: a UUID's length, and unreserved characters only.
+_MID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
 
 class TopicForm:
@@ -67,7 +75,8 @@ class SendHandle:
     # TopicForm and the $.mid counter, or the whole topic and None), ``payload``/``cost``/``key`` what the
     # pipeline and the outbox need. ``_state``: None pending, True acknowledged, the error once dropped.
     # ``_waker`` is made only when someone waits: a lock held until the ack releases it (cheaper than an
-    # Event, and it wakes only the threads waiting for this message).
+    # Event, and it wakes only the threads waiting for this message). Only acquire(timeout=) and release()
+    # are used, so lightclient.aio puts a lock of its own there that also wakes the coroutines awaiting it.
     __slots__ = ("_form", "_n", "payload", "cost", "key", "mid", "_state", "_waker", "_book")
 
     def __init__(self, book: "Pipeline", form: Union[TopicForm, str], n: Optional[int], payload: bytes, cost: int,
@@ -497,6 +506,89 @@ class Pipeline:
                 self.waiting -= 1
 
 
+class MessageMaker:
+    """Turns ``send()``'s arguments into a checked :class:`SendHandle` for ``book``, not yet accepted (hand it
+    to :meth:`Pipeline.put` / :meth:`Pipeline.put_many`): type and size checks, the ``$.mid`` and the topic cache.
+
+    One per Device, shared by :class:`lightclient.device.Device` and :class:`lightclient.aio.Device` so both
+    send exactly the same messages. An automatic ``$.mid`` has 36 characters, like a UUID: a random 96-bit
+    prefix per Device and a counter (a UUID4 per message is unique too, but costs a system call).
+    """
+
+    def __init__(self, identity: "Identity", book: "Pipeline"):
+        self.identity = identity
+        self.book = book
+        self.mid_prefix = os.urandom(12).hex()
+        self.counter = itertools.count(1)  # next() on a count is atomic under the GIL
+        self.cache: Dict[Any, Tuple[Union[TopicForm, str], int]] = {}
+
+    def message(self, payload: Any, properties: Optional[topics.Properties],
+                system_properties: Dict[str, Any]) -> SendHandle:
+        """One checked message, not yet accepted: its handle (the topic stays in parts until it is sent)."""
+        if isinstance(payload, (bytearray, memoryview)):
+            payload = bytes(payload)
+        message_id = system_properties.get("message_id")
+        if message_id is None:
+            system_properties.pop("message_id", None)
+            form, overhead = self.topic(properties, system_properties, True)
+            n: Optional[int] = next(self.counter)
+            cost = form.fixed  # type: ignore[union-attr]
+        else:
+            form, overhead = self.topic(properties, system_properties, False)
+            n = None
+            cost = len(form)  # type: ignore[arg-type]
+        if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
+            # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
+            if not isinstance(payload, (bytes, str)):
+                raise ConfigError(f"payload must be bytes or str (sent as UTF-8), bytearray or memoryview, not "
+                                  f"{type(payload).__name__}; send b'' for a message without a body")
+            if n is not None:
+                system_properties = dict(system_properties, message_id=form.message_id(n))  # type: ignore[union-attr]
+            topics.check_message_size(payload, properties, topics.system_properties(**system_properties))
+            if not isinstance(payload, bytes):
+                payload = payload.encode("utf-8")
+        # The topic is ASCII (ids are ASCII, the bag is %-encoded): its length is its size in bytes.
+        return SendHandle(self.book, form, n, payload, cost + len(payload))
+
+    def topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any],
+              auto_id: bool) -> Tuple[Union[TopicForm, str], int]:
+        """The telemetry topic and the size its properties count against the 256 KB limit, cached.
+
+        With ``auto_id`` the topic is a :class:`TopicForm`, to be completed with a fresh ``$.mid``.
+        Most applications send the same few property sets over and over; building and validating the
+        topic costs more than paho's whole publish(), and the sending thread shares the GIL with the
+        network thread, so the cache is what keeps Device.send close to a raw paho publish.
+        """
+        try:
+            key: Any = (tuple(properties.items()) if isinstance(properties, dict) else
+                        None if properties is None else tuple(properties), tuple(system_properties.items()),
+                        auto_id)
+            cached = self.cache.get(key)
+        except TypeError:  # unhashable values (lists as pairs, bad types): no caching, full checks below
+            key, cached = None, None
+        if cached is not None:
+            return cached
+        given = dict(system_properties, message_id=_MID_PLACEHOLDER) if auto_id else system_properties
+        try:
+            topic = topics.telemetry_topic(self.identity, properties, **given)
+            system = topics.system_properties(**given)
+        except TypeError as exc:
+            raise ConfigError(f"{exc}; system properties are message_id, correlation_id, user_id, content_type, "
+                              "content_encoding, absolute_expiry, creation_time, component, output_name") from None
+        size = topics.message_size(None, properties, system)
+        result: Tuple[Union[TopicForm, str], int]
+        if auto_id:
+            head, tail = topic.split("%24.mid=" + _MID_PLACEHOLDER, 1)
+            result = (TopicForm(head + "%24.mid=", self.mid_prefix, tail, size), size)
+        else:
+            result = (topic, size)
+        if key is not None:
+            if len(self.cache) >= _TOPIC_CACHE_SIZE:
+                self.cache.clear()  # unique message ids defeat any cache; keep memory bounded instead
+            self.cache[key] = result
+        return result
+
+
 def message_id_of(topic: str) -> str:
     """The ``$.mid`` of a telemetry topic ('' if it has none): for messages reloaded from an outbox."""
     bag = topic.split("/messages/events/", 1)[-1]
@@ -534,4 +626,4 @@ def queue_settings(outbox: Union[None, str, "os.PathLike[str]", Outbox], max_que
             max_queue, max_queue_bytes, full_policy)
 
 
-__all__ = ["Pipeline", "SendHandle", "TopicForm", "message_id_of", "queue_settings", "wait_all"]
+__all__ = ["MessageMaker", "Pipeline", "SendHandle", "TopicForm", "message_id_of", "queue_settings", "wait_all"]

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
-import itertools
 import logging
 import os
 import ssl
@@ -43,16 +43,17 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List
 
 import paho.mqtt.client as mqtt
 
+from . import _transport
 from . import device as _sync
 from . import paho as lcpaho
 from . import topics
-from ._pipeline import Pipeline, SendHandle, queue_settings
+from ._pipeline import MessageMaker, Pipeline, SendHandle, queue_settings
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
 from .backoff import Backoff
 from .device import MAX_KEEPALIVE, MethodResponse, paho_log
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         QueueFullError, ServiceError)
+                         ProxyError, QueueFullError, ServiceError)
 from .identity import API_VERSION, Identity
 from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
@@ -92,19 +93,28 @@ class Message:
 
 
 class _Waker:
-    """Stands in for a :class:`SendHandle`'s ``threading.Event``: the pipeline calls ``set()`` on the
-    acknowledgement (or the drop), which resolves the futures of everyone awaiting the handle."""
+    """A :class:`SendHandle`'s wait lock (``_waker``: held until the pipeline releases it on the
+    acknowledgement or the drop) that also resolves the futures of the coroutines awaiting the handle.
 
-    __slots__ = ("loop", "thread", "futures", "fired")
+    It wraps the plain lock a synchronous ``wait()`` may already have made (or makes one), so threads
+    blocked in ``SendHandle.wait()`` on the same handle wake exactly as before."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, thread: int):
+    __slots__ = ("loop", "thread", "lock", "futures")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: int, lock: Optional[Any]):
         self.loop = loop
         self.thread = thread
+        if lock is None:
+            lock = threading.Lock()
+            lock.acquire()
+        self.lock = lock
         self.futures: List["asyncio.Future[None]"] = []
-        self.fired = False
 
-    def set(self) -> None:  # called with the pipeline's lock held: must not block
-        self.fired = True
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self.lock.acquire(blocking, timeout)  # SendHandle.wait() on another thread
+
+    def release(self) -> None:  # called with the pipeline's lock held: must not block
+        self.lock.release()
         if threading.get_ident() == self.thread:
             self._wake()
         else:
@@ -154,22 +164,21 @@ class AsyncSendHandle:
         """Wait for the acknowledgement; :class:`OperationTimeout` after ``timeout`` s (the message stays
         queued), :class:`MessageDroppedError` if it was dropped to make room for newer ones."""
         handle = self._handle
-        if handle._done:
+        if handle.done():
             return
         loop = asyncio.get_running_loop()
-        book = handle._book
-        with book.lock:
-            if handle._done:
-                return
-            if handle._error is not None:
-                raise handle._error
-            waker = handle._event
-            if not isinstance(waker, _Waker):
-                # SendHandle makes its Event lazily and only the sync wait() does; aio handles never use it.
-                waker = _Waker(loop, threading.get_ident())
-                handle._event = waker  # type: ignore[assignment]
-            future: "asyncio.Future[None]" = loop.create_future()
-            waker.futures.append(future)
+        with handle._book.lock:
+            if handle._state is not None:  # acknowledged or dropped meanwhile
+                waker = None
+            else:
+                waker = handle._waker
+                if not isinstance(waker, _Waker):  # made lazily, by the first waiter (sync or async)
+                    waker = handle._waker = _Waker(loop, threading.get_ident(), waker)  # type: ignore[assignment]
+                future: "asyncio.Future[None]" = loop.create_future()
+                waker.futures.append(future)
+        if waker is None:
+            self._raise_if_dropped()
+            return
         try:
             if timeout is None:
                 await future
@@ -186,8 +195,12 @@ class AsyncSendHandle:
                 waker.futures.remove(future)
             except ValueError:
                 pass
-        if handle._error is not None:
-            raise handle._error
+        self._raise_if_dropped()
+
+    def _raise_if_dropped(self) -> None:
+        error = self._handle.error
+        if error is not None:
+            raise error
 
     def __await__(self):
         return self.wait().__await__()
@@ -216,8 +229,9 @@ class Device:
 
     The constructor takes the options of :class:`lightclient.device.Device` (``host``, ``port``,
     ``keepalive``, ``max_inflight``, ``clean_session``, ``backoff``, ``method_workers``, ``twin_timeout``,
-    ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``)
-    with the same meaning and the same checks, plus ``on_connection_state(connected, reason)`` (a
+    ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``,
+    ``transport``, ``websocket_port``, ``proxy``, ``gateway_hostname``, ``transport_cache``) with the same
+    meaning and the same checks (not ``sas``: SAS authentication is for the sync Device only), plus ``on_connection_state(connected, reason)`` (a
     function or a coroutine function).
 
     Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
@@ -252,7 +266,10 @@ class Device:
                  api_version: str = API_VERSION, client_type: Optional[str] = None,
                  max_queue: Optional[int] = None, max_queue_bytes: Optional[int] = None,
                  full_policy: Optional[str] = None, outbox: Union[None, str, "os.PathLike[str]", Outbox] = None,
-                 on_connection_state: Optional[Callable[[bool, str], Any]] = None):
+                 on_connection_state: Optional[Callable[[bool, str], Any]] = None,
+                 transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
+                 gateway_hostname: Optional[str] = None,
+                 transport_cache: Union[None, str, "os.PathLike[str]"] = None):
         if not isinstance(identity, Identity):
             raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
         if not isinstance(ssl_context, ssl.SSLContext):
@@ -262,6 +279,16 @@ class Device:
                          f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
                          f"{MAX_KEEPALIVE} s works; 60 is the default")
         _sync._check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
+        _sync._check_int("websocket_port", websocket_port, 1, 65535, "IoT Hub serves MQTT over WebSockets on 443")
+        transport = _transport.check_transport(transport)
+        checked_proxy = _transport.check_proxy(proxy)
+        if gateway_hostname is not None:
+            if not isinstance(gateway_hostname, str) or not gateway_hostname.strip():
+                raise ConfigError(f"gateway_hostname must be the gateway's host name, not {gateway_hostname!r}")
+            if host is not None:
+                raise ConfigError("give host= or gateway_hostname=, not both: both name the server to connect to")
+            host = gateway_hostname.strip()
+        memory = _transport.TransportMemory(transport_cache)
         _sync._check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
         _sync._check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
         if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
@@ -276,7 +303,13 @@ class Device:
         self.outbox: Optional[Outbox] = outbox
         self.identity = identity
         self.host = identity.hostname if host is None else host
-        self.port = port
+        #: The port of the current (or last) connection; ``port`` and ``websocket_port`` are the choices.
+        self.port = websocket_port if transport == _transport.WEBSOCKETS else port
+        self.transport = transport
+        self.proxy = checked_proxy
+        self.websocket_port = websocket_port
+        self._tcp_port = port
+        self._memory = memory
         self.keepalive = keepalive
         self.on_connection_state = on_connection_state
         self._backoff = backoff or Backoff()
@@ -287,7 +320,10 @@ class Device:
         self._ssl_context = ssl_context
 
         client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
-                                   api_version=api_version, client_type=client_type)
+                                   api_version=api_version, client_type=client_type,
+                                   transport=transport, proxy=checked_proxy)
+        if checked_proxy is None:
+            _transport.install_socket_factory(client, None)  # paho must not pick a proxy from the environment
         client.max_inflight_messages_set(max_inflight)
         client.suppress_exceptions = True   # a bug in a callback is logged; the loop carries on
         client.enable_logger(paho_log)
@@ -332,11 +368,9 @@ class Device:
         self._desired_state = DesiredState()
         self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
 
-        # Telemetry: the sync Device's pipeline, $.mid scheme and topic cache, unchanged.
-        self._mid_prefix = os.urandom(12).hex()
-        self._mid_counter = itertools.count(1)
-        self._topics: Dict[Any, Tuple[str, str, int]] = {}
+        # Telemetry: the sync Device's pipeline and message maker ($.mid scheme, checks, topic cache).
         self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
+        self._maker = MessageMaker(identity, self._acks)
         try:
             #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
             self.recovered: List[AsyncSendHandle] = (
@@ -345,11 +379,6 @@ class Device:
             if self._own_outbox and outbox is not None:
                 outbox.close()
             raise
-
-    # The sync Device's send path (validation, $.mid, topic cache, pipeline) is shared, not copied.
-    _accept = _sync.Device.send
-    _topic = _sync.Device._topic
-    _next_message_id = _sync.Device._next_message_id
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -399,7 +428,6 @@ class Device:
             self._method_workers, thread_name_prefix=f"{self._threads}-methods")
         deadline = time.monotonic() + timeout
         try:
-            self._client.connect_async(self.host, self.port, self.keepalive)
             await self._first_connect(deadline, timeout)
             self._spawn(self._misc_loop())
             self._spawn(self._supervise())
@@ -421,29 +449,44 @@ class Device:
         attempt = 0
         while True:
             try:
-                await self._open()
+                used = await self._open(first=True)
+                self.port = self.websocket_port if used == _transport.WEBSOCKETS else self._tcp_port
                 return
             except OSError as exc:
+                self.port = self._client.port or self.port
+                if isinstance(exc, ProxyError) and not exc.retryable:
+                    raise
                 permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
                 if permanent is not None:
                     raise permanent from exc
                 delay = self._backoff.delay(attempt)
                 attempt += 1
                 if time.monotonic() + delay >= deadline:
+                    if isinstance(exc, ProxyError):
+                        raise ProxyError(f"could not connect to {self.host} within {timeout} s ({attempt} attempts): "
+                                         f"{exc}", proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
                     raise OperationTimeout(
-                        f"could not connect to {self.host}:{self.port} within {timeout} s "
+                        f"could not connect to {self.host}:{self.port}{_sync._ws_hint(exc)} within {timeout} s "
                         f"({attempt} attempts); last error: {exc}") from exc
                 log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
                 await asyncio.sleep(delay)
 
-    async def _open(self) -> None:
-        """paho's reconnect() (DNS, TCP, TLS handshake with the device key, CONNECT queued) off the loop."""
+    async def _open(self, first: bool = False) -> Any:
+        """Connect off the loop (DNS, TCP, proxy, TLS handshake with the device key, CONNECT queued):
+        the first time with :func:`lightclient.paho.connect` (``transport="auto"`` chooses there), after
+        a drop with paho's reconnect() to the same place, as the sync Device's network thread does."""
         assert self._loop is not None and self._connector is not None
-        self._opening = self._loop.run_in_executor(self._connector, self._client.reconnect)
+        if first:
+            opening = functools.partial(lcpaho.connect, self._client, self.host, transport=self.transport,
+                                        port=self._tcp_port, websocket_port=self.websocket_port,
+                                        keepalive=self.keepalive, memory=self._memory)
+        else:
+            opening = self._client.reconnect
+        self._opening = self._loop.run_in_executor(self._connector, opening)
         try:
             # Shielded: a cancelled caller must not leave the thread's half-made socket unaccounted;
             # _teardown() waits for it.
-            await asyncio.shield(self._opening)
+            return await asyncio.shield(self._opening)
         finally:
             if self._opening.done():
                 self._opening = None
@@ -583,8 +626,8 @@ class Device:
             self._client.loop_read()
             # TLS may hold decrypted packets the socket no longer signals: read them too.
             for _ in range(1000):
-                sock = self._client.socket()
-                if not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                sock = self._client.socket()  # an SSLSocket, or paho's WebSocket wrapper around one
+                if sock is None or not hasattr(sock, "pending") or not sock.pending():
                     break
                 self._client.loop_read()
         except Exception:
@@ -718,21 +761,45 @@ class Device:
         Arguments, wire format and errors as :meth:`lightclient.device.Device.send` (raised here, before
         anything is awaited). ``await device.send(…)`` returns once the hub acknowledged the message.
         """
-        return AsyncSendHandle(self._accept(payload, properties, **system_properties))
+        return AsyncSendHandle(self._acks.put(self._maker.message(payload, properties, system_properties)))
 
     async def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None, *,
                         timeout: Optional[float] = None, **system_properties: Any) -> List[AsyncSendHandle]:
         """Send every payload (pipelined, in order, each with its own ``$.mid``) and wait until all are
-        acknowledged; return their handles. A message that cannot be accepted raises at once; the ones
-        before it stay accepted and are delivered."""
+        acknowledged; return their handles.
+
+        As :meth:`lightclient.device.Device.send_many`, the batch is accepted whole or not at all (a bad
+        payload or :class:`QueueFullError` raises before anything is queued), and with an outbox it is one
+        transaction. Waiting as :meth:`wait_all` (``timeout`` s in all).
+        """
         if "message_id" in system_properties:
             raise ConfigError("send_many() gives every message its own $.mid; drop message_id= "
                               "(or call send() once per message with its own id)")
-        handles = [self.send(payload, properties, **system_properties) for payload in payloads]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for handle in handles:
-            await handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if isinstance(payloads, (bytes, str, bytearray, memoryview)):
+            raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
+                              "send(payload)")
+        make = self._maker.message
+        handles = [AsyncSendHandle(h) for h in self._acks.put_many(
+            [make(payload, properties, system_properties) for payload in payloads])]
+        await self.wait_all(handles, timeout)
         return handles
+
+    @staticmethod
+    async def wait_all(handles: Iterable[AsyncSendHandle], timeout: Optional[float] = None) -> None:
+        """Wait until the hub acknowledged every handle (:class:`OperationTimeout` after ``timeout`` s in
+        all; the messages stay queued). A message dropped to make room (``drop_oldest``) raises its
+        :class:`MessageDroppedError` (the first, in the order given) after the others were waited for."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        first: Optional[MessageDroppedError] = None
+        for handle in handles:
+            if handle.done():
+                continue
+            try:
+                await handle.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except MessageDroppedError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     # ---------------------------------------------------------------------------------- methods
 

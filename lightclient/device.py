@@ -16,7 +16,6 @@ Threads (all named ``lightclient-{client id}-…``):
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 from . import _transport
 from . import paho as lcpaho
 from . import _fastpath, _sas_session, topics
-from ._pipeline import Pipeline, SendHandle, TopicForm, queue_settings, wait_all
+from ._pipeline import MessageMaker, Pipeline, SendHandle, queue_settings, wait_all
 from ._twin import DesiredState, TwinRequests
 from ._verify import permanent_tls_error
 from .backoff import Backoff
@@ -70,9 +69,6 @@ _CONNACK_TEXT = {
     4: "bad user name or password", 5: "not authorized",
 }
 _NOT_AUTHORIZED = (4, 5)
-_TOPIC_CACHE_SIZE = 256
-# Stands in for the $.mid while a topic is cached: a UUID's length, and unreserved characters only.
-_MID_PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
 
 @dataclass(frozen=True)
@@ -273,13 +269,11 @@ class Device:
         self._events: Optional["ThreadPoolExecutor"] = None
         self._twin_worker: Optional["ThreadPoolExecutor"] = None
         self._method_pool: Optional["ThreadPoolExecutor"] = None
-        self._mid_prefix = os.urandom(12).hex()
-        self._mid_counter = itertools.count(1)  # next() on a count is atomic under the GIL
         self._methods_idle = threading.Condition()
         self._methods_active = 0
 
         self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
-        self._topics: Dict[Any, Tuple[str, str, int]] = {}
+        self._maker = MessageMaker(identity, self._acks)
         #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
         try:
             self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
@@ -696,7 +690,7 @@ class Device:
         full and ``full_policy`` is ``"reject_new"``, and :class:`~lightclient.exceptions.OutboxError` if
         the outbox cannot be written.
         """
-        return self._acks.put(self._message(payload, properties, system_properties))
+        return self._acks.put(self._maker.message(payload, properties, system_properties))
 
     def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None,
                   **system_properties: Any) -> List[SendHandle]:
@@ -716,7 +710,7 @@ class Device:
         if isinstance(payloads, (bytes, str, bytearray, memoryview)):
             raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
                               "send(payload)")
-        return self._acks.put_many([self._message(payload, properties, system_properties)
+        return self._acks.put_many([self._maker.message(payload, properties, system_properties)
                                     for payload in payloads])
 
     @staticmethod
@@ -728,77 +722,6 @@ class Device:
         order given, after waiting for the rest) if some were dropped to make room (``drop_oldest``).
         """
         wait_all(handles, timeout)
-
-    def _message(self, payload: Any, properties: Optional[topics.Properties],
-                 system_properties: Dict[str, Any]) -> SendHandle:
-        """One checked message, not yet accepted: its handle (the topic stays in parts until it is sent)."""
-        if isinstance(payload, (bytearray, memoryview)):
-            payload = bytes(payload)
-        message_id = system_properties.get("message_id")
-        if message_id is None:
-            system_properties.pop("message_id", None)
-            form, overhead = self._topic(properties, system_properties, True)
-            n: Optional[int] = next(self._mid_counter)
-            cost = form.fixed  # type: ignore[union-attr]
-        else:
-            form, overhead = self._topic(properties, system_properties, False)
-            n = None
-            cost = len(form)  # type: ignore[arg-type]
-        if not isinstance(payload, bytes) or len(payload) + overhead > topics.MAX_MESSAGE_SIZE:
-            # Slow path: str bodies, wrong types and oversized messages get topics' own checks and messages.
-            if not isinstance(payload, (bytes, str)):
-                raise ConfigError(f"payload must be bytes or str (sent as UTF-8), bytearray or memoryview, not "
-                                  f"{type(payload).__name__}; send b'' for a message without a body")
-            if n is not None:
-                system_properties = dict(system_properties, message_id=form.message_id(n))  # type: ignore[union-attr]
-            topics.check_message_size(payload, properties, topics.system_properties(**system_properties))
-            if not isinstance(payload, bytes):
-                payload = payload.encode("utf-8")
-        # The topic is ASCII (ids are ASCII, the bag is %-encoded): its length is its size in bytes.
-        return SendHandle(self._acks, form, n, payload, cost + len(payload))
-
-    def _next_message_id(self) -> str:
-        """A unique ``$.mid`` of 36 characters, like a UUID: a random 96-bit prefix per Device and a
-        counter. A UUID4 per message is unique too but costs a system call (a fifth of send()'s time)."""
-        return f"{self._mid_prefix}-{next(self._mid_counter):011x}"
-
-    def _topic(self, properties: Optional[topics.Properties], system_properties: Dict[str, Any],
-               auto_id: bool) -> Tuple[Union[TopicForm, str], int]:
-        """The telemetry topic and the size its properties count against the 256 KB limit, cached.
-
-        With ``auto_id`` the topic is a :class:`TopicForm`, to be completed with a fresh ``$.mid``.
-        Most applications send the same few property sets over and over; building and validating the
-        topic costs more than paho's whole publish(), and the sending thread shares the GIL with the
-        network thread, so the cache is what keeps Device.send close to a raw paho publish.
-        """
-        try:
-            key: Any = (tuple(properties.items()) if isinstance(properties, dict) else
-                        None if properties is None else tuple(properties), tuple(system_properties.items()),
-                        auto_id)
-            cached = self._topics.get(key)
-        except TypeError:  # unhashable values (lists as pairs, bad types): no caching, full checks below
-            key, cached = None, None
-        if cached is not None:
-            return cached
-        given = dict(system_properties, message_id=_MID_PLACEHOLDER) if auto_id else system_properties
-        try:
-            topic = topics.telemetry_topic(self.identity, properties, **given)
-            system = topics.system_properties(**given)
-        except TypeError as exc:
-            raise ConfigError(f"{exc}; system properties are message_id, correlation_id, user_id, content_type, "
-                              "content_encoding, absolute_expiry, creation_time, component, output_name") from None
-        size = topics.message_size(None, properties, system)
-        result: Tuple[Union[TopicForm, str], int]
-        if auto_id:
-            head, tail = topic.split("%24.mid=" + _MID_PLACEHOLDER, 1)
-            result = (TopicForm(head + "%24.mid=", self._mid_prefix, tail, size), size)
-        else:
-            result = (topic, size)
-        if key is not None:
-            if len(self._topics) >= _TOPIC_CACHE_SIZE:
-                self._topics.clear()  # unique message ids defeat any cache; keep memory bounded instead
-            self._topics[key] = result
-        return result
 
     def send_and_wait(self, payload: Any, properties: Optional[topics.Properties] = None, *,
                       timeout: Optional[float] = 30.0, **system_properties: Any) -> None:

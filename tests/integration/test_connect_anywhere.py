@@ -504,3 +504,83 @@ def test_doctor_reach_says_which_transport_will_work(emu, cli_env, http_proxy):
     assert "transport that will work" in out
     assert f"websockets through http://127.0.0.1:{http_proxy.port}" in out
     assert PASSWORD not in out + proc.stderr
+
+
+# --------------------------------------------------------------------------------- the asyncio Device
+
+
+def _aio_device(emu, device, tmp_path, **kwargs):
+    from lightclient import aio
+
+    device_id = f"aio-any-{uuid.uuid4().hex[:8]}"
+    ctx = _enroll(emu, device, tmp_path, device_id)
+    kwargs.setdefault("port", emu.port)
+    return aio.Device(Identity("localhost", device_id), ctx, host=kwargs.pop("host", "127.0.0.1"),
+                      websocket_port=emu.ws_port, backoff=FAST, twin_timeout=5, **kwargs)
+
+
+def test_aio_device_over_websockets_through_the_http_proxy(emu, device, tmp_path, http_proxy, caplog):
+    import asyncio
+
+    caplog.set_level(logging.DEBUG)
+    dev = _aio_device(emu, device, tmp_path, transport="websockets", proxy=http_proxy.url)
+    device_id = dev.identity.device_id
+
+    async def scenario():
+        async with dev:
+            assert dev.port == emu.ws_port
+            await dev.send(b"aio-ws", {"via": "proxy"})
+            await dev.send_many([b"a", b"b"], timeout=10)
+            assert await dev.patch_reported({"fw": "aio"}) >= 1
+            assert (await dev.get_twin())["reported"]["fw"] == "aio"
+            emu.send_c2d(device_id, b"down")
+            message = await asyncio.wait_for(dev.c2d().__anext__(), 10)
+            assert message.payload == b"down"
+
+    asyncio.run(scenario())
+    assert [e.body for e in emu.wait_for_events(3, device_id)] == [b"aio-ws", b"a", b"b"]
+    assert f"127.0.0.1:{emu.ws_port}" in http_proxy.log.read_text()   # it went through tinyproxy
+    assert PASSWORD not in caplog.text and PASSWORD not in repr(dev.proxy)
+
+
+def test_aio_device_auto_falls_back_to_websockets_and_remembers_it(emu, device, tmp_path):
+    import asyncio
+
+    cache = tmp_path / "transport.json"
+    dev = _aio_device(emu, device, tmp_path, transport="auto", port=lab.free_port(), transport_cache=cache)
+
+    async def scenario():
+        async with dev:
+            await dev.send(b"auto")
+            assert dev.port == emu.ws_port
+
+    asyncio.run(scenario())
+    assert '"transport": "websockets"' in cache.read_text()
+    assert emu.wait_for_events(1, dev.identity.device_id)[0].body == b"auto"
+
+
+def test_aio_device_through_a_gateway_and_a_refusing_proxy_is_typed(emu, gateway, device, tmp_path, http_proxy):
+    import asyncio
+
+    from lightclient import aio
+
+    device_id = f"aio-leaf-{uuid.uuid4().hex[:8]}"
+    _enroll(emu, device, tmp_path, device_id)
+    gateway.register_device(device_id)
+    ctx = tls.client_context(cert=tmp_path / f"{device_id}.pem", key=device["ec"]["key"],
+                             ca=gateway.edge_ca.cert_path)
+    dev = aio.Device(Identity("localhost", device_id), ctx, gateway_hostname="127.0.0.1", port=gateway.port,
+                     backoff=FAST)
+
+    async def through_gateway():
+        async with dev:
+            await dev.send(b"via-edge")
+    asyncio.run(through_gateway())
+    assert gateway.wait_for_events(1, device_id)[0].body == b"via-edge" and emu.events(device_id) == []
+    with pytest.raises(Exception, match="host= or gateway_hostname="):
+        aio.Device(Identity("localhost", device_id), ctx, host="a", gateway_hostname="b")
+
+    # tinyproxy refuses CONNECT to the MQTT port: a ProxyError naming the proxy, as for the sync Device.
+    blocked = _aio_device(emu, device, tmp_path, transport="tcp", proxy=http_proxy.url)
+    with pytest.raises(ProxyError):
+        asyncio.run(blocked.connect(timeout=5))

@@ -5,7 +5,7 @@ import ssl
 import pytest
 
 from lightclient import aio
-from lightclient._pipeline import Pipeline
+from lightclient._pipeline import MessageMaker, Pipeline
 from lightclient.exceptions import ConfigError, MessageDroppedError, OperationTimeout, QueueFullError
 from lightclient.identity import Identity
 
@@ -13,6 +13,12 @@ from lightclient.identity import Identity
 def offline_pipeline(max_messages=10, policy="reject_new"):
     # Offline, the pipeline never touches the client: messages wait in its queue.
     return Pipeline(None, 5, max_messages, 1 << 20, policy, None)
+
+
+def put(pipeline, payload, message_id):
+    """Accept one message as both Devices do: built by the shared MessageMaker, then put."""
+    return pipeline.put(MessageMaker(Identity("localhost", "d1"), pipeline).message(
+        payload, None, {"message_id": message_id}))
 
 
 def acknowledge_first(pipeline):
@@ -24,7 +30,7 @@ def acknowledge_first(pipeline):
 def test_awaiting_a_handle_returns_on_the_acknowledgement_and_many_may_wait():
     async def scenario():
         pipeline = offline_pipeline()
-        handle = aio.AsyncSendHandle(pipeline.put("t", b"x", "m1"))
+        handle = aio.AsyncSendHandle(put(pipeline, b"x", "m1"))
         waiters = [asyncio.ensure_future(handle.wait()) for _ in range(3)]
         await asyncio.sleep(0)
         assert not any(w.done() for w in waiters) and not handle.done()
@@ -38,7 +44,7 @@ def test_awaiting_a_handle_returns_on_the_acknowledgement_and_many_may_wait():
 def test_a_timed_out_or_cancelled_wait_keeps_the_message():
     async def scenario():
         pipeline = offline_pipeline()
-        handle = aio.AsyncSendHandle(pipeline.put("t", b"x", "m1"))
+        handle = aio.AsyncSendHandle(put(pipeline, b"x", "m1"))
         with pytest.raises(OperationTimeout, match="'m1' was not acknowledged within 0.01 s; it stays queued"):
             await handle.wait(0.01)
         waiter = asyncio.ensure_future(handle.wait())
@@ -46,8 +52,8 @@ def test_a_timed_out_or_cancelled_wait_keeps_the_message():
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
-        assert pipeline.count == 1 and list(pipeline.queue)[0].handle is handle._handle
-        assert handle._handle._event.futures == []  # the cancelled waiter is forgotten
+        assert pipeline.count == 1 and list(pipeline.queue)[0] is handle._handle
+        assert handle._handle._waker.futures == []  # the cancelled waiter is forgotten
         late = asyncio.ensure_future(handle.wait())
         await asyncio.sleep(0)
         acknowledge_first(pipeline)
@@ -59,10 +65,10 @@ def test_a_timed_out_or_cancelled_wait_keeps_the_message():
 def test_a_dropped_message_raises_in_its_waiter():
     async def scenario():
         pipeline = offline_pipeline(max_messages=1, policy="drop_oldest")
-        first = aio.AsyncSendHandle(pipeline.put("t", b"1", "m1"))
+        first = aio.AsyncSendHandle(put(pipeline, b"1", "m1"))
         waiter = asyncio.ensure_future(first.wait())
         await asyncio.sleep(0)
-        pipeline.put("t", b"2", "m2")
+        put(pipeline, b"2", "m2")
         with pytest.raises(MessageDroppedError, match="'m1' was dropped"):
             await waiter
         assert isinstance(first.error, MessageDroppedError)
@@ -96,3 +102,50 @@ def test_bad_options_and_input_are_typed_errors():
     with pytest.raises(ConfigError, match="drop message_id"):
         asyncio.run(device.send_many([b"a"], message_id="same"))
     assert repr(device) == "<aio.Device 'd1' on localhost:8883 disconnected>"
+
+
+@pytest.mark.parametrize("thread_first", [True, False])
+def test_a_thread_and_a_coroutine_waiting_for_the_same_handle_both_wake(thread_first):
+    # The handle's lazily made wait lock is shared: whichever waiter makes it, the other must wake too.
+    import threading
+
+    async def scenario():
+        pipeline = offline_pipeline()
+        handle = aio.AsyncSendHandle(put(pipeline, b"x", "m1"))
+        woke = threading.Event()
+
+        def blocking_wait():
+            handle._handle.wait(30)
+            woke.set()
+
+        thread = threading.Thread(target=blocking_wait)
+        if thread_first:
+            thread.start()
+            while handle._handle._waker is None:  # the thread made its lock and is blocked on it
+                await asyncio.sleep(0.001)
+        waiter = asyncio.ensure_future(handle.wait())
+        await asyncio.sleep(0)
+        if not thread_first:
+            thread.start()
+        assert not waiter.done() and not woke.is_set()
+        await asyncio.get_running_loop().run_in_executor(None, acknowledge_first, pipeline)
+        await asyncio.wait_for(waiter, 30)
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
+        assert woke.is_set() and handle.done()
+    asyncio.run(scenario())
+
+
+def test_send_many_accepts_the_whole_batch_or_nothing():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    device = aio.Device(Identity("localhost", "d1"), ctx, max_queue=2)
+    with pytest.raises(QueueFullError, match="batch of 3 messages"):
+        asyncio.run(device.send_many([b"a", b"b", b"c"]))
+    assert device.queued == 0
+    with pytest.raises(ConfigError, match="payload must be bytes or str"):
+        asyncio.run(device.send_many([b"a", 1.5]))
+    assert device.queued == 0
+    with pytest.raises(ConfigError, match="a list of payloads, not one payload"):
+        asyncio.run(device.send_many(b"abc"))
+    with pytest.raises(OperationTimeout):  # accepted (offline), then waited for in vain
+        asyncio.run(device.send_many([b"a", b"b"], timeout=0.01))
+    assert device.queued == 2
