@@ -26,6 +26,9 @@ handlers run on the loop), and a twin request waits for its answer on a small po
 :class:`~lightclient._twin.TwinRequests` is blocking). None of them touches the socket.
 
 Not thread-safe: call a Device's methods from the thread running its event loop.
+
+Sync-only features (not in this Device yet): certificate renewal — ``replace_context``,
+``request_certificate``, ``on_certificate_renewed`` and :class:`lightclient.renewal.Renewer`.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List
 
 import paho.mqtt.client as mqtt
 
-from . import _transport
+from . import _sas_session, _transport
 from . import device as _sync
 from . import paho as lcpaho
 from . import topics
@@ -230,9 +233,19 @@ class Device:
     The constructor takes the options of :class:`lightclient.device.Device` (``host``, ``port``,
     ``keepalive``, ``max_inflight``, ``clean_session``, ``backoff``, ``method_workers``, ``twin_timeout``,
     ``api_version``, ``client_type``, ``max_queue``, ``max_queue_bytes``, ``full_policy``, ``outbox``,
-    ``transport``, ``websocket_port``, ``proxy``, ``gateway_hostname``, ``transport_cache``) with the same
-    meaning and the same checks (not ``sas``: SAS authentication is for the sync Device only), plus ``on_connection_state(connected, reason)`` (a
-    function or a coroutine function).
+    ``transport``, ``websocket_port``, ``proxy``, ``gateway_hostname``, ``transport_cache``, ``sas``) with the
+    same meaning and the same checks, plus ``on_connection_state(connected, reason)`` (a function or a
+    coroutine function). ``sas=`` (a :class:`~lightclient.symkey.SasCredential`) signs a fresh token for
+    every connect attempt (on the connect thread, so a token-held key never blocks the loop) and renews
+    it by reconnecting after 80 % of its lifetime, as the sync Device does.
+
+    :meth:`upload_file` uploads to the hub's linked storage as the sync Device's does, on a worker thread.
+
+    Not (yet) here, sync :class:`lightclient.device.Device` only: certificate renewal
+    (``replace_context``, ``request_certificate``, ``on_certificate_renewed``, and so
+    :class:`lightclient.renewal.Renewer`, which swaps a sync Device's context), and the callback
+    attributes ``on_c2d`` / ``on_input`` / ``on_desired`` (here: :meth:`c2d` and :meth:`desired`).
+    ``send_and_wait`` is ``await device.send(…)``.
 
     Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
     :class:`MessageTooLargeError`, :class:`QueueFullError` right there) and returns an
@@ -269,12 +282,16 @@ class Device:
                  on_connection_state: Optional[Callable[[bool, str], Any]] = None,
                  transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
                  gateway_hostname: Optional[str] = None,
-                 transport_cache: Union[None, str, "os.PathLike[str]"] = None):
+                 transport_cache: Union[None, str, "os.PathLike[str]"] = None, sas: Any = None):
         if not isinstance(identity, Identity):
             raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
         if not isinstance(ssl_context, ssl.SSLContext):
             raise ConfigError("ssl_context must be an ssl.SSLContext with the device key, e.g. from "
                               f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
+        _sas_session.check(sas)
+        self._sas = sas  # see _on_pre_connect and _sas_renewal
+        self._username = identity.username(api_version, client_type)
+        self._renewing = False
         _sync._check_int("keepalive", keepalive, 1, MAX_KEEPALIVE,
                          f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
                          f"{MAX_KEEPALIVE} s works; 60 is the default")
@@ -327,6 +344,7 @@ class Device:
         client.max_inflight_messages_set(max_inflight)
         client.suppress_exceptions = True   # a bug in a callback is logged; the loop carries on
         client.enable_logger(paho_log)
+        client.on_pre_connect = self._on_pre_connect
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
@@ -421,7 +439,7 @@ class Device:
         self._stopping.clear()
         self._outcome = loop.create_future()
         self._dropped = asyncio.Event()
-        self._attempt, self._refused = 0, None
+        self._attempt, self._refused, self._renewing = 0, None, False
         self._queues()
         self._connector = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self._threads}-connect")
         self._method_pool = concurrent.futures.ThreadPoolExecutor(
@@ -432,6 +450,8 @@ class Device:
             self._spawn(self._misc_loop())
             self._spawn(self._supervise())
             self._spawn(self._twin_worker())
+            if self._sas is not None:
+                self._spawn(self._sas_renewal())
             try:
                 await asyncio.wait_for(asyncio.shield(self._outcome), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
@@ -656,11 +676,14 @@ class Device:
             self._dropped.clear()
             if self._stopping.is_set():
                 return
-            not_authorized = self._refused in _sync._NOT_AUTHORIZED
-            delay = self._backoff.delay(self._attempt, not_authorized=not_authorized)
-            self._attempt += 1
-            log.warning("reconnecting to %s:%d in %.1f s", self.host, self.port, delay)
-            await asyncio.sleep(delay)
+            if self._renewing:  # our own disconnect for a fresh SAS token: reconnect at once
+                self._renewing = False
+            else:
+                not_authorized = self._refused in _sync._NOT_AUTHORIZED
+                delay = self._backoff.delay(self._attempt, not_authorized=not_authorized)
+                self._attempt += 1
+                log.warning("reconnecting to %s:%d in %.1f s", self.host, self.port, delay)
+                await asyncio.sleep(delay)
             if self._stopping.is_set():
                 return
             try:
@@ -672,6 +695,31 @@ class Device:
                 else:
                     log.info("reconnecting to %s:%d failed (%s)", self.host, self.port, error)
                 self._dropped.set()
+
+    # ------------------------------------------------------------------------------ SAS tokens
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        # Runs inside connect()/reconnect() on the connect thread, so signing in a token never blocks the
+        # loop; current() signs a new token when the old one is due, whatever triggered the attempt.
+        if self._sas is not None:
+            _sas_session.apply(client, self._username, self._sas)
+
+    async def _sas_renewal(self) -> None:
+        """Reconnect with a fresh token after 80 % of the current one's lifetime (MQTT 3.1.1 cannot
+        re-authenticate a live connection; see lightclient._sas_session), as the sync Device does."""
+        assert self._sas is not None
+        while True:
+            await asyncio.sleep(max(0.5, self._sas.seconds_to_renewal()))
+            if self._sas.seconds_to_renewal() > 0 or not self._connected.is_set():
+                continue  # a reconnect under way signs a fresh token by itself
+            log.info("renewing the SAS token for %s: reconnecting with a new one", self._sas.uri)
+            deadline = time.monotonic() + 5.0  # in-flight telemetry gets its acknowledgements first
+            while self.queued and self._connected.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(_DRAIN_POLL)
+            if not self._connected.is_set():
+                continue
+            self._renewing = True
+            self._client.disconnect()  # on_disconnect -> _supervise reconnects; _on_pre_connect signs anew
 
     # ------------------------------------------------------------------- paho callbacks (on the loop)
 
@@ -686,6 +734,9 @@ class Device:
                 hint = ("check that the device is registered and enabled in the hub, and that its certificate "
                         "(CN = device id) or CA is registered" if code in _sync._NOT_AUTHORIZED
                         else "check the identity and api_version")
+                if self._sas is not None and code in _sync._NOT_AUTHORIZED:
+                    hint = ("check that the device is registered with this symmetric key, and the clock "
+                            "(SAS tokens carry their expiry)")
                 outcome.set_exception(ConnectRefusedError(
                     f"{self.host} refused {self.identity.client_id!r}: CONNACK {code} ({text}); {hint}", code))
             return
@@ -716,7 +767,7 @@ class Device:
         self._acks.set_online(False)
         if self._stopping.is_set():
             return
-        if was_connected:
+        if was_connected and not self._renewing:
             log.warning("connection to %s:%d lost (%s)", self.host, self.port, reason)
         if self._dropped is not None:
             self._dropped.set()
@@ -930,6 +981,34 @@ class Device:
         missed = self._desired_state.reconcile(desired)
         if missed is not None and self._desired_out is not None:
             self._desired_out.put_nowait(missed[0])
+
+    # ------------------------------------------------------------------------------------ upload
+
+    async def upload_file(self, path_or_fileobj: Any, blob_name: str,
+                          progress: Optional[Callable[[int, int], Any]] = None, **options: Any) -> Any:
+        """Upload a file to the hub's linked storage as ``blob_name``, as
+        :meth:`lightclient.device.Device.upload_file` (HTTPS with this device's key, no MQTT connection
+        needed; ``options`` as :func:`lightclient.upload.upload_file`); returns its
+        :class:`~lightclient.upload.UploadResult`.
+
+        The blocking upload runs on a worker thread, so the loop (and the MQTT connection) carries on;
+        ``progress(sent, total)`` is called on the loop. Cancelling the await does not stop the upload
+        already under way: it finishes (or fails) on its thread, bounded by ``timeout`` (default 1 h).
+        """
+        from . import upload
+
+        if self.identity.module_id:
+            raise ConfigError("file upload is for device identities: IoT Hub offers it to no module")
+        if progress is not None and not callable(progress):
+            raise ConfigError("progress must be a callable progress(sent_bytes, total_bytes)")
+        loop = asyncio.get_running_loop()
+        on_loop = None if progress is None else (
+            lambda sent, total: loop.call_soon_threadsafe(progress, sent, total))
+        options.setdefault("endpoint", self.host)
+        job = functools.partial(upload.upload_file, path_or_fileobj, blob_name, device_id=self.identity.device_id,
+                                ssl_context=self._ssl_context, progress=on_loop, **options)
+        # The progress calls are queued on the loop before the result is, so all have run when this returns.
+        return await loop.run_in_executor(None, job)
 
     # ------------------------------------------------------------------------------------- twin
 

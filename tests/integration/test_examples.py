@@ -226,6 +226,55 @@ def test_twin(lab, run_example):
     no_deviations(lab, "ex-twin")
 
 
+def test_aio_c2d(lab, run_example):
+    example = run_example("aio_c2d.py", enroll(lab, "ex-aio-c2d", LIGHTCLIENT_COUNT=2))
+    example.expect("waiting for cloud-to-device messages")
+    lab.emu.send_c2d("ex-aio-c2d", b"hello device", message_id="c-1", content_type="text/plain",
+                     properties={"priority": "high"})
+    lab.emu.send_c2d("ex-aio-c2d", "second", message_id="c-2")
+    out = example.finish()
+    assert ("C2D #1: 'hello device' message_id=c-1 content_type=text/plain properties={'priority': 'high'}"
+            in out)
+    assert "C2D #2: 'second' message_id=c-2" in out and "received 2 message(s)" in out
+    assert lab.emu.queued_c2d("ex-aio-c2d") == 0  # both acknowledged
+    no_deviations(lab, "ex-aio-c2d")
+
+
+def test_aio_methods(lab, run_example):
+    example = run_example("aio_methods.py", enroll(lab, "ex-aio-methods", LIGHTCLIENT_COUNT=3))
+    example.expect("answering direct methods")
+    call = lambda name, payload: lab.emu.invoke_method("ex-aio-methods", name, payload, timeout=10)  # noqa: E731
+    reboot = call("reboot", {"delay": 5})  # the coroutine handler
+    assert (reboot.status, reboot.payload) == (200, {"rebooting": True, "delay": 5})
+    unknown = call("selfDestruct", None)
+    assert (unknown.status, unknown.payload) == (404, {"error": "no handler for method 'selfDestruct' on this device"})
+    refused = call("setInterval", {"seconds": 0})  # the plain function, on the pool
+    assert (refused.status, refused.payload) == (400, {"error": 'give {"seconds": n} with n > 0'})
+    interval = call("setInterval", {"seconds": 10})
+    assert (interval.status, interval.payload) == (200, {"interval": 10})
+    out = example.finish()
+    assert "method reboot({'delay': 5})" in out and "method setInterval({'seconds': 0})" in out
+    assert "answered 3 call(s)" in out
+    no_deviations(lab, "ex-aio-methods")
+
+
+def test_aio_twin(lab, run_example):
+    env = enroll(lab, "ex-aio-twin", LIGHTCLIENT_COUNT=2)
+    lab.emu.update_desired("ex-aio-twin", {"mode": "eco"})  # set while offline: the first patch is the document
+    example = run_example("aio_twin.py", env)
+    example.expect("waiting for desired changes")
+    assert lab.emu.get_twin("ex-aio-twin")["reported"]["firmware"] == "1.0.0"
+    # The whole document first; a change made before it was read would be folded into it.
+    assert "'mode': 'eco'" in example.expect("desired change $version=")
+    version = lab.emu.update_desired("ex-aio-twin", {"interval": 10})
+    out = example.finish()
+    assert "twin desired={'mode': 'eco'" in out
+    assert f"desired change $version={version}: {{'interval': 10, '$version': {version}}}" in out
+    assert "applied and reported {'interval': 10}" in out and "handled 2 desired change(s)" in out
+    assert lab.emu.get_twin("ex-aio-twin")["reported"]["interval"] == 10
+    no_deviations(lab, "ex-aio-twin")
+
+
 def test_module_identity(lab, run_example):
     env = enroll(lab, "ex-edge", "filter", LIGHTCLIENT_COUNT=3, LIGHTCLIENT_INTERVAL=0, LIGHTCLIENT_OUTPUT_NAME="temperature")
     out = run_example("module_identity.py", env).finish()

@@ -103,6 +103,45 @@ def test_small_file_through_the_device_with_the_token_key(emu, files, enrolled, 
     assert "sas" not in repr(result).lower()
 
 
+def test_aio_device_uploads_off_the_loop_with_progress_on_it(emu, files, enrolled, tmp_path):
+    """lightclient.aio.Device.upload_file: the same upload, awaited; the loop keeps running meanwhile and
+    progress() is called on the loop's thread, every call before the await returns."""
+    import asyncio
+
+    from lightclient import aio
+
+    device_id, ctx = enrolled
+    path = tmp_path / "aio.bin"
+    digest = _random_file(path, 5 * KiB + 7)
+    loop_thread, seen, ticks = [], [], []
+
+    async def scenario():
+        loop_thread.append(threading.get_ident())
+        dev = aio.Device(Identity("localhost", device_id), ctx, host="localhost", port=emu.port)
+
+        async def tick():
+            while True:
+                ticks.append(1)
+                await asyncio.sleep(0.001)
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            return await dev.upload_file(str(path), "logs/aio.bin", block_size=KiB, single_put_limit=KiB,
+                                         progress=lambda s, t: seen.append((s, t, threading.get_ident())),
+                                         endpoint=f"localhost:{files.port}", backoff=FAST)
+        finally:
+            ticker.cancel()
+
+    result = asyncio.run(scenario())
+    assert result.blob_name == f"{device_id}/logs/aio.bin" and result.size == 5 * KiB + 7 and result.blocks == 6
+    assert hashlib.sha256(files.blob.read(result.blob_name)).hexdigest() == digest
+    assert seen[-1][:2] == (5 * KiB + 7, 5 * KiB + 7) and len(seen) == 6
+    assert {thread for _, _, thread in seen} == set(loop_thread)
+    assert len(ticks) > 1  # the loop ran other tasks during the upload
+    (note,) = files.wait_for_notification(1)
+    assert note.correlation_id == result.correlation_id and note.is_success
+
+
 def test_empty_file(files, enrolled, tmp_path):
     path = tmp_path / "empty"
     path.write_bytes(b"")

@@ -88,6 +88,10 @@ def test_bad_options_and_input_are_typed_errors():
         aio.Device(identity, ctx, max_queue=0)
     with pytest.raises(ConfigError, match="twin_timeout"):
         aio.Device(identity, ctx, twin_timeout=0)
+    with pytest.raises(ConfigError, match="sas must be a lightclient.symkey.SasCredential, not str"):
+        aio.Device(identity, ctx, sas="SharedAccessSignature sr=x")
+    with pytest.raises(ConfigError, match="file upload is for device identities"):
+        asyncio.run(aio.Device(Identity("localhost", "d1", "m1"), ctx).upload_file(b"x", "a.bin"))
     device = aio.Device(identity, ctx, max_queue=1)
     with pytest.raises(ConfigError, match="payload must be bytes or str"):
         device.send(1.5)
