@@ -138,13 +138,21 @@ def setting(args: argparse.Namespace, name: str, required: bool = False, what: s
     return value
 
 
-def add_key_options(parser: argparse.ArgumentParser, key_required: bool = True) -> None:
+def add_key_options(parser: argparse.ArgumentParser, key_required: bool = True, sas: bool = True) -> None:
+    """``sas=False`` for commands that only make sense with an X.509 key: --sas-key is then refused by name."""
     g = parser.add_argument_group("key and PIN")
     g.add_argument("--key", help=env_help("key", "key reference: pkcs11:token=…;object=…, engine:…, store:…, "
                                                  "handle:0x81…, or a PEM file (development only)"))
     g.add_argument("--module-path", "--pkcs11-module", dest="module_path",
                    help=env_help("module_path", "the PKCS#11 module (.so) for a pkcs11: key reference without "
                                                 "?module-path="))
+    if not sas:
+        def refuse(_value: str) -> str:
+            raise argparse.ArgumentTypeError(f"`{parser.prog}` is for X.509 keys only; a symmetric (SAS) key "
+                                             "cannot be used with it: give --key")
+        g.add_argument("--sas-key", "--sas-lifetime", type=refuse, help=argparse.SUPPRESS)
+        add_pin_options(g)
+        return
     g.add_argument("--sas-key", metavar="REF", help=env_help("sas_key", "symmetric key in a token for SAS "
                    "authentication instead of a certificate: pkcs11:token=…;object=…;type=secret-key"))
     g.add_argument("--sas-lifetime", type=int, default=3600, metavar="S",
@@ -269,17 +277,33 @@ def key_ref(args: argparse.Namespace, required: bool = True):
     return kr
 
 
-def sas_credential(args: argparse.Namespace, ident):
-    """A SasCredential for --sas-key / LIGHTCLIENT_SAS_KEY (signed in the token), or None without one."""
-    ref = setting(args, "sas_key")
+def sas_token_key(args: argparse.Namespace, name: str = "sas_key"):
+    """The TokenKey named by --sas-key / LIGHTCLIENT_SAS_KEY (or the setting ``name``), or None without one."""
+    ref = setting(args, name)
     if ref is None:
         return None
-    from lightclient.symkey import SasCredential, TokenKey
+    from lightclient.symkey import TokenKey
 
     kr = keys.parse_secret_key_ref(ref)
     pin = resolve_pin(args, f"the SAS key {str(kr).split('?')[0]}", prompt=kr.needs_pin or not kr.has_pin)
-    key = TokenKey(kr, pin=pin, module_path=setting(args, "module_path"))
-    return SasCredential.for_identity(ident, key, lifetime=getattr(args, "sas_lifetime", 3600) or 3600)
+    return TokenKey(kr, pin=pin, module_path=setting(args, "module_path"))
+
+
+def sas_credential(args: argparse.Namespace, ident):
+    """A SasCredential for --sas-key / LIGHTCLIENT_SAS_KEY (signed in the token), or None without one."""
+    if setting(args, "sas_key") is None:
+        return None
+    from lightclient.symkey import SasCredential
+
+    lifetime = sas_lifetime(args)
+    return SasCredential.for_identity(ident, sas_token_key(args), lifetime=lifetime)
+
+
+def sas_lifetime(args: argparse.Namespace) -> int:
+    """--sas-lifetime, checked before any PIN is asked for (0 or a negative value is an error, not the default)."""
+    from lightclient.sas import check_lifetime
+
+    return check_lifetime(getattr(args, "sas_lifetime", 3600), "--sas-lifetime")
 
 
 def load_key(args: argparse.Namespace):

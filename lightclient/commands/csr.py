@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--san", help="subjectAltName in OpenSSL syntax, e.g. DNS:device1,URI:urn:dev:1")
     p.add_argument("--digest", default="sha256", help="signature digest (default sha256; sha384, sha512)")
     p.add_argument("--out", "-o", metavar="FILE", help="write the PEM CSR here (default: standard output)")
-    add_key_options(p)
+    add_key_options(p, sas=False)
     p.set_defaults(func=run)
 
 

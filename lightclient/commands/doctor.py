@@ -312,9 +312,10 @@ def check_roots(checks: List[Check], ca: Optional[str]):
     return True
 
 
-def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Optional[str], timeout: float):
-    """The TLS handshake row; returns the context that passed it, or None."""
-    from ..tls import client_context
+def check_handshake(checks: List[Check], target: str, cert: Optional[str], key, ca: Optional[str], timeout: float,
+                    sas: bool = False):
+    """The TLS handshake row; returns the context that passed it, or None. ``sas``: no client certificate."""
+    from ..tls import client_context, server_context
 
     name = f"TLS handshake with {target}"
     host, sep, port = target.rpartition(":")
@@ -322,7 +323,7 @@ def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Option
         checks.append(Check(name, FAIL, "expected HOST:PORT", "e.g. --connect myhub.azure-devices.net:8883"))
         return None
     try:
-        ctx = client_context(cert=cert, key=key, ca=ca)
+        ctx = server_context(ca=ca) if sas else client_context(cert=cert, key=key, ca=ca)
     except LightClientError as exc:
         checks.append(Check(name, FAIL, error_text(exc), "fix the certificate and key first"))
         return None
@@ -355,7 +356,8 @@ def check_handshake(checks: List[Check], target: str, cert: str, key, ca: Option
         checks.append(Check(name, FAIL, f"cannot connect: {diagnostics.network_reason(exc)}",
                             "check the host name and port, and that outbound TCP to it is allowed"))
     else:
-        checks.append(Check(name, OK, f"{version}, client certificate accepted"))
+        checks.append(Check(name, OK, f"{version}, " + ("server verified (SAS: no client certificate)" if sas
+                                                         else "client certificate accepted")))
         return ctx
     return None
 
@@ -369,6 +371,10 @@ _EMULATOR_FIXES = (
     ("connect.certificate", "use the certificate registered for this device (CA-signed: issued by the hub's CA, "
                             "CN = device id)"),
     ("connect.thumbprint", "register this certificate's thumbprint for the device, or use the registered one"),
+    ("connect.sas-signature", "--sas-key is not the device's primary or secondary key: import the hub's key "
+                              "(lightclient import-key)"),
+    ("connect.sas-expired", "sync the clock (date -u) or raise --sas-lifetime"),
+    ("connect.sas", "use a SAS key reference for this device (--sas-key)"),
 )
 
 
@@ -399,7 +405,7 @@ def emulator_diagnostics(api: Optional[str], client_id: str, since: float) -> Li
     return [d for d in items if isinstance(d, dict) and d.get("time", 0) >= since - 1]
 
 
-def check_mqtt(checks: List[Check], args, target: str, ctx, ca: Optional[str]) -> None:
+def check_mqtt(checks: List[Check], args, target: str, ctx, ca: Optional[str], sas=None) -> None:
     """MQTT CONNECT as the device and SUBSCRIBE to its topics, through the same code as send/listen."""
     from .. import paho as lcpaho
     from ..identity import Identity
@@ -421,7 +427,7 @@ def check_mqtt(checks: List[Check], args, target: str, ctx, ca: Optional[str]) -
         return
     api = emulator_api(ca)
     started = time.time()
-    session = Session(args, ssl_context=ctx, address=(host, int(port)), ident=ident)
+    session = Session(args, ssl_context=ctx, address=(host, int(port)), ident=ident, sas=sas)
     try:
         session.connect()
     except LightClientError as exc:
@@ -520,8 +526,35 @@ def render(checks: List[Check]) -> str:
     return "\n".join(lines)
 
 
+def check_sas(checks: List[Check], args):
+    """--sas-key: the key is in the token and signs (one HMAC there); returns the SasCredential, or None."""
+    from ..identity import Identity
+    from .common import sas_credential
+
+    name = "SAS key signs in the token"
+    host = (args.connect or "").rpartition(":")[0]
+    try:
+        ident = Identity(setting(args, "hub") or host or "hub.example",
+                         setting(args, "device_id", required=True, what="the device id (the SAS resource)"),
+                         setting(args, "module_id"))
+        cred = sas_credential(args, ident)
+        tok = cred.renew()
+    except LightClientError as exc:
+        fix = next((f for cls, f in _KEY_FIXES if isinstance(exc, cls) and cls is not BackendUnavailableError),
+                   "check --sas-key (see `lightclient tokens`) and --sas-lifetime")
+        checks.append(Check(name, FAIL, error_text(exc, args), fix))
+        return None
+    checks.append(Check(name, OK, f"{str(cred.key.ref).split('?')[0]}: HMAC-SHA256 in the token, a token for "
+                                  f"{cred.uri} valid {cred.lifetime} s, renewed after "
+                                  f"{int(tok.renew_at - tok.issued)} s"))
+    return cred
+
+
 def run(args) -> int:
     checks: List[Check] = []
+    if setting(args, "sas_key") is not None and getattr(args, "key", None) is None and \
+            getattr(args, "cert", None) is None:
+        return run_sas(args, checks)
     module = setting(args, "module_path")
     device_id = setting(args, "device_id")
     module_id = setting(args, "module_id")
@@ -559,6 +592,29 @@ def run(args) -> int:
                 _skip(checks, mqtt_rows, "no TLS connection")
             else:
                 check_mqtt(checks, args, args.connect, ctx, ca)
+    return _finish(args, checks)
+
+
+def run_sas(args, checks: List[Check]) -> int:
+    """The symmetric-key chain: key signs in the token, roots, and with --connect TLS (server only) and CONNECT
+    with the SAS as password."""
+    check_openssl(checks)
+    cred = check_sas(checks, args)
+    ca = setting(args, "ca")
+    roots = check_roots(checks, ca)
+    if args.connect:
+        mqtt_rows = ("MQTT CONNECT accepted", "SUBSCRIBE to the device's topics")
+        ctx = check_handshake(checks, args.connect, None, None, ca, args.timeout, sas=True) if roots else None
+        if ctx is None or cred is None:
+            if ctx is None and not roots:
+                checks.append(Check(f"TLS handshake with {args.connect}", SKIP, "roots missing"))
+            _skip(checks, mqtt_rows, "no TLS connection" if ctx is None else "no SAS token")
+        else:
+            check_mqtt(checks, args, args.connect, ctx, ca, sas=cred)
+    return _finish(args, checks)
+
+
+def _finish(args, checks: List[Check]) -> int:
     if getattr(args, "reach", None):
         mqtt_port, _, ws_port = args.reach_ports.partition(",")
         if not (mqtt_port.isdigit() and ws_port.isdigit()):

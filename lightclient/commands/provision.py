@@ -6,7 +6,7 @@ import json
 from .. import dps, keys, tls
 from ..exceptions import ConfigError
 from .common import (EXIT_OK, add_key_options, add_network_options, env_help, key_ref, load_key, parse_json, proxy_for,
-                     setting)
+                     resolve_pin, sas_lifetime, sas_token_key, setting)
 
 
 def register(sub) -> None:
@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="with --cache: register again even if FILE has an assignment")
     p.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds (default 120)")
     p.add_argument("--json", action="store_true", help="print the assignment as JSON")
+    p.add_argument("--sas-group-key", metavar="REF",
+                   help="symmetric-key group enrollment: the group key in a token (pkcs11:…;type=secret-key); the "
+                        "device key is derived from it in the token (HMAC of the registration id), stored there "
+                        "as object=<registration id>, and used to register (then pass that key as --sas-key)")
     add_network_options(p, mqtt=False)
     add_key_options(p)
     p.set_defaults(func=run)
@@ -44,8 +48,10 @@ def run(args) -> int:
         raise ConfigError("the registration id is not set: pass --registration-id or --device-id "
                           "(or set PROVISIONING_REGISTRATION_ID or DEVICE_ID)")
     endpoint = setting(args, "endpoint") or dps.DEFAULT_ENDPOINT
-    cert = setting(args, "cert", required=True, what="the device certificate")
     payload = parse_json(args.payload, "--payload") if args.payload is not None else None
+    if args.sas_group_key is not None or setting(args, "sas_key") is not None:
+        return _run_sas(args, scope, reg_id, endpoint, payload)
+    cert = setting(args, "cert", required=True, what="the device certificate")
     if (args.csr or args.new_csr) and not args.cert_out:
         raise ConfigError("certificate issuance needs --cert-out FILE for the issued chain")
     if args.cert_out and not (args.csr or args.new_csr):
@@ -59,6 +65,59 @@ def run(args) -> int:
     ctx = tls.https_context(cert=cert, key=key, ca=setting(args, "ca"))
     options = dict(ssl_context=ctx, endpoint=endpoint, payload=payload, csr=csr, timeout=args.timeout,
                    cert_out=args.cert_out, proxy=proxy_for(args, endpoint.rsplit(":", 1)[0].strip("[]")))
+    return _register(args, scope, reg_id, options, csr, cert)
+
+
+def _run_sas(args, scope: str, reg_id: str, endpoint: str, payload) -> int:
+    """Symmetric-key enrollment: the SAS in the Authorization header is signed in the token; no client certificate."""
+    from ..symkey import SasCredential
+
+    for flag, given in (("--cert", args.cert), ("--key", args.key), ("--csr", args.csr), ("--new-csr", args.new_csr),
+                        ("--cert-out", args.cert_out)):
+        if given:
+            raise ConfigError(f"{flag} is for X.509 enrollments; --sas-key/--sas-group-key authenticate with a "
+                              f"symmetric key: drop {flag} (or drop the SAS option to register with a certificate)")
+    if args.sas_group_key is not None and getattr(args, "sas_key", None) is not None:
+        raise ConfigError("give --sas-key (individual enrollment, or a device key derived earlier) or --sas-group-key "
+                          "(derive the device key now), not both")
+    lifetime = sas_lifetime(args)
+    if args.sas_group_key is not None:
+        key = _derive_from_group(args, reg_id)
+    else:
+        key = sas_token_key(args)
+    cred = SasCredential.for_dps(scope, reg_id, key, lifetime=lifetime)
+    options = dict(ssl_context=tls.server_context(ca=setting(args, "ca"), alpn=["http/1.1"]), endpoint=endpoint,
+                   payload=payload, timeout=args.timeout, sas=cred,
+                   proxy=proxy_for(args, endpoint.rsplit(":", 1)[0].strip("[]")))
+    args.sas_key = str(key.ref)  # the reference the next command names
+    return _register(args, scope, reg_id, options, None, None)
+
+
+def _derive_from_group(args, reg_id: str):
+    """The group key's HMAC of ``reg_id``, computed and stored in the token (lightclient.token.derive_secret_key)."""
+    from .. import token as tk
+    from ..symkey import TokenKey
+
+    group = keys.parse_secret_key_ref(args.sas_group_key)
+    module = group.module_path or setting(args, "module_path")
+    if not module:
+        raise ConfigError(f"--sas-group-key {str(group).split('?')[0]} names no PKCS#11 module: add "
+                          "?module-path=/path/to/module.so or pass --module-path")
+    if not group.attribute("token"):
+        raise ConfigError(f"--sas-group-key {group} names no token: add token=<label>")
+    pin = resolve_pin(args, f"the group key {str(group).split('?')[0]}", prompt=group.needs_pin or not group.has_pin)
+    pin = group.resolve_pin(pin, None, None)
+    group_id = group.attribute_bytes("id")
+    info = tk.KeyInfo(**tk.run_in_child("derive-secret", module_path=module, token_label=group.attribute("token"),
+                                        registration_id=reg_id, new_label=reg_id, group_label=group.attribute("object"),
+                                        group_id_hex=group_id.hex() if group_id else None, pin=pin))
+    uri = info.uri(module)
+    print(f"derived the device key of {reg_id!r} from the group key in token {info.token_label!r} and stored it "
+          f"there as {info.label!r} (sensitive, non-extractable); use it from now on with --sas-key {uri}")
+    return TokenKey(uri, pin=pin)
+
+
+def _register(args, scope: str, reg_id: str, options: dict, csr, cert) -> int:
     from_cache = False
     if args.cache:
         if csr is not None:
@@ -86,13 +145,17 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def next_command(args, result, cert: str) -> str:
+def next_command(args, result, cert) -> str:
     """The send command for the assigned hub, with every setting this provisioning used (never a PIN)."""
     import shlex
 
-    ref = key_ref(args)
-    words = ["lightclient", "send", "--hub", result.assigned_hub, "--device-id", result.device_id, "--cert", cert,
-             "--key", "…" if ref.has_pin_value else str(ref)]
+    words = ["lightclient", "send", "--hub", result.assigned_hub, "--device-id", result.device_id]
+    if cert is None:   # symmetric key
+        ref = keys.parse_secret_key_ref(args.sas_key)
+        words += ["--sas-key", "…" if ref.has_pin_value else str(ref)]
+    else:
+        ref = key_ref(args)
+        words += ["--cert", cert, "--key", "…" if ref.has_pin_value else str(ref)]
     ca = setting(args, "ca")
     if ca:
         words += ["--ca", ca]

@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--ca", help=env_help("ca", "trusted roots for the hub and DPS (default: the bundled roots)"))
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the new certificate (default 120)")
     add_policy_options(p)
-    add_key_options(p)
+    add_key_options(p, sas=False)
     p.set_defaults(func=run)
 
 

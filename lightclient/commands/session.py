@@ -87,9 +87,9 @@ class Session:
 
     def __init__(self, args, *, on_record: Optional[Callable[[Any, Any], None]] = None,
                  on_log: Optional[Callable[[str], None]] = None, ssl_context=None,
-                 address: Optional[Tuple[str, int]] = None, ident=None):
-        """``ssl_context``, ``address`` (host, port to connect to) and ``ident`` override what ``args`` say
-        (the doctor has them already)."""
+                 address: Optional[Tuple[str, int]] = None, ident=None, sas=None):
+        """``ssl_context``, ``address`` (host, port to connect to), ``ident`` and ``sas`` (a SasCredential)
+        override what ``args`` say (the doctor has them already)."""
         self.identity = ident or identity(args)
         self.host = setting(args, "gateway") or self.identity.hostname
         self.transport = setting(args, "transport") or "tcp"
@@ -105,8 +105,9 @@ class Session:
             self.host, self.port = address
         self.proxy = proxy_for(args, self.host)
         self.timeout = getattr(args, "timeout", 15.0)
-        sas = sas_credential(args, self.identity) if ssl_context is None else None
-        if sas is not None:
+        if sas is None and ssl_context is None:
+            sas = sas_credential(args, self.identity)
+        if sas is not None and ssl_context is None:
             ssl_context = tls.server_context(ca=setting(args, "ca"))
         if ssl_context is None:
             cert = setting(args, "cert", required=True, what="the device certificate")

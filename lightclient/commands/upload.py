@@ -36,7 +36,7 @@ def register(sub) -> None:
     g.add_argument("--timeout", type=float, default=3600.0,
                    help="give up after this many seconds in all (default 3600: the hub's SAS lasts 1 h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_key_options(p)
+    add_key_options(p, sas=False)
     p.set_defaults(func=run)
 
 

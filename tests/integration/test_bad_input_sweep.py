@@ -642,6 +642,83 @@ CASES.update({
 })
 
 
+# symmetric keys (issue 19): SAS key references, software keys, lifetimes, bearer tokens never shown
+SAS_KEY = "c2FzLXN3ZWVwLWtleS1zYXMtc3dlZXAta2V5LXNhcy1zd2VlcC1rZXktc2FzLXM="
+
+
+def _sas_ref(lab, path="object=nosas;"):
+    return f"pkcs11:token=lc-test;{path}type=secret-key?module-path={lab.softhsm.module_path}"
+
+
+def _sas_token_key(lab, ref):
+    from lightclient.symkey import TokenKey
+
+    return TokenKey(ref, pin=PIN, env=lab.softhsm.env)
+
+
+def _software_key_not_base64(lab):
+    from lightclient.symkey import SoftwareKey
+
+    try:
+        SoftwareKey("c2VjcmV0LXRhaWwtOTk!!c2VjcmV0LXRhaWwtOTk")
+    except ConfigError as exc:
+        assert "c2VjcmV0" not in str(exc) + repr(exc), exc
+        raise
+
+
+def _bearer_token_never_shown(lab):
+    """A SAS token DPS refuses: the token is in no error, repr or log line (it authorises until it expires)."""
+    from lightclient.symkey import SasCredential, SoftwareKey
+
+    cred = SasCredential.for_dps(SCOPE, "sas-sweep-1", SoftwareKey(SAS_KEY))
+    token = cred.current()
+    secret = token.value.split("sig=", 1)[1].split("&", 1)[0]
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        dps.provision(SCOPE, "sas-sweep-1", ssl_context=tls.server_context(ca=lab.ca.cert, alpn=["http/1.1"]),
+                      endpoint=lab.dps.endpoint, sas=cred, poll_interval=(0.05, 0.2), timeout=5, request_timeout=2)
+    except LightClientError as exc:
+        shown = [str(exc), repr(exc), repr(token), repr(cred), *records]
+        assert not [t for t in shown if secret in t or "SharedAccessSignature sr=" in t], shown
+        raise
+
+
+CASES.update({
+    "sas-key-ref-names-no-key": (lambda lab: _sas_token_key(lab, _sas_ref(lab, "")), ConfigError,
+                                 "names no key"),
+    "sas-key-not-on-token": (lambda lab: _sas_token_key(lab, _sas_ref(lab)).sign(b"x"), KeyNotFoundError,
+                             "no secret key with object=nosas"),
+    "sas-key-ref-is-a-private-key": (lambda lab: _sas_token_key(lab, _sas_ref(lab, "object=eckey;").replace(
+        "type=secret-key", "type=private")), ConfigError, "names a private key"),
+    "sas-software-key-not-base64": (_software_key_not_base64, ConfigError, "not valid base64"),
+    "sas-lifetime-zero": (lambda lab: __import__("lightclient.symkey").symkey.SasCredential(
+        __import__("lightclient.symkey").symkey.SoftwareKey(SAS_KEY), "localhost/devices/d", lifetime=0),
+        ConfigError, "between 10 s"),
+    "sas-expiry-zero": (lambda lab: __import__("lightclient.sas").sas.string_to_sign("localhost/devices/d", 0),
+                        ConfigError, "positive Unix time"),
+    "sas-bearer-token-never-shown": (_bearer_token_never_shown, LightClientError, ""),
+    "cli-sas-lifetime-zero": (lambda lab: _cli("send", "x", "--hub", "localhost", "--device-id", "sw-sas",
+                                               "--sas-key", _sas_ref(lab), "--pin-file", lab.pin_file,
+                                               "--sas-lifetime", 0, code=2, text="--sas-lifetime must be between")(lab),
+                              CliFailed, ""),
+    "cli-sas-key-not-on-token": (lambda lab: _cli("send", "x", "--hub", "localhost", "--device-id", "sw-sas",
+                                                  "--sas-key", _sas_ref(lab), "--pin-file", lab.pin_file,
+                                                  "--port", lab.broker.port, "--ca", lab.ca.cert, code=3,
+                                                  text="no secret key with object=nosas")(lab), CliFailed, ""),
+    "cli-csr-with-sas-key": (lambda lab: _cli("csr", "--cn", "sw-csr", "--sas-key", _sas_ref(lab), code=2,
+                                              text="`lightclient csr` is for X.509 keys only")(lab), CliFailed, ""),
+    "cli-upload-with-sas-key": (lambda lab: _cli("upload", "--sas-key", _sas_ref(lab), __file__, code=2,
+                                                 text="is for X.509 keys only")(lab), CliFailed, ""),
+    "cli-provision-sas-key-with-csr": (lambda lab: _cli(
+        "provision", "--id-scope", SCOPE, "--registration-id", "sw-sas", "--endpoint", lab.dps.endpoint,
+        "--sas-key", _sas_ref(lab), "--new-csr", "--cert-out", lab.tmp / "x.pem", code=2,
+        text="--new-csr is for X.509 enrollments")(lab), CliFailed, ""),
+})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_sweep(lab_, name, capfd, caplog):
     caplog.set_level(logging.DEBUG)
