@@ -56,7 +56,7 @@ from ._verify import permanent_tls_error
 from .backoff import Backoff
 from .device import MAX_KEEPALIVE, MethodResponse, paho_log
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         ProxyError, QueueFullError, ServiceError)
+                         QueueFullError, ServiceError)
 from .identity import API_VERSION, Identity
 from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
@@ -474,21 +474,9 @@ class Device:
                 return
             except OSError as exc:
                 self.port = self._client.port or self.port
-                if isinstance(exc, ProxyError) and not exc.retryable:
-                    raise
-                permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
-                if permanent is not None:
-                    raise permanent from exc
-                delay = self._backoff.delay(attempt)
+                delay = _sync.first_connect_retry(exc, self.host, self.port, self._ssl_context, self._backoff,
+                                                  attempt, deadline, timeout)
                 attempt += 1
-                if time.monotonic() + delay >= deadline:
-                    if isinstance(exc, ProxyError):
-                        raise ProxyError(f"could not connect to {self.host} within {timeout} s ({attempt} attempts): "
-                                         f"{exc}", proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
-                    raise OperationTimeout(
-                        f"could not connect to {self.host}:{self.port}{_sync._ws_hint(exc)} within {timeout} s "
-                        f"({attempt} attempts); last error: {exc}") from exc
-                log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
                 await asyncio.sleep(delay)
 
     async def _open(self, first: bool = False) -> Any:

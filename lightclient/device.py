@@ -373,21 +373,9 @@ class Device:
                 return
             except OSError as exc:
                 self.port = self._client.port or self.port
-                if isinstance(exc, ProxyError) and not exc.retryable:
-                    raise
-                permanent = permanent_tls_error(exc, self.host, self.port, self._ssl_context)
-                if permanent is not None:
-                    raise permanent from exc
-                delay = self._backoff.delay(attempt)
+                delay = first_connect_retry(exc, self.host, self.port, self._ssl_context, self._backoff, attempt,
+                                            deadline, timeout)
                 attempt += 1
-                if time.monotonic() + delay >= deadline:
-                    if isinstance(exc, ProxyError):
-                        raise ProxyError(f"could not connect to {self.host} within {timeout} s ({attempt} attempts): "
-                                         f"{exc}", proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
-                    raise OperationTimeout(
-                        f"could not connect to {self.host}:{self.port}{_ws_hint(exc)} within {timeout} s "
-                        f"({attempt} attempts); last error: {exc}") from exc
-                log.info("connecting to %s:%d failed (%s); retrying in %.1f s", self.host, self.port, exc, delay)
                 if self._stopping.wait(delay):
                     raise OperationTimeout("connect() was interrupted by disconnect()") from exc
 
@@ -882,6 +870,30 @@ def _json(payload: bytes) -> Any:
                 raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
     return value
+
+
+def first_connect_retry(exc: OSError, host: str, port: int, ssl_context: ssl.SSLContext, backoff: Backoff,
+                        attempt: int, deadline: float, timeout: float) -> float:
+    """How long to wait before the next try of a FIRST connect that failed with ``exc`` (attempt ``attempt``,
+    0-based), or the typed error to raise: what no retry can cure (a proxy that refuses, an untrusted
+    certificate, no TLS version in common) at once, anything else once ``deadline`` would pass.
+
+    Shared by :class:`Device` and :class:`lightclient.aio.Device`, which differ only in how they wait.
+    """
+    if isinstance(exc, ProxyError) and not exc.retryable:
+        raise exc
+    permanent = permanent_tls_error(exc, host, port, ssl_context)
+    if permanent is not None:
+        raise permanent from exc
+    delay = backoff.delay(attempt)
+    if time.monotonic() + delay >= deadline:
+        if isinstance(exc, ProxyError):
+            raise ProxyError(f"could not connect to {host} within {timeout} s ({attempt + 1} attempts): {exc}",
+                             proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
+        raise OperationTimeout(f"could not connect to {host}:{port}{_ws_hint(exc)} within {timeout} s "
+                               f"({attempt + 1} attempts); last error: {exc}") from exc
+    log.info("connecting to %s:%d failed (%s); retrying in %.1f s", host, port, exc, delay)
+    return delay
 
 
 def _ws_hint(exc: BaseException) -> str:
