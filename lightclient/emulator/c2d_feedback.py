@@ -35,7 +35,7 @@ def parse_expiry(text: Optional[str]) -> Optional[float]:
         value = value[:-1] + "+00:00"
     if "." in value:  # Python 3.9's fromisoformat takes 3 or 6 fraction digits only
         head, _, rest = value.partition(".")
-        digits = "".join(c for c in rest if c.isdigit())
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]   # the fraction only, not the offset
         value = f"{head}.{(digits + '000000')[:6]}{rest[len(digits):]}"
     try:
         moment = datetime.datetime.fromisoformat(value)
