@@ -78,6 +78,23 @@ class Request:
     body: Optional[bytes] = None
 
 
+class SecretHeaders(dict):
+    """Request headers whose repr hides the Authorization value (a SAS token is a bearer secret)."""
+
+    def __repr__(self) -> str:
+        return repr({k: ("<secret>" if k.lower() == "authorization" else v) for k, v in self.items()})
+
+
+def authorized(request: Request, credential) -> Request:
+    """``request`` with ``Authorization: {credential.current().value}`` (a fresh SAS token when the current
+    one is due; see :class:`lightclient.symkey.SasCredential`), or unchanged for ``credential=None``."""
+    if credential is None:
+        return request
+    from dataclasses import replace
+
+    return replace(request, headers=SecretHeaders({**request.headers, "Authorization": credential.current().value}))
+
+
 @dataclass(frozen=True)
 class Response:
     """One HTTP answer: the status, the whole body and the headers (use :func:`header` to look one up)."""

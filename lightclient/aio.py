@@ -993,6 +993,7 @@ class Device:
         on_loop = None if progress is None else (
             lambda sent, total: loop.call_soon_threadsafe(progress, sent, total))
         options.setdefault("endpoint", self.host)
+        options.setdefault("sas", self._sas)  # a symmetric-key device: its SAS token authenticates to the hub
         job = functools.partial(upload.upload_file, path_or_fileobj, blob_name, device_id=self.identity.device_id,
                                 ssl_context=self._ssl_context, progress=on_loop, **options)
         # The progress calls are queued on the loop before the result is, so all have run when this returns.

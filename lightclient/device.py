@@ -797,7 +797,7 @@ class Device:
     def upload_file(self, path_or_fileobj: Any, blob_name: str, progress: Optional[Callable[[int, int], None]] = None,
                     **options: Any) -> Any:
         """Upload a file (path or seekable binary file object) to the hub's linked storage as ``blob_name``, over
-        HTTPS with this device's key; needs no MQTT connection. Returns an
+        HTTPS with this device's key (or its SAS credential); needs no MQTT connection. Returns an
         :class:`~lightclient.upload.UploadResult`; ``progress(sent, total)`` gets bytes. ``options`` are
         those of :func:`lightclient.upload.upload_file` (``endpoint`` defaults to the hub host on 443)."""
         from . import upload
@@ -805,6 +805,7 @@ class Device:
         if self.identity.module_id:
             raise ConfigError("file upload is for device identities: IoT Hub offers it to no module")
         options.setdefault("endpoint", self.host)
+        options.setdefault("sas", self._sas)  # a symmetric-key device: its SAS token authenticates to the hub
         return upload.upload_file(path_or_fileobj, blob_name, device_id=self.identity.device_id,
                                   ssl_context=self._ssl_context, progress=progress, **options)
 

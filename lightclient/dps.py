@@ -34,7 +34,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 from urllib.parse import quote
 
 from ._files import atomic_write as _atomic_write  # one home for atomic writes
-from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, retry_after  # noqa: F401 (dps names since 0.1)
+from ._https import DEFAULT_RETRY_AFTER, Exchange, Request, authorized, retry_after  # noqa: F401 (dps names since 0.1)
 from .backoff import Backoff
 from ._files import CHAIN_LIMIT, CSR_LIMIT, read_user_file
 from .exceptions import ConfigError, LightClientError, ProtocolError, ProvisioningError
@@ -322,7 +322,7 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
 
     checked_proxy = check_proxy(proxy)
     version = api_version or (CSR_API_VERSION if csr is not None else API_VERSION)
-    request = _authorized(register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
+    request = authorized(register_request(id_scope, registration_id, endpoint=endpoint, payload=payload, csr=csr,
                                            api_version=version), sas)
     if session is None:
         if ssl_context is None:
@@ -353,27 +353,12 @@ def provision(id_scope: str, registration_id: str, *, ssl_context: Optional[ssl.
                 return _finish(result, registration_id, cert_out)
             if not result.operation_id:
                 raise ProtocolError(f"DPS said {result.status!r} without an operationId to poll")
-            request = _authorized(operation_status_request(id_scope, registration_id, result.operation_id,
+            request = authorized(operation_status_request(id_scope, registration_id, result.operation_id,
                                                            endpoint=endpoint, api_version=version), sas)
             exchange.pause(retry_after(response.headers, minimum=lo, maximum=hi), response.status)
     finally:
         if own_session:
             session.close()
-
-
-class _Headers(dict):
-    """Request headers whose repr hides the Authorization value (a SAS token is a bearer secret)."""
-
-    def __repr__(self) -> str:
-        return repr({k: ("<secret>" if k.lower() == "authorization" else v) for k, v in self.items()})
-
-
-def _authorized(request: Request, sas: Any) -> Request:
-    if sas is None:
-        return request
-    from dataclasses import replace
-
-    return replace(request, headers=_Headers({**request.headers, "Authorization": sas.current().value}))
 
 
 def _check_poll_interval(poll_interval: object) -> Tuple[float, float]:

@@ -3,10 +3,12 @@
 Three steps (protocol notes §10), each a pure request builder / answer parser here, plus a small
 driver, :func:`upload_file`, on the shared HTTPS core (``lightclient._https``):
 
-1. Ask the hub for a target, over HTTPS with the device's client certificate (no ``Authorization``)::
+1. Ask the hub for a target, over HTTPS with the device's client certificate (no ``Authorization``), or,
+   for a symmetric-key device (``sas=``), with server-verified TLS and its SAS token in a header::
 
        POST https://{hub}/devices/{deviceId}/files?api-version=2020-03-13
        Content-Type: application/json
+       [Authorization: SharedAccessSignature sr={hub}%2Fdevices%2F{deviceId}&sig=…&se=…]
        {"blobName": "logs/today.txt"}
        -> 200 {"correlationId": "…", "hostName": "acct.blob.core.windows.net", "containerName": "…",
                "blobName": "{deviceId}/logs/today.txt", "sasToken": "?sv=…&sig=…"}
@@ -26,9 +28,15 @@ driver, :func:`upload_file`, on the shared HTTPS core (``lightclient._https``):
 
        POST https://{hub}/devices/{deviceId}/files/notifications?api-version=2020-03-13
        Content-Type: application/json; charset=utf-8
+       [Authorization: SharedAccessSignature … (the same credential; a fresh token if the first is due)]
        {"correlationId": "…", "isSuccess": true, "statusCode": 201, "statusDescription": "…"}
 
-The SAS token is a bearer secret: it appears in no message, log line (urllib3's debug log is filtered
+With ``sas=`` (a :class:`lightclient.symkey.SasCredential` for the device, resource
+``{hub}/devices/{deviceId}``, protocol notes §9/§10) the token is signed by the credential's key (inside
+the PKCS#11 token for a :class:`~lightclient.symkey.TokenKey`) and goes only to the hub: the storage
+requests carry storage's own SAS and nothing else.
+
+Both SAS tokens are bearer secrets: it appears in no message, log line (urllib3's debug log is filtered
 while an upload runs), ``repr()`` or exception; URLs are shown with the query replaced by
 ``?<SAS redacted>``. Memory stays bounded: the file is read one block at a time.
 
@@ -41,6 +49,9 @@ UNCERTAIN points in the protocol notes, and what this module does about each:
 * api-version: the SDKs use 2016-11-14 (C) and 2019-10-01 (Python), the docs 2020-03-13 (the default
   here; ``api_version=`` chooses another). The C SDK puts ``/`` before ``?``; this module does not.
 * A ``sasToken`` without the documented leading ``?`` is accepted and the ``?`` added.
+* The hub SAS of a device key: the SDKs sign ``{hub}/devices/{deviceId}`` (no ``/files``), URL-encoded
+  with upper-case escapes and the id's case kept (the docs' lower-cased reading is UNCERTAIN; the
+  emulator accepts both, see :mod:`lightclient.emulator.files`). This module sends the SDKs' form.
 """
 from __future__ import annotations
 
@@ -57,7 +68,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote
 
-from ._https import Exchange, Request, Response, header, retry_delay
+from ._https import Exchange, Request, Response, authorized, header, retry_delay
 from .backoff import Backoff
 from .exceptions import ConfigError, OperationTimeout, ProtocolError, ServiceError, UploadError
 
@@ -304,11 +315,14 @@ _HUB_ADVICE = {
     404: "the hub does not know this device, or offers no file upload",
     429: "the hub is throttling file-upload requests",
 }
+_HUB_401_SAS = ("the hub did not accept the device's SAS token (check that the key is the device's primary or "
+                "secondary key, and the device's clock)")
 
 
 def hub_error(status: int, body: bytes, headers: Mapping[str, str], *, blob_name: Optional[str] = None,
-              stage: str = "sas", correlation_id: Optional[str] = None) -> Exception:
-    """The error for a hub's non-2xx answer: ConfigError when it refused ``blob_name``, else UploadError."""
+              stage: str = "sas", correlation_id: Optional[str] = None, sas: bool = False) -> Exception:
+    """The error for a hub's non-2xx answer: ConfigError when it refused ``blob_name``, else UploadError.
+    ``sas``: the device authenticated with a SAS token (a 401 then says to check the key and the clock)."""
     code, message = _error_fields(body, headers)
     detail = (f", errorCode {code}" if code else "") + (f": {message}" if message else "")
     if status == 400 and stage == "sas" and blob_name is not None:
@@ -318,8 +332,8 @@ def hub_error(status: int, body: bytes, headers: Mapping[str, str], *, blob_name
         advice = ("the device has too many file uploads open (at most 10; each frees with its notification or "
                   "when its SAS expires)")
     else:
-        advice = _HUB_ADVICE.get(status) or (f"the hub failed with {status}" if status >= 500 else
-                                             f"the hub answered {status}")
+        advice = (_HUB_401_SAS if sas and status == 401 else _HUB_ADVICE.get(status)) or (
+            f"the hub failed with {status}" if status >= 500 else f"the hub answered {status}")
     what = "the upload notification" if stage == "notify" else "the upload target request"
     return UploadError(f"{advice} ({what}: HTTP {status}{detail})", status, stage=stage, error_code=code,
                        correlation_id=correlation_id)
@@ -614,13 +628,14 @@ class _Storage:
 
 
 def _notify(hub: Exchange, device_id: str, endpoint: str, api_version: str, correlation_id: str, success: bool,
-            status_code: int, description: str) -> None:
-    request = notification_request(device_id, correlation_id, success=success, status_code=status_code,
-                                   description=description, endpoint=endpoint, api_version=api_version)
+            status_code: int, description: str, sas=None) -> None:
+    request = authorized(notification_request(device_id, correlation_id, success=success, status_code=status_code,
+                                              description=description, endpoint=endpoint, api_version=api_version),
+                         sas)
     response = hub.send_retrying(request)
     if not 200 <= response.status < 300:
         raise hub_error(response.status, response.body, response.headers, stage="notify",
-                        correlation_id=correlation_id)
+                        correlation_id=correlation_id, sas=sas is not None)
 
 
 def upload_file(path_or_fileobj: Source, blob_name: str, *, device_id: str, endpoint: str,
@@ -630,11 +645,13 @@ def upload_file(path_or_fileobj: Source, blob_name: str, *, device_id: str, endp
                 single_put_limit: Optional[int] = None, content_type: Optional[str] = None,
                 timeout: float = 3600.0, request_timeout: float = 60.0, block_attempts: int = 6,
                 backoff: Optional[Backoff] = None, api_version: str = API_VERSION,
-                sleep: Callable[[float], None] = time.sleep) -> UploadResult:
+                sleep: Callable[[float], None] = time.sleep, sas: Any = None) -> UploadResult:
     """Upload a file through the hub at ``endpoint`` (``host[:port]``) for ``device_id``; returns an :class:`UploadResult`.
 
     ``ssl_context`` is the device's context (:func:`lightclient.tls.https_context`; the MQTT one works
-    too), or give a ready hub ``session``. Storage gets its own context without the client key:
+    too), or give a ready hub ``session``. A symmetric-key device gives ``sas`` (its
+    :class:`~lightclient.symkey.SasCredential`, resource ``{hub}/devices/{device_id}``) and a context without
+    client certificate (:func:`lightclient.tls.server_context`): the hub requests then carry its SAS token. Storage gets its own context without the client key:
     ``storage_ssl_context``, else :func:`storage_context` built from ``storage_ca`` or the roots in
     ``ssl_context``. ``progress(sent, total)`` is called after each block (bytes; blocks storage already
     held count as sent). Files over ``single_put_limit`` (default ``block_size``) go in blocks of
@@ -655,6 +672,7 @@ def upload_file(path_or_fileobj: Source, blob_name: str, *, device_id: str, endp
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
             raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
     first = sas_uri_request(device_id, blob_name, endpoint=endpoint, api_version=api_version)  # checks the name
+    _check_sas(sas, device_id)
     from .tls import https_session
 
     if session is None and ssl_context is None:
@@ -673,19 +691,20 @@ def upload_file(path_or_fileobj: Source, blob_name: str, *, device_id: str, endp
                    request_timeout=request_timeout, backoff=backoff, sleep=sleep)
     _guard_logs()
     try:
-        response = hub.send_retrying(first)
+        response = hub.send_retrying(authorized(first, sas))
         if not 200 <= response.status < 300:
-            raise hub_error(response.status, response.body, response.headers, blob_name=blob_name)
+            raise hub_error(response.status, response.body, response.headers, blob_name=blob_name,
+                            sas=sas is not None)
         target = parse_sas_uri(response.body)
         storage = _Storage(_storage_exchange(store_session, target, hub, timeout_text, request_timeout, backoff,
                                              sleep), target, block_attempts)
         try:
             result = _transfer(storage, target, source, block_size, single, progress, content_type)
         except BaseException as exc:
-            _report_failure(hub, exc, device_id, endpoint, api_version, target)
+            _report_failure(hub, exc, device_id, endpoint, api_version, target, sas)
             raise
         _notify(hub, device_id, endpoint, api_version, target.correlation_id, True, result.status,
-                f"uploaded {result.size} bytes")
+                f"uploaded {result.size} bytes", sas)
         return result
     finally:
         source.close()
@@ -703,8 +722,20 @@ def _storage_exchange(store_session, target: UploadTarget, hub: Exchange, timeou
     return exchange
 
 
+def _check_sas(sas: Any, device_id: str) -> None:
+    """``sas`` must be a SasCredential for this device (the hub offers file upload to no module)."""
+    if sas is None:
+        return
+    from . import _sas_session
+
+    _sas_session.check(sas)
+    if not sas.uri.endswith(f"/devices/{device_id}"):
+        raise ConfigError(f"sas is a credential for {sas.uri!r}, not for device {device_id!r}: file upload takes "
+                          "the device's own credential (SasCredential.for_identity with no module id)")
+
+
 def _report_failure(hub: Exchange, exc: BaseException, device_id: str, endpoint: str, api_version: str,
-                    target: UploadTarget) -> None:
+                    target: UploadTarget, sas: Any = None) -> None:
     """Tell the hub the upload failed (it frees the slot); mark ``exc`` with whether that worked."""
     status = getattr(exc, "status", None)
     status_code = status if isinstance(status, int) else (408 if isinstance(exc, OperationTimeout) else 500)
@@ -713,7 +744,7 @@ def _report_failure(hub: Exchange, exc: BaseException, device_id: str, endpoint:
     # A few seconds more than the job's deadline allows: the notification is what frees the hub's slot.
     hub.deadline = max(hub.deadline, time.monotonic() + min(hub.request_timeout, 30.0))
     try:
-        _notify(hub, device_id, endpoint, api_version, target.correlation_id, False, status_code, description)
+        _notify(hub, device_id, endpoint, api_version, target.correlation_id, False, status_code, description, sas)
         notified = True
     except Exception:  # the original failure matters more; say the hub was not told
         logging.getLogger("lightclient.upload").warning(

@@ -9,7 +9,8 @@ from typing import Optional, TextIO
 
 from .. import tls, upload
 from ..exceptions import ConfigError
-from .common import EXIT_OK, add_identity_options, add_key_options, env_help, identity, load_key, setting
+from .common import (EXIT_OK, add_identity_options, add_key_options, env_help, identity, load_key, sas_credential,
+                     setting)
 from .progress import eta_text
 
 MiB = 1024 * 1024
@@ -18,7 +19,8 @@ MiB = 1024 * 1024
 def register(sub) -> None:
     p = sub.add_parser("upload", help="upload a file to the hub's linked storage (HTTPS, the device's key)",
                        description="Upload FILE through IoT Hub: the hub hands out a storage target over HTTPS "
-                                   "authenticated by the certificate and the key in its token, the file goes to "
+                                   "authenticated by the certificate and the key in its token (or, with "
+                                   "--sas-key, by a SAS token signed in the token), the file goes to "
                                    "storage as a block blob (large files in blocks, each retried, an interrupted "
                                    "upload resumed), and the hub is told how it ended. The blob is named "
                                    "{device id}/BLOB.")
@@ -36,7 +38,7 @@ def register(sub) -> None:
     g.add_argument("--timeout", type=float, default=3600.0,
                    help="give up after this many seconds in all (default 3600: the hub's SAS lasts 1 h)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    add_key_options(p, sas=False)
+    add_key_options(p)
     p.set_defaults(func=run)
 
 
@@ -87,16 +89,24 @@ def run(args) -> int:
                           f"FILE's base name does not make a blob name ({exc}); give --name BLOB") from None
     if not args.block_size or args.block_size < upload.MIN_BLOCK_SIZE:
         raise ConfigError(f"--block-size must be at least {upload.MIN_BLOCK_SIZE} bytes")
-    cert = setting(args, "cert", required=True, what="the device certificate")
     ca = setting(args, "ca")
-    key = load_key(args)
-    ctx = tls.https_context(cert=cert, key=key, ca=ca)
+    sas = None
+    if setting(args, "sas_key") is not None:
+        for flag, value in (("--cert", getattr(args, "cert", None)), ("--key", getattr(args, "key", None))):
+            if value is not None:
+                raise ConfigError(f"{flag} is for X.509 devices; --sas-key authenticates with a SAS token signed in "
+                                  f"the token: drop {flag}")
+        sas = sas_credential(args, ident)
+        ctx = tls.server_context(ca=ca, alpn=["http/1.1"])   # no client certificate: the SAS authenticates
+    else:
+        cert = setting(args, "cert", required=True, what="the device certificate")
+        ctx = tls.https_context(cert=cert, key=load_key(args), ca=ca)
     endpoint = ident.hostname if args.https_port == 443 else f"{ident.hostname}:{args.https_port}"
     progress = ByteProgress()
     try:
         result = upload.upload_file(args.file, name, device_id=ident.device_id, endpoint=endpoint, ssl_context=ctx,
                                     storage_ca=ca, progress=progress, block_size=args.block_size,
-                                    content_type=args.content_type, timeout=args.timeout)
+                                    content_type=args.content_type, timeout=args.timeout, sas=sas)
     finally:
         progress.clear()
     if args.json:

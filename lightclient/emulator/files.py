@@ -1,4 +1,5 @@
-"""The hub's file-upload endpoints: HTTPS with the device's client certificate, as on the real hub's port 443.
+"""The hub's file-upload endpoints: HTTPS with the device's client certificate or its SAS token, as on the real
+hub's port 443.
 
     POST /devices/{deviceId}/files?api-version=…                {"blobName": "…"}
          -> 200 {"correlationId", "hostName", "containerName", "blobName": "{deviceId}/{name}", "sasToken": "?…"}
@@ -14,8 +15,15 @@ Choices where the protocol notes say UNCERTAIN or the SDKs differ (all explicit 
   403 for them, thumbprint devices only).
 
 Rules like the hub's: the certificate must authenticate the device in the path (CA-signed: issued by the
-emulator's CA with CN = device id; self-signed: a registered thumbprint), the device enabled (401/403
-otherwise); at most 10 uploads open per device (the 11th gets 403 ``403006``); an upload's slot frees with
+emulator's CA with CN = device id; self-signed: a registered thumbprint), or, for a symmetric-key device,
+``Authorization: SharedAccessSignature sr=…&sig=…&se=…`` signed with its primary or secondary key for the
+resource ``{hub}/devices/{deviceId}`` (protocol notes §9/§10; checked by :mod:`.sas`: signature, expiry,
+resource, no ``skn``; the docs' lower-cased ``sr`` reading is accepted too, UNCERTAIN which the hub
+requires); the device enabled (401/403 otherwise). A SAS refusal is 401 ``401002`` plus a diagnostic
+(``files.sas``, ``files.sas-expired``, ``files.sas-resource``, ``files.sas-signature``) naming what is wrong;
+so is a missing client certificate (``files.certificate``). Choices: a symmetric-key device is authenticated
+by its token alone (a client certificate it may send is ignored); an X.509 device that sends an
+``Authorization`` header is refused (it has no key to check it with); at most 10 uploads open per device (the 11th gets 403 ``403006``); an upload's slot frees with
 its notification or when its SAS expires. Every notification is recorded (:attr:`FileUpload.notifications`).
 Fault injection: :meth:`FileUpload.inject` answers a device's next request of one step with a status.
 """
@@ -33,9 +41,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from . import jsonlimits
+from . import jsonlimits, sas
 from .blob import BlobStore
-from .registry import CA_SIGNED, PeerCertificate, Registry
+from .diagnostics import Diagnostic
+from .registry import CA_SIGNED, SYMMETRIC_KEY, PeerCertificate, Registry
 
 API_VERSIONS = ("2016-11-14", "2018-06-30", "2019-03-30", "2019-10-01", "2020-03-13", "2020-09-30", "2021-04-12")
 MAX_ACTIVE = 10
@@ -82,8 +91,11 @@ class FileUpload:
 
     def __init__(self, *, registry: Registry, ssl_context: ssl.SSLContext, ca_subject: Dict[str, str],
                  blob: BlobStore, blob_host: str, host: str = "127.0.0.1", port: int = 0, sas_ttl: float = 3600.0,
-                 allow_ca_signed: bool = True, log: Optional[Callable[[str], None]] = None):
+                 allow_ca_signed: bool = True, log: Optional[Callable[[str], None]] = None,
+                 hostname: str = "localhost", diag: Optional[Callable[[Diagnostic], None]] = None):
         self.registry = registry
+        self.hostname = hostname      # the hub's name: SAS tokens are for {hostname}/devices/{deviceId}
+        self._diag = diag or (lambda diagnostic: None)
         self.ca_subject = ca_subject
         self.blob = blob
         self.blob_host = blob_host
@@ -147,12 +159,29 @@ class FileUpload:
 
     # ------------------------------------------------------------------ logic
 
-    def _authorize(self, device_id: str, peer: PeerCertificate) -> Optional[Tuple[int, int, str]]:
+    def _refuse(self, device_id: str, rule: str, message: str, received: str = "") -> Tuple[int, int, str]:
+        self._diag(Diagnostic(rule, f"HTTP 401: {message}", received, device_id))
+        return 401, 401002, message
+
+    def _authorize(self, device_id: str, peer: PeerCertificate,
+                   authorization: Optional[str] = None) -> Optional[Tuple[int, int, str]]:
         identity = self.registry.get(device_id)
         if identity is None:
             return 404, 404001, f"device {device_id!r} is not registered"
         if not identity.enabled:
             return 401, 401002, f"device {device_id!r} is disabled"
+        if identity.auth == SYMMETRIC_KEY:
+            problem, _ = sas.check(authorization, identity.keys, f"{self.hostname}/devices/{device_id}",
+                                   rule="files.sas")
+            if problem is not None:
+                return self._refuse(device_id, problem[0], f"SAS authentication failed: {problem[1]}")
+            return None
+        if authorization is not None:
+            return self._refuse(device_id, "files.sas", f"{device_id!r} authenticates with an X.509 certificate; "
+                                "it cannot be checked against an Authorization header (send none)")
+        if not peer.present:
+            return self._refuse(device_id, "files.certificate", f"{device_id!r} authenticates with an X.509 "
+                                "certificate, but the device sent none in the TLS handshake")
         if identity.auth == CA_SIGNED:
             if peer.self_signed or peer.issuer != self.ca_subject or peer.common_name != device_id:
                 return 401, 401002, f"the client certificate (CN={peer.common_name!r}) does not authenticate {device_id!r}"
@@ -162,7 +191,8 @@ class FileUpload:
             return 401, 401002, f"the certificate thumbprint matches none registered for {device_id!r}"
         return None
 
-    def handle(self, method: str, raw_path: str, body: bytes, peer: PeerCertificate) -> Tuple[int, Optional[dict]]:
+    def handle(self, method: str, raw_path: str, body: bytes, peer: PeerCertificate,
+               authorization: Optional[str] = None) -> Tuple[int, Optional[dict]]:
         url = urlsplit(raw_path)
         match = _PATH_RE.match(url.path)
         if match is None or method != "POST":
@@ -175,7 +205,7 @@ class FileUpload:
             return _error(400, 400004, "the api-version query parameter is required")
         if version not in API_VERSIONS:
             return _error(400, 400004, f"unsupported api-version {version!r}")
-        refusal = self._authorize(device_id, peer)
+        refusal = self._authorize(device_id, peer, authorization)
         if refusal:
             return _error(*refusal)
         with self._lock:
@@ -251,8 +281,9 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         try:
             self.connection.do_handshake()
+            # A SAS device sends no certificate (the hub asks for one but lets it go without).
             self._peer: Optional[PeerCertificate] = PeerCertificate.from_ssl(
-                self.connection.getpeercert(binary_form=True), self.connection.getpeercert())
+                self.connection.getpeercert(binary_form=True) or b"", self.connection.getpeercert() or {})
         except (ssl.SSLError, OSError, TypeError):
             self._peer = None
             self.close_connection = True
@@ -282,7 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             body = self.rfile.read(int(text))
             assert self._peer is not None
-            status, data = service.handle(self.command, self.path, body, self._peer)
+            status, data = service.handle(self.command, self.path, body, self._peer, self.headers.get("Authorization"))
         with service._lock:
             service.requests.append((self.path.split("/")[2] if self.path.count("/") > 1 else "?",
                                      "notify" if "/notifications" in self.path else "sas", status))
@@ -313,7 +344,7 @@ def start(emulator, *, port: int = 0, blob_port: int = 0, blob_host: Optional[st
                              ca_subject=emulator._ca_subject(), blob=blob,
                              blob_host=blob_host or f"{emulator.hostname}:{blob.port}", host=emulator.host,
                              port=port, sas_ttl=sas_ttl, allow_ca_signed=allow_ca_signed,
-                             log=log)
+                             log=log, hostname=emulator.hostname, diag=emulator.diagnostic_log.add)
     except BaseException:
         blob.stop()
         raise
