@@ -185,7 +185,7 @@ class DpsEmulator:
         return enrollment
 
     def _symmetric_for(self, scope: str, rid: str, authorization: Optional[str]):
-        """(enrollment, device keys, None) or (None, (), why) for a SAS-authenticated request.
+        """(enrollment, device keys, None) or (None, (), (rule, why)) for a SAS-authenticated request.
 
         Individual enrollments first; then every symmetric group whose derived key verifies. Group
         registration ids must be lowercase alphanumerics and '-' (the DPS page's rule; UNCERTAIN whether DPS
@@ -194,17 +194,17 @@ class DpsEmulator:
         individual = self._symmetric.get(rid.lower())
         if individual is not None:
             problem, _ = sas.check(authorization, individual.keys, resource, policy="registration", rule="dps.sas")
-            return (None, (), problem[1]) if problem else (individual, individual.keys, None)
-        why = f"no symmetric-key enrollment matches {rid!r}"
+            return (None, (), problem) if problem else (individual, individual.keys, None)
+        why = ("dps.sas-enrollment", f"no symmetric-key enrollment matches {rid!r}")
         for group in self._symmetric_groups.values():
             if not re.fullmatch(r"[a-z0-9-]{1,128}", rid):
-                return None, (), (f"registration id {rid!r} is not allowed in a symmetric-key group enrollment: "
-                                  "lowercase letters, digits and '-' only")
+                return None, (), ("dps.sas-registration-id", f"registration id {rid!r} is not allowed in a "
+                                  "symmetric-key group enrollment: lowercase letters, digits and '-' only")
             derived = tuple(sas.derive_device_key(k, rid) for k in group.keys)
             problem, _ = sas.check(authorization, derived, resource, policy="registration", rule="dps.sas")
             if problem is None:
                 return group, derived, None
-            why = problem[1]
+            why = problem
         return None, (), why
 
     def inject(self, registration_id: str, *statuses: int) -> None:
@@ -268,7 +268,7 @@ class DpsEmulator:
             with self._lock:
                 enrollment, device_keys, why = self._symmetric_for(scope, rid, authorization)
             if enrollment is None:
-                return _error(401, 401002, f"SAS authentication failed: {why}")
+                return _error(401, 401002, f"SAS authentication failed: {why[1]}")
             self._device_keys[rid.lower()] = device_keys
         else:
             cn = _cn_of(peer)

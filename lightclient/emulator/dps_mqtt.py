@@ -3,7 +3,9 @@
 The official SDKs provision only over MQTT, so this is what they need::
 
     CONNECT   client id {registrationId}, username
-              {idScope}/registrations/{registrationId}/api-version=2019-03-31&ClientVersion=…, no password
+              {idScope}/registrations/{registrationId}/api-version=2019-03-31&ClientVersion=…,
+              no password (X.509: the client certificate authenticates), or, for a symmetric-key enrollment,
+              password SharedAccessSignature sr={idScope}%2Fregistrations%2F{registrationId}&sig=…&se=…&skn=registration
     SUBSCRIBE $dps/registrations/res/#
     PUBLISH   $dps/registrations/PUT/iotdps-register/?$rid={rid}                      body DeviceRegistration
     PUBLISH   $dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={opId}
@@ -27,6 +29,16 @@ Choices where the reference is UNCERTAIN or sources disagree (both readings are 
 
 A client certificate is verified during the TLS handshake against the group CA and the individual
 enrollments (as the HTTPS DPS does); everything after the handshake goes through the same rules.
+
+Symmetric-key enrollments (individual, and group with the device key derived from the group key, protocol
+notes §9): the SAS password is checked at CONNECT with the HTTPS DPS's rules (signature over the ``sr`` as
+sent, expiry, resource ``{idScope}/registrations/{registrationId}``, ``skn=registration``; either key);
+a refusal is CONNACK 5 with a diagnostic naming the rule (``dps.sas-signature``, ``dps.sas-expired``,
+``dps.sas-resource``, ``dps.sas``, ``dps.sas-enrollment``). Every request of the connection then carries
+the token to the shared handler, as the HTTPS ``Authorization`` header would. A CONNECT with neither a
+password nor a client certificate is refused (``dps.credentials``). The SDKs send the same username for
+both kinds (the ``…&skn=registration`` the protocol notes mention is in the password's token, not in the
+username); a username that carries it anyway is accepted.
 Standard library only; the connection runs on the emulator's asyncio loop and each request on a worker
 thread (a registration with a CSR runs the ``openssl`` command).
 """
@@ -134,6 +146,7 @@ class _DpsConnection:
         self.decoder = codec.Decoder()
         self.registration_id: Optional[str] = None
         self.api_version = ""
+        self.authorization: Optional[str] = None    # the SAS token of a symmetric-key registration
         self.subscribed = False
         self.closed = False
 
@@ -207,13 +220,33 @@ class _DpsConnection:
         if version not in known:
             return await self._refuse("dps.api-version", f"api-version {version!r} is not one DPS accepts "
                                       f"({', '.join(known)})", received)
+        self.registration_id = packet.client_id     # names the device in the diagnostics of the refusals below
         if packet.password is not None:
-            return await self._refuse("dps.password", "X.509 registrations send no password (a SAS "
-                                      "registration would send 'SharedAccessSignature …')", received)
+            token = self._sas_password(packet.password)
+            if token is None:
+                return await self._refuse("dps.password", "a password must be a SAS token "
+                                          "'SharedAccessSignature sr=…&sig=…&se=…&skn=registration' (UTF-8); X.509 "
+                                          "registrations send none", received)
+            with dps._lock:
+                enrollment, _, problem = dps._symmetric_for(dps.id_scope, packet.client_id, token)
+            if enrollment is None:
+                return await self._refuse(problem[0], problem[1], received)
+            self.authorization = token
+        elif not self.channel.ssl_object.getpeercert(binary_form=True):
+            return await self._refuse("dps.credentials", "the device sent neither a client certificate (X.509) "
+                                      "nor a SAS token as the password (symmetric key)", received)
         self.registration_id = packet.client_id
         self.api_version = version
         self.send(codec.Connack(False, codec.CONNACK_ACCEPTED))
         return True
+
+    @staticmethod
+    def _sas_password(password: bytes) -> Optional[str]:
+        try:
+            text = bytes(password).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        return text if text.startswith("SharedAccessSignature ") else None
 
     async def _serve(self) -> None:
         keep_alive = None
@@ -290,7 +323,7 @@ class _DpsConnection:
         loop = asyncio.get_running_loop()
         status, data, headers = await loop.run_in_executor(
             None, self.server.dps.handle, method, f"{url}?api-version={quote(self.api_version)}", body,
-            peer_der, peer)
+            peer_der, peer, self.authorization)
         if status >= 400:
             self.diag("dps.refused", f"DPS answered {status}: {data.get('message', '')}", f"topic {packet.topic!r}")
         if self.subscribed:

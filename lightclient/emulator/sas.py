@@ -10,6 +10,9 @@ Stdlib only. The rules (protocol notes §9), with the emulator's choices where t
   ``{idScope}/registrations/{registrationId}`` with ``skn=registration``; host and scope compare
   case-insensitively, ids exactly (unless the whole ``sr`` was lower-cased, the docs' reading).
 * ``se`` in the past: refused. A device key token carries no ``skn`` (a policy token is for services).
+  A DPS token may carry ``skn=registration`` (docs, C SDK) or no ``skn`` at all: the official Python SDK
+  (azure-iot-device 2.14, ``RenewableSasToken`` without ``key_name``) sends none and provisions against
+  DPS, so DPS accepts both; any other ``skn`` is refused.
 * The primary or the secondary key may sign.
 
 :func:`check` returns ``(rule, message)`` for a refusal or ``None``; messages never contain the token.
@@ -78,8 +81,8 @@ def check(text, keys: Sequence[str], resource: str, *, policy: Optional[str] = N
         return (f"{rule}-expired", f"the SAS token expired {int(now - expiry)} s ago (se={expiry}); sign a new "
                 "one (and check the device clock)"), expiry
     skn = unquote(fields.get("skn", ""))
-    if (skn or None) != policy:
-        want = f"skn={policy}" if policy else "no skn (device keys have no policy name)"
+    if skn != (policy or "") and (skn or policy is None):   # DPS: skn=registration or none (docstring)
+        want = f"skn={policy} or no skn" if policy else "no skn (device keys have no policy name)"
         return (rule, f"the token has skn={skn!r}; expected {want}"), expiry
     sr = unquote(fields["sr"])
     host, _, rest = resource.partition("/")

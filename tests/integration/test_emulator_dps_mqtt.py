@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import ssl
 import subprocess
 import sys
@@ -162,3 +163,139 @@ def test_official_sdk_provisions_over_mqtt_then_connects(emu, tmp_path):
     (event,) = emu.wait_for_events(1, rid)
     assert event.body == b"after-dps" and event.properties["via"] == "sdk"
     assert not emu.diagnostics(rule="dps."), emu.diagnostics(rule="dps.")
+
+
+# ------------------------------------------------------------------ symmetric-key enrollments (SAS password)
+
+SAS_KEY = "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9yegxkqIChbqOS9Egw=="
+GROUP_KEY = "Z3JvdXAta2V5LWdyb3VwLWtleS1ncm91cC1rZXktZ3JvdXAta2V5LWdyb3VwLWs="
+OTHER_KEY = "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMTI="
+
+SDK_SAS_CHILD = r'''
+import json, sys
+import paho.mqtt.client as mqtt
+spec = json.load(sys.stdin)
+original = mqtt.Client.connect
+def connect(self, host, port=1883, *a, **k):
+    dps = (self._username or b"").startswith(spec["scope"].encode())
+    return original(self, host, spec["dps_port"] if dps else spec["hub_port"], *a, **k)
+mqtt.Client.connect = connect
+from azure.iot.device import ProvisioningDeviceClient, IoTHubDeviceClient, Message
+ca = open(spec["ca"]).read()
+prov = ProvisioningDeviceClient.create_from_symmetric_key(
+    provisioning_host="localhost", registration_id=spec["rid"], id_scope=spec["scope"],
+    symmetric_key=spec["key"], server_verification_cert=ca)
+result = prov.register()
+state = result.registration_state
+client = IoTHubDeviceClient.create_from_symmetric_key(
+    symmetric_key=spec["key"], hostname=state.assigned_hub, device_id=state.device_id, server_verification_cert=ca)
+client.connect()
+msg = Message("after-dps-sas"); msg.custom_properties["via"] = "sdk-sas"
+client.send_message(msg)
+client.shutdown()
+print(json.dumps({"status": result.status, "hub": state.assigned_hub, "device": state.device_id}))
+'''
+
+
+@pytest.mark.parametrize("kind", ["individual", "group"])
+def test_official_sdk_provisions_with_a_symmetric_key_over_mqtt_then_connects(emu, kind):
+    """azure-iot-device's create_from_symmetric_key: the SAS password at the DPS CONNECT (individual key, or the
+    key derived from the group key), then the hub CONNECT with a SAS over the same key."""
+    from lightclient import sas
+
+    python = _sdk_python()
+    rid = f"sdk-sas-{kind}"
+    if kind == "individual":
+        emu.dps.add_symmetric_individual(rid, OTHER_KEY, SAS_KEY, assigned_hub="localhost")   # secondary signs
+        key = SAS_KEY
+    else:
+        emu.dps.add_symmetric_group("sdk-group", GROUP_KEY, assigned_hub="localhost")
+        key = sas.derive_device_key(GROUP_KEY, rid)
+    spec = {"scope": SCOPE, "rid": rid, "ca": str(emu.ca_path), "key": key, "dps_port": emu.dps_mqtt_port,
+            "hub_port": emu.port}
+    proc = subprocess.run([python, "-c", SDK_SAS_CHILD], input=json.dumps(spec), capture_output=True, text=True,
+                          timeout=90, env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, (emu.diagnostics(), proc.stderr[-3000:])
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"status": "assigned", "hub": "localhost", "device": rid}
+    (event,) = emu.wait_for_events(1, rid)
+    assert event.body == b"after-dps-sas" and event.properties["via"] == "sdk-sas"
+    assert emu.registry.get(rid).keys == ((OTHER_KEY, SAS_KEY) if kind == "individual" else (key,))
+    assert not emu.diagnostics(rule="dps."), emu.diagnostics(rule="dps.")
+    assert not emu.diagnostics(rule="connect."), emu.diagnostics(rule="connect.")
+
+
+def _sas_client(emu, rid, password):
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=rid, protocol=mqtt.MQTTv311)
+    client.username_pw_set(f"{SCOPE}/registrations/{rid}/api-version=2019-03-31&ClientVersion=t%2F1", password)
+    client.tls_set_context(ssl.create_default_context(cafile=str(emu.ca_path)))   # no client certificate
+    inbox: "queue.Queue" = queue.Queue()
+    connack: "queue.Queue" = queue.Queue()
+    client.on_message = lambda c, u, m: inbox.put((m.topic, json.loads(m.payload)))
+    client.on_connect = lambda c, u, f, rc, p=None: connack.put(str(rc))
+    client.connect("127.0.0.1", emu.dps_mqtt_port)
+    client.loop_start()
+    try:
+        return client, inbox, connack.get(timeout=10)
+    except queue.Empty:
+        client.loop_stop()
+        raise
+
+
+def _dps_token(rid, key, expiry_in=600, uri=None, policy="registration"):
+    import time
+
+    from lightclient import sas
+
+    uri = uri or sas.dps_resource_uri(SCOPE, rid)
+    expiry = int(time.time()) + expiry_in
+    return sas.token(uri, sas.hmac_sha256(sas.decode_key(key), sas.string_to_sign(uri, expiry)), expiry,
+                     policy).value
+
+
+def test_group_derived_key_registers_over_mqtt_with_raw_paho(emu):
+    from lightclient import sas
+
+    rid = "raw-grp-1"
+    emu.dps.add_symmetric_group("raw-group", GROUP_KEY, assigned_hub="localhost")
+    client, inbox, rc = _sas_client(emu, rid, _dps_token(rid, sas.derive_device_key(GROUP_KEY, rid)))
+    try:
+        assert rc == "Success"
+        client.subscribe("$dps/registrations/res/#", qos=1)
+        client.publish("$dps/registrations/PUT/iotdps-register/?$rid=1", json.dumps({"registrationId": rid}), qos=1)
+        topic, data = inbox.get(timeout=10)
+        assert _split(topic)[0] == 202
+        for n in range(2, 6):
+            client.publish(f"$dps/registrations/GET/iotdps-get-operationstatus/?$rid={n}&operationId="
+                           f"{data['operationId']}", b"", qos=1)
+            topic, data = inbox.get(timeout=10)
+            if data["status"] == "assigned":
+                break
+        assert data["registrationState"]["symmetricKey"] == {"enrollmentGroupId": "raw-group"}
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    assert emu.registry.get(rid).keys == (sas.derive_device_key(GROUP_KEY, rid),)
+    assert not emu.diagnostics(rule="dps."), emu.diagnostics(rule="dps.")
+
+
+def test_sas_refusals_are_connack_5_with_a_diagnostic(emu):
+    emu.dps.add_symmetric_individual("raw-ind-1", SAS_KEY, assigned_hub="localhost")
+    emu.dps.add_symmetric_group("raw-group", GROUP_KEY, assigned_hub="localhost")
+    cases = [
+        ("raw-ind-1", _dps_token("raw-ind-1", OTHER_KEY), "dps.sas-signature"),
+        ("raw-ind-1", _dps_token("raw-ind-1", SAS_KEY, expiry_in=-5), "dps.sas-expired"),
+        ("raw-ind-1", _dps_token("raw-ind-1", SAS_KEY, uri=f"{SCOPE}/registrations/raw-ind-2"), "dps.sas-resource"),
+        ("raw-ind-1", _dps_token("raw-ind-1", SAS_KEY, policy="service"), "dps.sas"),
+        ("raw-grp-2", _dps_token("raw-grp-2", GROUP_KEY), "dps.sas-signature"),     # the group key itself
+        ("Raw_Grp", _dps_token("Raw_Grp", GROUP_KEY), "dps.sas-registration-id"),
+        ("raw-ind-1", "not a token", "dps.password"),
+        ("raw-ind-1", None, "dps.credentials"),
+    ]
+    for rid, password, rule in cases:
+        client, _, rc = _sas_client(emu, rid, password)
+        client.loop_stop()
+        assert rc == "Not authorized", (rule, rc)
+        diag = emu.wait_for_diagnostic(rule, rid)
+        assert diag.message.startswith("CONNACK 5: "), diag
+        assert (password is None or password not in str(diag)) and not re.search(r"sig=[A-Za-z0-9%]", str(diag))
+    assert [i.name for i in emu.identities()] == []

@@ -69,3 +69,21 @@ def test_connection_string():
 def test_group_registration_ids_use_the_strict_set():
     with pytest.raises(ConfigError, match="lowercase"):
         sas.derive_device_key(KEY, "Device_1")
+
+
+def test_emulator_skn_rules_for_devices_and_dps():
+    """Device tokens carry no skn; DPS tokens skn=registration (docs, C SDK) or none (the Python SDK)."""
+    from lightclient.emulator import sas as emulated
+
+    key = base64.b64encode(b"k" * 32).decode()
+
+    def tok(uri, policy):
+        return sas.token(uri, sas.hmac_sha256(sas.decode_key(key), sas.string_to_sign(uri, 2000)), 2000, policy).value
+
+    dps_uri, dev_uri = "0ne1/registrations/r1", "hub/devices/d1"
+    for policy, ok in (("registration", True), (None, True), ("service", False)):
+        problem, _ = emulated.check(tok(dps_uri, policy), [key], dps_uri, policy="registration", now=1000)
+        assert (problem is None) == ok, (policy, problem)
+    for policy, ok in ((None, True), ("registration", False)):
+        problem, _ = emulated.check(tok(dev_uri, policy), [key], dev_uri, now=1000)
+        assert (problem is None) == ok, (policy, problem)
