@@ -239,3 +239,26 @@ def test_aio_renews_the_token_by_reconnecting_and_loses_nothing(emulator, hsm):
     got = {e.system_properties.get("$.mid") for e in emulator.events("aio-sas-renew")}
     assert got >= {f"m-{i}" for i in range(count)}
     assert not emulator.diagnostics("aio-sas-renew", rule="connect.sas-expired")
+
+
+def test_token_held_key_over_websockets(tmp_path, hsm, caplog):
+    """MQTT over WebSockets (the hub's port 443) with the SAS in the CONNECT, as over TCP; C2D and desired
+    patches reach the device."""
+    caplog.set_level(logging.DEBUG)
+    c2d, desired = queue.Queue(), queue.Queue()
+    with Emulator(tmp_path / "emu-ws", hostname="localhost", port=free_port(), ws_port=0) as emu:
+        emu.register_device("sas-ws", symmetric_keys=(KEY,))
+        with _device(emu, hsm, "sas-ws", transport="websockets", websocket_port=emu.ws_port,
+                     on_c2d=lambda m, p: c2d.put(p), on_desired=lambda patch, v: desired.put(patch)) as dev:
+            assert dev.port == emu.ws_port
+            dev.send_and_wait(b"over-ws", timeout=10)
+            assert dev.patch_reported({"ws": True}, timeout=5) >= 1
+            emu.send_c2d("sas-ws", b"to-the-sas-device")
+            assert c2d.get(timeout=10) == b"to-the-sas-device"
+            emu.update_desired("sas-ws", {"interval": 5})
+            while desired.get(timeout=10).get("interval") != 5:
+                pass
+        (event,) = emu.wait_for_events(1, "sas-ws")
+        assert event.body == b"over-ws"
+        assert not emu.diagnostics("sas-ws"), emu.diagnostics("sas-ws")
+    assert PIN not in caplog.text and "SharedAccessSignature" not in caplog.text
