@@ -135,3 +135,36 @@ class RedirectingHttps:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+
+class OneRequestStorage:
+    """A loopback TLS "storage" that takes ONE request with a one-byte body ending in ``last_byte``, records
+    what the client presented (``peer``: its certificate or None) and sent (``request``: the raw bytes),
+    and answers 201. ``ctx`` is the server context (it may ask for a client certificate)."""
+
+    def __init__(self, ctx: ssl.SSLContext, last_byte: bytes):
+        self.peer, self.request = [], []
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(4)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, args=(ctx, b"\r\n\r\n" + last_byte), daemon=True)
+        self.thread.start()
+
+    def _serve(self, ctx, end):
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls_conn:
+                self.peer.append(tls_conn.getpeercert())
+                request = b""
+                while end not in request:        # the headers and the one-byte body
+                    request += tls_conn.recv(65536)
+                self.request.append(request)
+                tls_conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        except OSError as exc:
+            self.peer.append(exc)
+
+    def close(self):
+        self.thread.join(5)
+        self.listener.close()

@@ -34,9 +34,15 @@ def _client(emu, tmp_path, rid, username=None, clean=True):
     cert, key = emu.issue_certificate(rid, out_dir=tmp_path / rid)
     ctx = ssl.create_default_context(cafile=str(emu.ca_path))
     ctx.load_cert_chain(str(cert), str(key))
+    return _connect(emu, rid, ctx, username, None, clean)
+
+
+def _connect(emu, rid, ctx, username=None, password=None, clean=True):
+    """A raw paho client on the DPS MQTT port: (client, inbox of (topic, JSON), the CONNACK's reason)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=rid, protocol=mqtt.MQTTv311,
                          clean_session=clean)
-    client.username_pw_set(username or f"{SCOPE}/registrations/{rid}/api-version=2019-03-31&ClientVersion=t%2F1")
+    client.username_pw_set(username or f"{SCOPE}/registrations/{rid}/api-version=2019-03-31&ClientVersion=t%2F1",
+                           password)
     client.tls_set_context(ctx)
     inbox: "queue.Queue" = queue.Queue()
     connack: "queue.Queue" = queue.Queue()
@@ -121,7 +127,7 @@ def _sdk_python() -> str:
     return str(python)
 
 
-SDK_CHILD = r'''
+SDK_PORTS = r'''
 import json, sys
 import paho.mqtt.client as mqtt
 spec = json.load(sys.stdin)
@@ -131,6 +137,8 @@ def connect(self, host, port=1883, *a, **k):
     dps = (self._username or b"").startswith(spec["scope"].encode())
     return original(self, host, spec["dps_port"] if dps else spec["hub_port"], *a, **k)
 mqtt.Client.connect = connect
+'''
+SDK_CHILD = SDK_PORTS + r'''
 from azure.iot.device import ProvisioningDeviceClient, IoTHubDeviceClient, X509, Message
 ca = open(spec["ca"]).read()
 x509 = X509(spec["cert"], spec["key"])
@@ -171,15 +179,7 @@ SAS_KEY = "8isrFI1sGsIlvvFSSFRiMfCNzv21fjbE/+ah/lSh3lF8e2YG1Te7w1KpZhJFFXJrqYKi9
 GROUP_KEY = "Z3JvdXAta2V5LWdyb3VwLWtleS1ncm91cC1rZXktZ3JvdXAta2V5LWdyb3VwLWs="
 OTHER_KEY = "b3RoZXIta2V5LW90aGVyLWtleS1vdGhlci1rZXktMTI="
 
-SDK_SAS_CHILD = r'''
-import json, sys
-import paho.mqtt.client as mqtt
-spec = json.load(sys.stdin)
-original = mqtt.Client.connect
-def connect(self, host, port=1883, *a, **k):
-    dps = (self._username or b"").startswith(spec["scope"].encode())
-    return original(self, host, spec["dps_port"] if dps else spec["hub_port"], *a, **k)
-mqtt.Client.connect = connect
+SDK_SAS_CHILD = SDK_PORTS + r'''
 from azure.iot.device import ProvisioningDeviceClient, IoTHubDeviceClient, Message
 ca = open(spec["ca"]).read()
 prov = ProvisioningDeviceClient.create_from_symmetric_key(
@@ -225,20 +225,7 @@ def test_official_sdk_provisions_with_a_symmetric_key_over_mqtt_then_connects(em
 
 
 def _sas_client(emu, rid, password):
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=rid, protocol=mqtt.MQTTv311)
-    client.username_pw_set(f"{SCOPE}/registrations/{rid}/api-version=2019-03-31&ClientVersion=t%2F1", password)
-    client.tls_set_context(ssl.create_default_context(cafile=str(emu.ca_path)))   # no client certificate
-    inbox: "queue.Queue" = queue.Queue()
-    connack: "queue.Queue" = queue.Queue()
-    client.on_message = lambda c, u, m: inbox.put((m.topic, json.loads(m.payload)))
-    client.on_connect = lambda c, u, f, rc, p=None: connack.put(str(rc))
-    client.connect("127.0.0.1", emu.dps_mqtt_port)
-    client.loop_start()
-    try:
-        return client, inbox, connack.get(timeout=10)
-    except queue.Empty:
-        client.loop_stop()
-        raise
+    return _connect(emu, rid, ssl.create_default_context(cafile=str(emu.ca_path)), password=password)  # no cert
 
 
 def _dps_token(rid, key, expiry_in=600, uri=None, policy="registration"):

@@ -21,7 +21,7 @@ from tests.lab import free_port
 
 from ..conftest import csr_pem
 from .faults import TcpProxy
-from .httpservers import Recorder, RedirectingHttps
+from .httpservers import OneRequestStorage, Recorder, RedirectingHttps
 
 FAST = Backoff(initial=0.05, maximum=0.2)
 KiB, MiB = 1024, 1024 * 1024
@@ -349,40 +349,19 @@ def test_storage_certificate_is_verified(files, enrolled, test_ca, tmp_path):
 
 def test_storage_never_gets_the_client_certificate(files, enrolled, test_ca, tmp_path):
     """A storage host that asks for a client certificate gets none (the key stays with the hub)."""
-    seen = []
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(test_ca.server_cert), str(test_ca.server_key))
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(cafile=str(test_ca.cert))
-    import socket
-
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-
-    def serve():
-        conn, _ = listener.accept()
-        conn.settimeout(10)
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls_conn:
-                seen.append(tls_conn.getpeercert())
-                request = b""
-                while b"\r\n\r\nc" not in request:        # the headers and the one-byte body
-                    request += tls_conn.recv(65536)
-                tls_conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-        except OSError as exc:
-            seen.append(exc)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    files.blob_host = f"localhost:{listener.getsockname()[1]}"
+    storage = OneRequestStorage(ctx, b"c")
+    files.blob_host = f"localhost:{storage.port}"
     path = tmp_path / "c.txt"
     path.write_bytes(b"c")
     try:
         _up(files, enrolled, str(path), "c.txt", storage_ca=test_ca.cert, request_timeout=10, block_attempts=1)
     finally:
-        thread.join(5)
-        listener.close()
-    assert seen == [None]
+        storage.close()
+    assert storage.peer == [None]
 
 
 def test_cli_upload_with_the_token_key(emu, files, enrolled, device, tmp_path):

@@ -8,11 +8,9 @@ import http.client
 import json
 import logging
 import os
-import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -22,13 +20,14 @@ import pytest
 from lightclient import aio, sas, tls, upload
 from lightclient.backoff import Backoff
 from lightclient.device import Device
-from lightclient.emulator.service import Emulator
 from lightclient.exceptions import ConfigError, UploadError
 from lightclient.identity import Identity
 from lightclient.symkey import SasCredential, SoftwareKey, TokenKey
 from lightclient.token import run_in_child
 from tests import lab
-from tests.lab import free_port
+
+from .httpservers import OneRequestStorage
+from .test_upload import emu, files  # noqa: F401 (the same emulator and file-upload fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
 PIN, SO_PIN = "sasup-pin-7301", "sasup-so-7302"
@@ -45,21 +44,6 @@ def hsm(tmp_path_factory):
     run_in_child("import-secret", module_path=h.module_path, token_label="sasup", key_label="dev", key_b64=KEY,
                  pin=PIN, env=h.env)
     return h
-
-
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    with Emulator(tmp_path_factory.mktemp("emu"), hostname="localhost", port=free_port()) as emulator:
-        emulator.start_file_upload()
-        yield emulator
-
-
-@pytest.fixture
-def files(emu):
-    service = emu.files
-    service.notifications.clear()
-    yield service
-    service.blob_host = f"localhost:{service.blob.port}"
 
 
 def _register(emu, name, *keys):
@@ -207,35 +191,19 @@ def test_storage_never_gets_the_hub_sas(emu, files, hsm, tmp_path):
     """Storage (here a raw TLS listener that records the request) sees its own SAS only: no Authorization
     header and nothing of the device's token."""
     identity = _register(emu, "sas-up-storage")
-    received = []
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     cert, key = emu._server_files
     ctx.load_cert_chain(str(cert), str(key))
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(4)
-
-    def serve():
-        conn, _ = listener.accept()
-        conn.settimeout(10)
-        with ctx.wrap_socket(conn, server_side=True) as tls_conn:
-            request = b""
-            while b"\r\n\r\ns" not in request:        # the headers and the one-byte body
-                request += tls_conn.recv(65536)
-            received.append(request)
-            tls_conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    files.blob_host = f"localhost:{listener.getsockname()[1]}"
+    storage = OneRequestStorage(ctx, b"s")
+    files.blob_host = f"localhost:{storage.port}"
     path = tmp_path / "s.txt"
     path.write_bytes(b"s")
     try:
         _device(emu, hsm, identity).upload_file(str(path), "s.txt", endpoint=f"localhost:{files.port}",
                                                 backoff=FAST, block_attempts=1, request_timeout=10)
     finally:
-        thread.join(5)
-        listener.close()
-    (request,) = received
+        storage.close()
+    (request,) = storage.request
     assert request.startswith(b"PUT /") and b"sig=" in request       # storage's own SAS, in the query
     assert b"authorization" not in request.lower() and b"SharedAccessSignature" not in request
     assert b"devices%2Fsas-up-storage" not in request
