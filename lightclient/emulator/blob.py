@@ -40,10 +40,12 @@ import ssl
 import struct
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from .tls_http import ServerThread, TlsHttpServer
 
 MiB = 1024 * 1024
 #: (first service version, largest Put Blob, largest block) newest first (Learn: scalability targets).
@@ -109,26 +111,20 @@ class BlobStore:
         self._ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         self._ctx.load_cert_chain(str(server_cert), str(server_key))
-        self._server = _Server((host, port), _Handler, self)
-        self._thread: Optional[threading.Thread] = None
+        self._serving = ServerThread(_Server((host, port), _Handler, self), "blob-emulator")
 
     # ------------------------------------------------------------------ setup
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._serving.server.server_address[1]
 
     def start(self) -> "BlobStore":
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="blob-emulator", daemon=True)
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._serving.stop()
 
     def inject(self, action: Union[int, str], *, op: str = "any", skip: int = 0) -> None:
         """Answer the next request of kind ``op`` (after ``skip`` such requests) with status ``action``;
@@ -322,16 +318,10 @@ def block_file(block: str) -> str:
 _LIST_ENTRY = re.compile(r"<(Latest|Committed|Uncommitted)>([^<]{1,200})</\1>")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(TlsHttpServer):
     def __init__(self, address, handler, store: BlobStore):
         self.store = store
-        super().__init__(address, handler)
-
-    def get_request(self):
-        sock, addr = self.socket.accept()
-        return self.store._ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+        super().__init__(address, handler, lambda: store._ctx)
 
 
 class _Dropped(Exception):

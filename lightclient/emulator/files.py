@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -45,6 +45,7 @@ from . import jsonlimits, sas
 from .blob import BlobStore
 from .diagnostics import Diagnostic
 from .registry import CA_SIGNED, SYMMETRIC_KEY, PeerCertificate, Registry
+from .tls_http import ServerThread, TlsHttpServer
 
 API_VERSIONS = ("2016-11-14", "2018-06-30", "2019-03-30", "2019-10-01", "2020-03-13", "2020-09-30", "2021-04-12")
 MAX_ACTIVE = 10
@@ -108,25 +109,19 @@ class FileUpload:
         self.notifications: List[Notification] = []
         self.requests: List[Tuple[str, str, int]] = []    # (device, step, status)
         self._ctx = ssl_context
-        self._server = _Server((host, port), _Handler, self)
-        self._thread: Optional[threading.Thread] = None
+        self._serving = ServerThread(_Server((host, port), _Handler, self), "files-emulator")
 
     @property
     def port(self) -> int:
-        return self._server.server_address[1]
+        return self._serving.server.server_address[1]
 
     def start(self) -> "FileUpload":
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="files-emulator", daemon=True)
-        self._thread.start()
+        self._serving.start()
         return self
 
     def stop(self) -> None:
         """Stop the endpoints and the storage account."""
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._serving.stop()
         self.blob.stop()
 
     def inject(self, device_id: str, *statuses: int, step: str = "sas") -> None:
@@ -259,16 +254,10 @@ def _error(status: int, code: int, message: str) -> Tuple[int, dict]:
     return status, {"errorCode": code, "message": message, "trackingId": uuid.uuid4().hex}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class _Server(TlsHttpServer):
     def __init__(self, address, handler, service: FileUpload):
         self.service = service
-        super().__init__(address, handler)
-
-    def get_request(self):
-        sock, addr = self.socket.accept()
-        return self.service._ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+        super().__init__(address, handler, lambda: service._ctx)
 
 
 class _Handler(BaseHTTPRequestHandler):
