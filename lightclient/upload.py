@@ -648,14 +648,14 @@ def upload_file(path_or_fileobj: Source, blob_name: str, *, device_id: str, endp
                 sleep: Callable[[float], None] = time.sleep, sas: Any = None) -> UploadResult:
     """Upload a file through the hub at ``endpoint`` (``host[:port]``) for ``device_id``; returns an :class:`UploadResult`.
 
-    ``ssl_context`` is the device's context (:func:`lightclient.tls.https_context`; the MQTT one works
-    too), or give a ready hub ``session``. A symmetric-key device gives ``sas`` (its
+    ``ssl_context`` is the device's context (:func:`lightclient.tls.https_context`; the MQTT one works too), or
+    give a ready hub ``session``. A symmetric-key device gives ``sas`` (its
     :class:`~lightclient.symkey.SasCredential`, resource ``{hub}/devices/{device_id}``) and a context without
-    client certificate (:func:`lightclient.tls.server_context`): the hub requests then carry its SAS token. Storage gets its own context without the client key:
-    ``storage_ssl_context``, else :func:`storage_context` built from ``storage_ca`` or the roots in
-    ``ssl_context``. ``progress(sent, total)`` is called after each block (bytes; blocks storage already
-    held count as sent). Files over ``single_put_limit`` (default ``block_size``) go in blocks of
-    ``block_size`` bytes (grown if the file would need more than 50 000).
+    client certificate (:func:`lightclient.tls.server_context`): the hub requests then carry its SAS token.
+    Storage gets its own context without the client key: ``storage_ssl_context``, else :func:`storage_context`
+    built from ``storage_ca`` or the roots in ``ssl_context``. ``progress(sent, total)`` is called after each
+    block (bytes; blocks storage already held count as sent). Files over ``single_put_limit`` (default
+    ``block_size``) go in blocks of ``block_size`` bytes (grown if the file would need more than 50 000).
 
     Errors: a bad argument, an unreadable file or a blob name the hub refuses raise ConfigError; a hub or
     storage refusal UploadError (``stage`` says which step); ``timeout`` (the whole job; the hub's SAS

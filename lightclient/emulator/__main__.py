@@ -89,8 +89,8 @@ def build_parser(prog: str = "python -m lightclient.emulator") -> argparse.Argum
                         help="DPS answers 'assigning' this many times before assigning (default 1)")
     parser.add_argument("--dps-retry-after", type=int, default=1, help="DPS Retry-After seconds (default 1)")
     parser.add_argument("--files-port", type=int, default=None,
-                        help="also serve the hub's file-upload endpoints (HTTPS, device certificates) on this port "
-                             "and a local blob storage on --blob-port (0: free ports)")
+                        help="also serve the hub's file-upload endpoints (HTTPS, device certificates or SAS "
+                             "tokens) on this port and a local blob storage on --blob-port (0: free ports)")
     parser.add_argument("--blob-port", type=int, default=0, help="the blob storage's HTTPS port (default: a free one)")
     parser.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
                         help=f"open MQTT connections before further ones are closed at once (default "

@@ -5,7 +5,8 @@ The official SDKs provision only over MQTT, so this is what they need::
     CONNECT   client id {registrationId}, username
               {idScope}/registrations/{registrationId}/api-version=2019-03-31&ClientVersion=…,
               no password (X.509: the client certificate authenticates), or, for a symmetric-key enrollment,
-              password SharedAccessSignature sr={idScope}%2Fregistrations%2F{registrationId}&sig=…&se=…&skn=registration
+              password SharedAccessSignature sr={idScope}%2Fregistrations%2F{registrationId}&sig=…&se=…
+              [&skn=registration]
     SUBSCRIBE $dps/registrations/res/#
     PUBLISH   $dps/registrations/PUT/iotdps-register/?$rid={rid}                      body DeviceRegistration
     PUBLISH   $dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={opId}
@@ -224,9 +225,9 @@ class _DpsConnection:
         if packet.password is not None:
             token = self._sas_password(packet.password)
             if token is None:
-                return await self._refuse("dps.password", "a password must be a SAS token "
-                                          "'SharedAccessSignature sr=…&sig=…&se=…&skn=registration' (UTF-8); X.509 "
-                                          "registrations send none", received)
+                return await self._refuse("dps.password", "a password must be a SAS token 'SharedAccessSignature "
+                                          "sr=…&sig=…&se=…&skn=registration' (UTF-8); X.509 registrations send "
+                                          "none", received)
             with dps._lock:
                 enrollment, _, problem = dps._symmetric_for(dps.id_scope, packet.client_id, token)
             if enrollment is None:

@@ -18,14 +18,15 @@ Rules like the hub's: the certificate must authenticate the device in the path (
 emulator's CA with CN = device id; self-signed: a registered thumbprint), or, for a symmetric-key device,
 ``Authorization: SharedAccessSignature sr=…&sig=…&se=…`` signed with its primary or secondary key for the
 resource ``{hub}/devices/{deviceId}`` (protocol notes §9/§10; checked by :mod:`.sas`: signature, expiry,
-resource, no ``skn``; the docs' lower-cased ``sr`` reading is accepted too, UNCERTAIN which the hub
-requires); the device enabled (401/403 otherwise). A SAS refusal is 401 ``401002`` plus a diagnostic
-(``files.sas``, ``files.sas-expired``, ``files.sas-resource``, ``files.sas-signature``) naming what is wrong;
-so is a missing client certificate (``files.certificate``). Choices: a symmetric-key device is authenticated
-by its token alone (a client certificate it may send is ignored); an X.509 device that sends an
-``Authorization`` header is refused (it has no key to check it with); at most 10 uploads open per device (the 11th gets 403 ``403006``); an upload's slot frees with
-its notification or when its SAS expires. Every notification is recorded (:attr:`FileUpload.notifications`).
-Fault injection: :meth:`FileUpload.inject` answers a device's next request of one step with a status.
+resource, no ``skn``; the docs' lower-cased ``sr`` reading is accepted too, UNCERTAIN which the hub requires);
+the device enabled (401/403 otherwise). A SAS refusal is 401 ``401002`` plus a diagnostic (``files.sas``,
+``files.sas-expired``, ``files.sas-resource``, ``files.sas-signature``) naming what is wrong; so is a missing
+client certificate (``files.certificate``). Choices: a symmetric-key device is authenticated by its token
+alone (a client certificate it may send is ignored); an X.509 device that sends an ``Authorization`` header is
+refused (it has no key to check it with); at most 10 uploads open per device (the 11th gets 403 ``403006``);
+an upload's slot frees with its notification or when its SAS expires. Every notification is recorded
+(:attr:`FileUpload.notifications`). Fault injection: :meth:`FileUpload.inject` answers a device's next request
+of one step with a status.
 """
 from __future__ import annotations
 

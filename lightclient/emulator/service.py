@@ -295,7 +295,7 @@ class Emulator:
             self.register_device(device_id, symmetric_keys=keys)
 
     def start_file_upload(self, port: int = 0, **options):
-        """Serve the hub's file-upload endpoints (HTTPS with device certificates) and a local blob storage
+        """Serve the hub's file-upload endpoints (HTTPS with device certificates or SAS tokens) and a local blob storage
         (``.blob``); returns the :class:`~lightclient.emulator.files.FileUpload`. Options: ``blob_port``,
         ``blob_host`` (the storage host:port the hub hands out), ``service_version``, ``sas_ttl``,
         ``allow_ca_signed``."""

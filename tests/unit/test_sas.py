@@ -87,3 +87,21 @@ def test_emulator_skn_rules_for_devices_and_dps():
     for policy, ok in ((None, True), ("registration", False)):
         problem, _ = emulated.check(tok(dev_uri, policy), [key], dev_uri, now=1000)
         assert (problem is None) == ok, (policy, problem)
+
+
+def test_authorized_requests_hide_the_token_and_name_the_sas_on_401():
+    """One helper adds the SAS to DPS and file-upload requests; their repr never shows it, and a hub 401
+    for a SAS device says to check the key and the clock (not the certificate)."""
+    from lightclient import upload
+    from lightclient._https import authorized
+    from lightclient.symkey import SasCredential, SoftwareKey
+
+    key = base64.b64encode(b"k" * 32).decode()
+    cred = SasCredential(SoftwareKey(key), "hub/devices/d1", clock=lambda: 1000)
+    plain = upload.sas_uri_request("d1", "a.txt", endpoint="hub")
+    assert authorized(plain, None) is plain
+    signed = authorized(plain, cred)
+    assert signed.headers["Authorization"] == cred.current().value and "Authorization" not in plain.headers
+    assert cred.current().value not in repr(signed) and "<secret>" in repr(signed)
+    assert "SAS token" in str(upload.hub_error(401, b"", {}, sas=True))
+    assert "certificate" in str(upload.hub_error(401, b"", {}))
