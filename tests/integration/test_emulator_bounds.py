@@ -105,7 +105,10 @@ def test_idle_connection_floods_leave_rss_where_it_started(emulator_process):
         _wait_sockets(pid, lambda n: n <= idle, "closing the flood")
     time.sleep(0.5)  # settle: let the loop run its close callbacks
     after = _rss_kib(pid)
-    assert after <= before * 1.2, f"RSS {before} KiB before, {after} KiB after {ROUNDS} floods (peak {peak})"
+    # The defect this guards against grew RSS by hundreds of MiB (29 -> 650 MB over 7 floods: a 256 KiB
+    # buffer per accepted socket). A fixed 16 MiB allowance catches that with a wide margin while leaving
+    # room for allocator fragmentation on a loaded machine (a 20 % ratio of ~30 MB flaked under load).
+    assert after <= before + 16 * 1024, f"RSS {before} KiB before, {after} KiB after {ROUNDS} floods (peak {peak})"
     _publish(emulator_process, "after")
 
 
