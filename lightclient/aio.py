@@ -25,10 +25,13 @@ Other threads: synchronous method handlers run on a pool of ``method_workers`` t
 handlers run on the loop), and a twin request waits for its answer on a small pool (the shared
 :class:`~lightclient._twin.TwinRequests` is blocking). None of them touches the socket.
 
-Not thread-safe: call a Device's methods from the thread running its event loop.
+Not thread-safe: call a Device's methods from the thread running its event loop. The one sanctioned
+exception is :class:`lightclient.renewal.Renewer`: it keeps a blocking face of the Device (attach it on
+the loop) whose calls from the renewal thread run on the loop.
 
-Sync-only features (not in this Device yet): certificate renewal — ``replace_context``,
-``request_certificate``, ``on_certificate_renewed`` and :class:`lightclient.renewal.Renewer`.
+Certificate renewal: ``await device.replace_context(ctx)``, ``await device.request_certificate(csr)``,
+``on_certificate_renewed``, and the shared :class:`~lightclient.renewal.Renewer` (token, DPS, hub, state
+file: the sync Device's code), connected with ``await renewer.connect_device_async(factory)``.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ import paho.mqtt.client as mqtt
 from . import _transport
 from . import paho as lcpaho
 from . import topics
-from ._device_common import DeviceCore, MethodResponse
+from ._device_common import DeviceCore, MethodResponse, check_context
 from ._pipeline import SendHandle
 from .backoff import Backoff
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
@@ -63,6 +66,7 @@ log = logging.getLogger("lightclient.aio")
 _MISC_INTERVAL = 1.0          # seconds between loop_misc() calls (paho's own loop uses 1 s as well)
 _TWIN_WORKERS = 4             # twin requests waiting for answers at the same time (more queue up)
 _DRAIN_POLL = 0.02            # seconds between checks while disconnect() waits for acknowledgements
+_LOOP_CALL_TIMEOUT = 10.0     # seconds a worker thread waits for the loop to run a short call for it
 
 
 @dataclass(frozen=True)
@@ -235,11 +239,20 @@ class Device(DeviceCore):
 
     :meth:`upload_file` uploads to the hub's linked storage as the sync Device's does, on a worker thread.
 
-    Not (yet) here, sync :class:`lightclient.device.Device` only: certificate renewal
-    (``replace_context``, ``request_certificate``, ``on_certificate_renewed``, and so
-    :class:`lightclient.renewal.Renewer`, which swaps a sync Device's context), and the callback
-    attributes ``on_c2d`` / ``on_input`` / ``on_desired`` (here: :meth:`c2d` and :meth:`desired`).
-    ``send_and_wait`` is ``await device.send(…)``.
+    Certificate renewal as on the sync Device: :meth:`replace_context` (hot swap, nothing queued lost,
+    the twin re-read), :meth:`request_certificate` (``$iothub/credentials``) and
+    ``on_certificate_renewed(certificate)`` (a function or a coroutine function, run on the loop). A
+    :class:`lightclient.renewal.Renewer` drives them from its thread::
+
+        device = await renewer.connect_device_async(lambda ctx: Device(identity, ctx))
+        renewer.start()                       # renews in the background; the swap runs on this loop
+        ...
+        await asyncio.to_thread(renewer.stop)  # before closing the Device
+        await device.close()
+
+    Not here, sync :class:`lightclient.device.Device` only: the callback attributes ``on_c2d`` /
+    ``on_input`` / ``on_desired`` (here: :meth:`c2d` and :meth:`desired`). ``send_and_wait`` is
+    ``await device.send(…)``.
 
     Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
     :class:`MessageTooLargeError`, :class:`QueueFullError` right there) and returns an
@@ -768,6 +781,66 @@ class Device(DeviceCore):
         if missed is not None and self._desired_out is not None:
             self._desired_out.put_nowait(missed[0])
 
+    # ------------------------------------------------------------------------- certificate renewal
+
+    async def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *,
+                              certificate: Any = None) -> None:
+        """Reconnect with ``ssl_context`` (a renewed certificate, perhaps a new key) and keep it, as
+        :meth:`lightclient.device.Device.replace_context` does.
+
+        Telemetry sent meanwhile stays queued (in memory or the outbox) and unacknowledged messages are
+        resent; the twin is read again (for :meth:`desired`) as after any reconnect; twin requests waiting
+        at that moment fail with :class:`OperationTimeout`. If the new context cannot connect within
+        ``timeout`` s, the Device connects with the old one again and the error is raised: the old
+        credential keeps working. On success ``on_certificate_renewed(certificate)`` (a function or a
+        coroutine function) runs on the loop. A Device that is not started just takes the context for its
+        next :meth:`connect`.
+        """
+        check_context(ssl_context, "the renewed certificate")
+        old = self._ssl_context
+        if not self._running:
+            self._use_context(ssl_context)
+            return
+        await self.disconnect(min(timeout, 5.0))
+        self._use_context(ssl_context)
+        try:
+            await self.connect(timeout)
+        except LightClientError:
+            log.error("could not connect with the renewed certificate; going back to the old one")
+            self._use_context(old)
+            await self.connect(timeout)
+            raise
+        if certificate is not None:
+            self._spawn(self._call_user("on_certificate_renewed", self.on_certificate_renewed, certificate))
+
+    async def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None,
+                                  timeout: float = 120.0) -> Any:
+        """Ask the hub for a certificate for ``csr_der`` over ``$iothub/credentials`` (preview), as
+        :meth:`lightclient.device.Device.request_certificate`: returns the
+        :class:`~lightclient.topics.CredentialsAnswer` (``certificates``: the chain, DER, leaf first);
+        :class:`~lightclient.exceptions.RenewalError` for an error status, :class:`OperationTimeout`
+        after ``timeout`` s. The chain takes effect through :meth:`replace_context`.
+
+        The shared (blocking) credentials channel waits on a worker thread; its paho calls are made on
+        the loop. Cancelling the await stops nobody: the request runs out on its thread.
+        """
+        loop = asyncio.get_running_loop()
+        self._bind(loop)
+        channel = self._credentials_channel(_PahoOnLoop(self))
+        return await loop.run_in_executor(None, functools.partial(channel.request, csr_der, replace=replace,
+                                                                  timeout=timeout))
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop, self._loop_thread = loop, threading.get_ident()
+
+    def _call_on_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the loop, from any thread, and its result."""
+        if threading.get_ident() == self._loop_thread:
+            return fn(*args, **kwargs)
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(_call(fn, *args, **kwargs), self._loop).result(_LOOP_CALL_TIMEOUT)
+
     # ------------------------------------------------------------------------------------ upload
 
     async def upload_file(self, path_or_fileobj: Any, blob_name: str,
@@ -817,23 +890,115 @@ class Device(DeviceCore):
                                     or timeout <= 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop, self._loop_thread = loop, threading.get_ident()
+        self._bind(loop)
         if self._twin_pool is None:
             self._twin_pool = concurrent.futures.ThreadPoolExecutor(
                 _TWIN_WORKERS, thread_name_prefix=f"{self._threads}-twin")
-
-        def publish_on_loop(rid: str) -> None:
-            # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
-            asyncio.run_coroutine_threadsafe(_call(publish, rid), loop).result(10)
-
+        # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
         return await loop.run_in_executor(
-            self._twin_pool, self._twin_requests.request, what, publish_on_loop, lcpaho.new_rid(),
-            self._twin_timeout if timeout is None else float(timeout))
+            self._twin_pool, self._twin_requests.request, what, functools.partial(self._call_on_loop, publish),
+            lcpaho.new_rid(), self._twin_timeout if timeout is None else float(timeout))
 
 
-async def _call(fn: Callable[[str], Any], arg: str) -> Any:
-    return fn(arg)
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+class _PahoOnLoop:
+    """The paho client as the shared, blocking credentials channel sees it: the calls it makes from a
+    worker thread (subscribe, publish) run on the loop, where every paho call of this Device happens."""
+
+    def __init__(self, device: Device):
+        self._device = device
+
+    def message_callback_add(self, *args: Any) -> None:
+        self._device._call_on_loop(self._device._client.message_callback_add, *args)
+
+    def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        return self._device._call_on_loop(self._device._client.subscribe, *args, **kwargs)
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return self._device._call_on_loop(self._device._client.publish, *args, **kwargs)
+
+
+class _FromThread:
+    """A blocking face of an aio :class:`Device` for code on another thread: what
+    :class:`lightclient.renewal.Renewer` drives (its worker thread, and ``connect_device`` run off the loop),
+    so the renewal itself (token, DPS, files) is the very code the sync Device uses. Each call runs as a
+    coroutine on the Device's loop while the calling thread waits for it."""
+
+    def __init__(self, device: Device, loop: asyncio.AbstractEventLoop):
+        self.device = device
+        self._loop = loop
+
+    @property
+    def is_connected(self) -> bool:
+        return self.device.is_connected
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            coro.close()
+            raise ConfigError("a renewal step blocks until the Device's event loop has done it, so it cannot run "
+                              "on that loop: call it from another thread, e.g. "
+                              "await asyncio.to_thread(renewer.renew)")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OperationTimeout(f"the Device's event loop did not finish the call within {timeout:g} s") from None
+
+    def connect(self, timeout: float = 30.0) -> None:
+        self._run(self.device.connect(timeout), timeout + _LOOP_CALL_TIMEOUT)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._run(self.device.close(timeout), timeout + _LOOP_CALL_TIMEOUT)
+
+    def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *, certificate: Any = None) -> None:
+        # Up to two connects (the new context, then the old one again) and a disconnect.
+        self._run(self.device.replace_context(ssl_context, timeout, certificate=certificate),
+                  2 * timeout + 5.0 + _LOOP_CALL_TIMEOUT)
+
+    def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None, timeout: float = 120.0) -> Any:
+        return self._run(self.device.request_certificate(csr_der, replace=replace, timeout=timeout),
+                         timeout + _LOOP_CALL_TIMEOUT)
+
+
+def for_renewer(device: Any) -> Any:
+    """What :meth:`lightclient.renewal.Renewer.attach` keeps: for an aio :class:`Device`, its blocking face
+    bound to the loop it runs on (attach it on that loop, or after connecting it); anything else as it is."""
+    if not isinstance(device, Device):
+        return device
+    loop = device._loop
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigError("attach a lightclient.aio.Device to a Renewer from a coroutine on its event loop "
+                              "(or once it is connected)") from None
+    return _FromThread(device, loop)
+
+
+async def connect_for_renewer(renewer: Any, device_factory: Callable[[ssl.SSLContext], Device],
+                              timeout: float = 30.0) -> Device:
+    """:meth:`lightclient.renewal.Renewer.connect_device` for an aio :class:`Device` (see
+    :meth:`~lightclient.renewal.Renewer.connect_device_async`): the same steps on a worker thread, with the
+    Device's connects (and the close of a renewed certificate that does not connect) on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def factory(ssl_context: ssl.SSLContext) -> _FromThread:
+        device = device_factory(ssl_context)
+        if not isinstance(device, Device):
+            raise ConfigError("connect_device_async() needs a factory that returns a lightclient.aio.Device, not "
+                              f"{type(device).__name__}; use connect_device() for the sync Device")
+        return _FromThread(device, loop)
+
+    view = await loop.run_in_executor(None, renewer.connect_device, factory, timeout)
+    return view.device
 
 
 __all__ = ["AsyncSendHandle", "ConnectRefusedError", "Device", "Message", "MessageDroppedError",
