@@ -794,13 +794,19 @@ class Device(DeviceCore):
         ``timeout`` s, the Device connects with the old one again and the error is raised: the old
         credential keeps working. On success ``on_certificate_renewed(certificate)`` (a function or a
         coroutine function) runs on the loop. A Device that is not started just takes the context for its
-        next :meth:`connect`.
+        next :meth:`connect`. Cancelling the await does not stop a swap under way: it completes (or goes
+        back to the old context) as if nobody had waited.
         """
         check_context(ssl_context, "the renewed certificate")
-        old = self._ssl_context
         if not self._running:
             self._use_context(ssl_context)
             return
+        # Shielded: a cancelled caller (or a Renewer thread that stopped waiting) must not leave the
+        # Device disconnected halfway through the swap.
+        await asyncio.shield(asyncio.ensure_future(self._swap(ssl_context, timeout, certificate)))
+
+    async def _swap(self, ssl_context: ssl.SSLContext, timeout: float, certificate: Any) -> None:
+        old = self._ssl_context
         await self.disconnect(min(timeout, 5.0))
         self._use_context(ssl_context)
         try:
