@@ -31,6 +31,7 @@ class CredentialsChannel:
         self._waiters: Dict[str, "List[CredentialsAnswer]"] = {}
         self._wake = threading.Condition(self._lock)
         self._suback_mid: Optional[int] = None
+        self._early: set = set()                 # SUBACK mids seen before subscribe() told us ours
         self._subscribed = threading.Event()
         client.message_callback_add(topics.CREDENTIALS_RESPONSE_FILTER, self._on_message)
 
@@ -38,8 +39,12 @@ class CredentialsChannel:
 
     def suback(self, mid: int) -> bool:
         """True if ``mid`` was this channel's SUBSCRIBE (the Device's on_subscribe asks first)."""
-        if mid != self._suback_mid:
-            return False
+        with self._lock:
+            if mid != self._suback_mid:
+                # Perhaps ours: the SUBACK can be handled (network thread, event loop) before the thread
+                # that called subscribe() has stored the mid it returned.
+                self._early.add(mid)
+                return False
         self._subscribed.set()
         return True
 
@@ -67,7 +72,12 @@ class CredentialsChannel:
         entry = (topics.CREDENTIALS_RESPONSE_FILTER, 1)
         if entry not in self._subscriptions:
             self._subscriptions.append(entry)
-            _, self._suback_mid = self._client.subscribe([entry])
+            _, mid = self._client.subscribe([entry])   # not under the lock: on_message takes it
+            with self._lock:
+                self._suback_mid = mid
+                if mid in self._early:
+                    self._subscribed.set()
+                self._early.clear()
         elif self._suback_mid is None:
             self._subscribed.set()   # part of the Device's own subscriptions, acknowledged before connected
         if not self._connected.wait(max(0.0, deadline - time.monotonic())):

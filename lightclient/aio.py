@@ -25,10 +25,13 @@ Other threads: synchronous method handlers run on a pool of ``method_workers`` t
 handlers run on the loop), and a twin request waits for its answer on a small pool (the shared
 :class:`~lightclient._twin.TwinRequests` is blocking). None of them touches the socket.
 
-Not thread-safe: call a Device's methods from the thread running its event loop.
+Not thread-safe: call a Device's methods from the thread running its event loop. The one sanctioned
+exception is :class:`lightclient.renewal.Renewer`: it keeps a blocking face of the Device (attach it on
+the loop) whose calls from the renewal thread run on the loop.
 
-Sync-only features (not in this Device yet): certificate renewal — ``replace_context``,
-``request_certificate``, ``on_certificate_renewed`` and :class:`lightclient.renewal.Renewer`.
+Certificate renewal: ``await device.replace_context(ctx)``, ``await device.request_certificate(csr)``,
+``on_certificate_renewed``, and the shared :class:`~lightclient.renewal.Renewer` (token, DPS, hub, state
+file: the sync Device's code), connected with ``await renewer.connect_device_async(factory)``.
 """
 from __future__ import annotations
 
@@ -46,15 +49,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterable, List
 
 import paho.mqtt.client as mqtt
 
-from . import _sas_session, _transport
-from . import device as _sync
+from . import _transport
 from . import paho as lcpaho
 from . import topics
-from ._pipeline import MessageMaker, Pipeline, SendHandle, queue_settings
-from ._twin import DesiredState, TwinRequests
-from ._verify import permanent_tls_error
+from ._device_common import DeviceCore, MethodResponse, check_context
+from ._pipeline import SendHandle
 from .backoff import Backoff
-from .device import MAX_KEEPALIVE, MethodResponse, paho_log
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
                          QueueFullError, ServiceError)
 from .identity import API_VERSION, Identity
@@ -66,6 +66,7 @@ log = logging.getLogger("lightclient.aio")
 _MISC_INTERVAL = 1.0          # seconds between loop_misc() calls (paho's own loop uses 1 s as well)
 _TWIN_WORKERS = 4             # twin requests waiting for answers at the same time (more queue up)
 _DRAIN_POLL = 0.02            # seconds between checks while disconnect() waits for acknowledgements
+_LOOP_CALL_TIMEOUT = 10.0     # seconds a worker thread waits for the loop to run a short call for it
 
 
 @dataclass(frozen=True)
@@ -212,10 +213,7 @@ class AsyncSendHandle:
         return repr(self._handle).replace("<SendHandle", "<AsyncSendHandle", 1)
 
 
-MethodHandler = Callable[[Any], Any]
-
-
-class Device:
+class Device(DeviceCore):
     """An IoT Hub device (or module) connection for asyncio: telemetry, direct methods, the twin and C2D.
 
     ::
@@ -241,11 +239,20 @@ class Device:
 
     :meth:`upload_file` uploads to the hub's linked storage as the sync Device's does, on a worker thread.
 
-    Not (yet) here, sync :class:`lightclient.device.Device` only: certificate renewal
-    (``replace_context``, ``request_certificate``, ``on_certificate_renewed``, and so
-    :class:`lightclient.renewal.Renewer`, which swaps a sync Device's context), and the callback
-    attributes ``on_c2d`` / ``on_input`` / ``on_desired`` (here: :meth:`c2d` and :meth:`desired`).
-    ``send_and_wait`` is ``await device.send(…)``.
+    Certificate renewal as on the sync Device: :meth:`replace_context` (hot swap, nothing queued lost,
+    the twin re-read), :meth:`request_certificate` (``$iothub/credentials``) and
+    ``on_certificate_renewed(certificate)`` (a function or a coroutine function, run on the loop). A
+    :class:`lightclient.renewal.Renewer` drives them from its thread::
+
+        device = await renewer.connect_device_async(lambda ctx: Device(identity, ctx))
+        renewer.start()                       # renews in the background; the swap runs on this loop
+        ...
+        await asyncio.to_thread(renewer.stop)  # before closing the Device
+        await device.close()
+
+    Not here, sync :class:`lightclient.device.Device` only: the callback attributes ``on_c2d`` /
+    ``on_input`` / ``on_desired`` (here: :meth:`c2d` and :meth:`desired`). ``send_and_wait`` is
+    ``await device.send(…)``.
 
     Telemetry: :meth:`send` accepts the message at once (raising :class:`ConfigError`,
     :class:`MessageTooLargeError`, :class:`QueueFullError` right there) and returns an
@@ -273,6 +280,8 @@ class Device:
     :class:`~lightclient.exceptions.TlsVersionError`).
     """
 
+    _log = log
+
     def __init__(self, identity: Identity, ssl_context: ssl.SSLContext, *, host: Optional[str] = None,
                  port: int = 8883, keepalive: int = 60, max_inflight: int = 20, clean_session: bool = False,
                  backoff: Optional[Backoff] = None, method_workers: int = 4, twin_timeout: float = 60.0,
@@ -283,99 +292,32 @@ class Device:
                  transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
                  gateway_hostname: Optional[str] = None,
                  transport_cache: Union[None, str, "os.PathLike[str]"] = None, sas: Any = None):
-        if not isinstance(identity, Identity):
-            raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
-        if not isinstance(ssl_context, ssl.SSLContext):
-            raise ConfigError("ssl_context must be an ssl.SSLContext with the device key, e.g. from "
-                              f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
-        _sas_session.check(sas)
-        self._sas = sas  # see _on_pre_connect and _sas_renewal
-        self._username = identity.username(api_version, client_type)
-        self._renewing = False
-        _sync._check_int("keepalive", keepalive, 1, MAX_KEEPALIVE,
-                         f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
-                         f"{MAX_KEEPALIVE} s works; 60 is the default")
-        _sync._check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
-        _sync._check_int("websocket_port", websocket_port, 1, 65535, "IoT Hub serves MQTT over WebSockets on 443")
-        transport = _transport.check_transport(transport)
-        checked_proxy = _transport.check_proxy(proxy)
-        if gateway_hostname is not None:
-            if not isinstance(gateway_hostname, str) or not gateway_hostname.strip():
-                raise ConfigError(f"gateway_hostname must be the gateway's host name, not {gateway_hostname!r}")
-            if host is not None:
-                raise ConfigError("give host= or gateway_hostname=, not both: both name the server to connect to")
-            host = gateway_hostname.strip()
-        memory = _transport.TransportMemory(transport_cache)
-        _sync._check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
-        _sync._check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
-        if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
-            raise ConfigError(f"twin_timeout must be a positive number of seconds, not {twin_timeout!r}")
-        if backoff is not None and not isinstance(backoff, Backoff):
-            raise ConfigError(f"backoff must be a lightclient.backoff.Backoff, not {type(backoff).__name__}")
         if on_connection_state is not None and not callable(on_connection_state):
             raise ConfigError("on_connection_state must be a function or coroutine function taking "
                               f"(connected, reason), not {type(on_connection_state).__name__}")
-        outbox, self._own_outbox, max_queue, max_queue_bytes, full_policy = queue_settings(
-            outbox, max_queue, max_queue_bytes, full_policy)
-        self.outbox: Optional[Outbox] = outbox
-        self.identity = identity
-        self.host = identity.hostname if host is None else host
-        #: The port of the current (or last) connection; ``port`` and ``websocket_port`` are the choices.
-        self.port = websocket_port if transport == _transport.WEBSOCKETS else port
-        self.transport = transport
-        self.proxy = checked_proxy
-        self.websocket_port = websocket_port
-        self._tcp_port = port
-        self._memory = memory
-        self.keepalive = keepalive
-        self.on_connection_state = on_connection_state
-        self._backoff = backoff or Backoff()
-        self._twin_timeout = float(twin_timeout)
-        self._method_workers = method_workers
-        self._methods: Dict[str, MethodHandler] = {}
-        self._threads = f"lightclient-{identity.client_id}"
-        self._ssl_context = ssl_context
-
-        client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
-                                   api_version=api_version, client_type=client_type,
-                                   transport=transport, proxy=checked_proxy)
-        if checked_proxy is None:
-            _transport.install_socket_factory(client, None)  # paho must not pick a proxy from the environment
-        client.max_inflight_messages_set(max_inflight)
-        client.suppress_exceptions = True   # a bug in a callback is logged; the loop carries on
-        client.enable_logger(paho_log)
-        client.on_pre_connect = self._on_pre_connect
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        super().__init__(identity, ssl_context, host=host, port=port, keepalive=keepalive, max_inflight=max_inflight,
+                         clean_session=clean_session, backoff=backoff, method_workers=method_workers,
+                         twin_timeout=twin_timeout, api_version=api_version, client_type=client_type,
+                         max_queue=max_queue, max_queue_bytes=max_queue_bytes, full_policy=full_policy, outbox=outbox,
+                         on_connection_state=on_connection_state, transport=transport,
+                         websocket_port=websocket_port, proxy=proxy, gateway_hostname=gateway_hostname,
+                         transport_cache=transport_cache, sas=sas)
+        self._renewing = False          # our own disconnect for a fresh SAS token (see _sas_renewal)
+        client = self._client
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
-        lcpaho.route(client, identity,
-                     on_c2d=None if identity.is_module else self._got_message,
-                     on_input=self._got_message if identity.is_module else None,
-                     on_method=self._got_method, on_twin_response=self._got_twin_response,
-                     on_desired=self._got_desired)
-        self._client = client
-        self._subscriptions = lcpaho.subscriptions(identity)
 
         # Loop-side state (made in connect(): asyncio objects belong to the running loop).
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread = 0
         self._fd: Optional[int] = None
-        self._running = False
-        self._stopping = threading.Event()       # shared with TwinRequests
-        self._connected = threading.Event()      # shared with TwinRequests
         self._outcome: Optional["asyncio.Future[None]"] = None
         self._dropped: Optional[asyncio.Event] = None
         self._tasks: Set["asyncio.Task[Any]"] = set()
         self._method_tasks: Set["asyncio.Task[Any]"] = set()
         self._opening: Optional["asyncio.Future[Any]"] = None
-        self._sub_mid: Optional[int] = None
-        self._attempt = 0
-        self._refused: Optional[int] = None
         self._connector: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._method_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._twin_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -383,20 +325,10 @@ class Device:
         self._desired_out: Optional["asyncio.Queue[Dict[str, Any]]"] = None
         self._twin_inbox: Optional["asyncio.Queue[Tuple[str, int, bytes]]"] = None
         self._want_desired = False
-        self._desired_state = DesiredState()
-        self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
+        #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
+        self.recovered: List[AsyncSendHandle]
 
-        # Telemetry: the sync Device's pipeline and message maker ($.mid scheme, checks, topic cache).
-        self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
-        self._maker = MessageMaker(identity, self._acks)
-        try:
-            #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
-            self.recovered: List[AsyncSendHandle] = (
-                [AsyncSendHandle(h) for h in self._acks.load(outbox.pending())] if outbox is not None else [])
-        except BaseException:
-            if self._own_outbox and outbox is not None:
-                outbox.close()
-            raise
+    _handle = AsyncSendHandle   # what send() returns for a pipeline handle
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -410,17 +342,6 @@ class Device:
     def __repr__(self) -> str:
         state = "connected" if self.is_connected else ("connecting" if self._running else "disconnected")
         return f"<aio.Device {self.identity.client_id!r} on {self.host}:{self.port} {state}>"
-
-    @property
-    def is_connected(self) -> bool:
-        """True while the hub has accepted the connection and the subscriptions."""
-        return self._connected.is_set()
-
-    @property
-    def queued(self) -> int:
-        """Telemetry messages accepted (or recovered from the outbox) and not yet acknowledged."""
-        with self._acks.lock:
-            return self._acks.count
 
     async def connect(self, timeout: float = 30.0) -> None:
         """Connect and subscribe, then stay connected (reconnecting by itself) until :meth:`disconnect`.
@@ -455,12 +376,7 @@ class Device:
             try:
                 await asyncio.wait_for(asyncio.shield(self._outcome), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                refused = self._refused
-                why = (f"the last CONNACK was {refused} ({_sync._CONNACK_TEXT.get(refused, '?')})" if refused
-                       else "check that it is an IoT Hub (or MQTT broker) endpoint")
-                raise OperationTimeout(
-                    f"{self.host}:{self.port} accepted the TLS connection but MQTT CONNECT and SUBSCRIBE did "
-                    f"not complete within {timeout} s; {why}") from None
+                raise self._connect_timeout(timeout) from None
         except BaseException:
             await self._teardown()
             raise
@@ -469,13 +385,10 @@ class Device:
         attempt = 0
         while True:
             try:
-                used = await self._open(first=True)
-                self.port = self.websocket_port if used == _transport.WEBSOCKETS else self._tcp_port
+                self._opened(await self._open(first=True))
                 return
             except OSError as exc:
-                self.port = self._client.port or self.port
-                delay = _sync.first_connect_retry(exc, self.host, self.port, self._ssl_context, self._backoff,
-                                                  attempt, deadline, timeout)
+                delay = self._first_retry(exc, attempt, deadline, timeout)
                 attempt += 1
                 await asyncio.sleep(delay)
 
@@ -520,8 +433,8 @@ class Device:
         try:
             await self.disconnect(timeout)
         finally:
-            if self._own_outbox and self.outbox is not None and not self._running:
-                self.outbox.close()
+            if not self._running:
+                self._close_outbox()
 
     async def _teardown(self) -> None:
         self._stopping.set()
@@ -551,12 +464,7 @@ class Device:
             await asyncio.wait(pending)
         self._tasks.clear()
         self._method_tasks.clear()
-        if self.outbox is not None:
-            try:
-                self.outbox.flush()
-            except Exception:  # the rows are deleted on the next write, or sent again: never lost
-                log.warning("could not delete acknowledged messages from the outbox yet", exc_info=True)
-        self._twin_requests.fail_all(OperationTimeout("the device was disconnected before the hub answered"))
+        self._settle()
         for pool in (self._connector, self._method_pool, self._twin_pool):
             if pool is not None:
                 pool.shutdown(wait=False)  # a blocking method handler finishes on its own; nobody waits
@@ -667,9 +575,7 @@ class Device:
             if self._renewing:  # our own disconnect for a fresh SAS token: reconnect at once
                 self._renewing = False
             else:
-                not_authorized = self._refused in _sync._NOT_AUTHORIZED
-                delay = self._backoff.delay(self._attempt, not_authorized=not_authorized)
-                self._attempt += 1
+                delay = self._next_backoff()
                 log.warning("reconnecting to %s:%d in %.1f s", self.host, self.port, delay)
                 await asyncio.sleep(delay)
             if self._stopping.is_set():
@@ -677,20 +583,10 @@ class Device:
             try:
                 await self._open()
             except OSError as error:
-                permanent = permanent_tls_error(error, self.host, self.port, self._ssl_context)
-                if permanent is not None:  # retried all the same: the server side may be fixed meanwhile
-                    log.error("reconnecting to %s:%d failed: %s", self.host, self.port, permanent)
-                else:
-                    log.info("reconnecting to %s:%d failed (%s)", self.host, self.port, error)
+                self._reconnect_failed(error, None)
                 self._dropped.set()
 
     # ------------------------------------------------------------------------------ SAS tokens
-
-    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
-        # Runs inside connect()/reconnect() on the connect thread, so signing in a token never blocks the
-        # loop; current() signs a new token when the old one is due, whatever triggered the attempt.
-        if self._sas is not None:
-            _sas_session.apply(client, self._username, self._sas)
 
     async def _sas_renewal(self) -> None:
         """Reconnect with a fresh token after 80 % of the current one's lifetime (MQTT 3.1.1 cannot
@@ -711,48 +607,20 @@ class Device:
 
     # ------------------------------------------------------------------- paho callbacks (on the loop)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            code = _sync._CONNACK_RC.get(reason.value, reason.value)
-            self._refused = code
-            text = _sync._CONNACK_TEXT.get(code, str(reason))
-            log.warning("%s:%d refused the connection: CONNACK %s (%s)", self.host, self.port, code, text)
-            outcome = self._outcome
-            if outcome is not None and not outcome.done() and code not in ConnectRefusedError.RETRYABLE_CODES:
-                hint = ("check that the device is registered and enabled in the hub, and that its certificate "
-                        "(CN = device id) or CA is registered" if code in _sync._NOT_AUTHORIZED
-                        else "check the identity and api_version")
-                if self._sas is not None and code in _sync._NOT_AUTHORIZED:
-                    hint = ("check that the device is registered with this symmetric key, and the clock "
-                            "(SAS tokens carry their expiry)")
-                outcome.set_exception(ConnectRefusedError(
-                    f"{self.host} refused {self.identity.client_id!r}: CONNACK {code} ({text}); {hint}", code))
-            return
-        self._refused = None
-        self._attempt = 0
-        # Subscribe on every connect, even with a present session (a hub fail-over can lose it).
-        _, self._sub_mid = client.subscribe(self._subscriptions)
+    def _refused_at_first(self, error: ConnectRefusedError) -> None:
+        outcome = self._outcome
+        if outcome is not None and not outcome.done():
+            outcome.set_exception(error)
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        if mid != self._sub_mid:
-            return
-        refused = [sub for (sub, _), rc in zip(self._subscriptions, reason_codes) if rc.is_failure]
-        if refused:
-            log.error("the hub refused the subscriptions %s; those messages will not arrive", refused)
-        self._twin_requests.resend_all()  # before connect() returns: see the sync Device
-        self._connected.set()
+    def _online(self) -> None:
         if self._outcome is not None and not self._outcome.done():
             self._outcome.set_result(None)
-        log.info("connected to %s:%d as %s", self.host, self.port, self.identity.client_id)
-        self._acks.set_online(True)
         self._spawn(self._notify_state(True, "connected"))
         if self._want_desired and self._twin_inbox is not None:
             self._twin_inbox.put_nowait(("resync", 0, b""))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        self._acks.set_online(False)
+        was_connected = self._went_offline()
         if self._stopping.is_set():
             return
         if was_connected and not self._renewing:
@@ -761,9 +629,6 @@ class Device:
             self._dropped.set()
         if was_connected:
             self._spawn(self._notify_state(False, str(reason)))
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        self._acks.acked(mid)
 
     def _got_message(self, record: Any, payload: bytes) -> None:
         if self._messages is not None:
@@ -777,19 +642,18 @@ class Device:
         if self._want_desired and self._twin_inbox is not None:
             self._twin_inbox.put_nowait(("patch", patch.version, payload))
 
-    def _got_twin_response(self, response: TwinResponse, payload: bytes) -> None:
-        self._twin_requests.answered(response, payload)
-
     async def _notify_state(self, connected: bool, reason: str) -> None:
-        callback = self.on_connection_state
-        if callback is None:
+        await self._call_user("on_connection_state", self.on_connection_state, connected, reason)
+
+    async def _call_user(self, what: str, fn: Optional[Callable[..., Any]], *args: Any) -> None:
+        if fn is None:
             return
         try:
-            result = callback(connected, reason)
+            result = fn(*args)
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            log.exception("the on_connection_state callback raised; carrying on")
+            log.exception("the %s callback raised; carrying on", what)
 
     # ----------------------------------------------------------------------------------- telemetry
 
@@ -800,7 +664,7 @@ class Device:
         Arguments, wire format and errors as :meth:`lightclient.device.Device.send` (raised here, before
         anything is awaited). ``await device.send(…)`` returns once the hub acknowledged the message.
         """
-        return AsyncSendHandle(self._acks.put(self._maker.message(payload, properties, system_properties)))
+        return self._handle(self._acks.put(self._maker.message(payload, properties, system_properties)))
 
     async def send_many(self, payloads: Iterable[Any], properties: Optional[topics.Properties] = None, *,
                         timeout: Optional[float] = None, **system_properties: Any) -> List[AsyncSendHandle]:
@@ -811,15 +675,7 @@ class Device:
         payload or :class:`QueueFullError` raises before anything is queued), and with an outbox it is one
         transaction. Waiting as :meth:`wait_all` (``timeout`` s in all).
         """
-        if "message_id" in system_properties:
-            raise ConfigError("send_many() gives every message its own $.mid; drop message_id= "
-                              "(or call send() once per message with its own id)")
-        if isinstance(payloads, (bytes, str, bytearray, memoryview)):
-            raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
-                              "send(payload)")
-        make = self._maker.message
-        handles = [AsyncSendHandle(h) for h in self._acks.put_many(
-            [make(payload, properties, system_properties) for payload in payloads])]
+        handles = [self._handle(h) for h in self._put_many(payloads, properties, system_properties)]
         await self.wait_all(handles, timeout)
         return handles
 
@@ -842,56 +698,24 @@ class Device:
 
     # ---------------------------------------------------------------------------------- methods
 
-    def add_method_handler(self, name: str, handler: MethodHandler) -> None:
-        """Answer direct method ``name`` with ``handler(payload)`` (a function or a coroutine function)."""
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"a method name must be a non-empty str, not {name!r}")
-        if not callable(handler):
-            raise ConfigError(f"the handler for method {name!r} must be callable, not {type(handler).__name__}")
-        self._methods[name] = handler
-
-    def remove_method_handler(self, name: str) -> None:
-        """Stop handling ``name``; later calls get 404."""
-        self._methods.pop(name, None)
-
-    def method(self, name: str) -> Callable[[MethodHandler], MethodHandler]:
-        """Decorator form of :meth:`add_method_handler`: ``@device.method("reboot")``."""
-        def register(handler: MethodHandler) -> MethodHandler:
-            self.add_method_handler(name, handler)
-            return handler
-        return register
-
     async def _run_method(self, request: MethodRequest, payload: bytes) -> None:
-        status, body = await self._method_result(request, payload)
-        try:
-            encoded = lcpaho.json_body(body)
-        except ConfigError:
-            log.error("method %r returned a value that is not JSON-serialisable; answering 500", request.name)
-            status, encoded = 500, lcpaho.json_body({"error": "the method result is not JSON-serialisable"})
-        lcpaho.answer_method(self._client, request, status, encoded)
+        self._answer_method(request, *await self._method_result(request, payload))
 
     async def _method_result(self, request: MethodRequest, payload: bytes) -> Tuple[int, Any]:
-        handler = self._methods.get(request.name)
+        handler, argument = self._method_call(request, payload)
         if handler is None:
-            return 404, {"error": f"no handler for method {request.name!r} on this device"}
-        try:
-            argument = _sync._json(payload) if payload.strip() else None
-        except ValueError:
-            return 400, {"error": "the method payload is not valid JSON"}
+            return argument
         try:
             if inspect.iscoroutinefunction(handler):
                 result = await handler(argument)
-            else:
+            else:  # a blocking function must not hold up the loop: one of method_workers threads runs it
                 assert self._loop is not None
                 result = await self._loop.run_in_executor(self._method_pool, handler, argument)
                 if inspect.isawaitable(result):  # e.g. a functools.partial of a coroutine function
                     result = await result
         except Exception as exc:
-            log.exception("the handler of method %r raised", request.name)
-            return 500, {"error": f"handler raised {type(exc).__name__}"}
-        if isinstance(result, MethodResponse):
-            return result.status, result.payload
-        return 200, result
+            return self._method_raised(request, exc)
+        return self._method_returned(result)
 
     # -------------------------------------------------------------------------------- receiving
 
@@ -935,15 +759,8 @@ class Device:
             if kind == "resync":
                 await self._resync_twin()
                 continue
-            try:
-                patch = _sync._json(payload)
-            except ValueError:
-                log.warning("dropped desired patch $version=%d: the body is not JSON", version)
-                continue
-            if not isinstance(patch, dict):
-                log.warning("dropped desired patch $version=%d: the body is not a JSON object", version)
-                continue
-            if self._desired_state.apply(patch, version):
+            patch = self._desired_patch(version, payload)
+            if patch is not None:
                 self._desired_out.put_nowait(patch)
 
     async def _resync_twin(self) -> None:
@@ -953,22 +770,82 @@ class Device:
                 twin = await self.get_twin(self._twin_timeout)
                 break
             except (OperationTimeout, ServiceError) as exc:
-                if isinstance(exc, ServiceError) and not exc.retryable:
-                    log.error("re-reading the twin after connecting failed: %s", exc)
-                    return
-                delay = self._backoff.delay(attempt)
+                delay = self._resync_delay(exc, attempt)
                 attempt += 1
-                log.warning("re-reading the twin after connecting failed (%s); retrying in %.1f s", exc, delay)
+                if delay is None:
+                    return
                 await asyncio.sleep(delay)
         else:
             return
-        desired = twin.get("desired")
-        if not isinstance(desired, dict):
-            log.warning("the twin has no desired section; nothing to reconcile")
-            return
-        missed = self._desired_state.reconcile(desired)
+        missed = self._missed_desired(twin)
         if missed is not None and self._desired_out is not None:
             self._desired_out.put_nowait(missed[0])
+
+    # ------------------------------------------------------------------------- certificate renewal
+
+    async def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *,
+                              certificate: Any = None) -> None:
+        """Reconnect with ``ssl_context`` (a renewed certificate, perhaps a new key) and keep it, as
+        :meth:`lightclient.device.Device.replace_context` does.
+
+        Telemetry sent meanwhile stays queued (in memory or the outbox) and unacknowledged messages are
+        resent; the twin is read again (for :meth:`desired`) as after any reconnect; twin requests waiting
+        at that moment fail with :class:`OperationTimeout`. If the new context cannot connect within
+        ``timeout`` s, the Device connects with the old one again and the error is raised: the old
+        credential keeps working. On success ``on_certificate_renewed(certificate)`` (a function or a
+        coroutine function) runs on the loop. A Device that is not started just takes the context for its
+        next :meth:`connect`. Cancelling the await does not stop a swap under way: it completes (or goes
+        back to the old context) as if nobody had waited.
+        """
+        check_context(ssl_context, "the renewed certificate")
+        if not self._running:
+            self._use_context(ssl_context)
+            return
+        # Shielded: a cancelled caller (or a Renewer thread that stopped waiting) must not leave the
+        # Device disconnected halfway through the swap.
+        await asyncio.shield(asyncio.ensure_future(self._swap(ssl_context, timeout, certificate)))
+
+    async def _swap(self, ssl_context: ssl.SSLContext, timeout: float, certificate: Any) -> None:
+        old = self._ssl_context
+        await self.disconnect(min(timeout, 5.0))
+        self._use_context(ssl_context)
+        try:
+            await self.connect(timeout)
+        except LightClientError:
+            log.error("could not connect with the renewed certificate; going back to the old one")
+            self._use_context(old)
+            await self.connect(timeout)
+            raise
+        if certificate is not None:
+            self._spawn(self._call_user("on_certificate_renewed", self.on_certificate_renewed, certificate))
+
+    async def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None,
+                                  timeout: float = 120.0) -> Any:
+        """Ask the hub for a certificate for ``csr_der`` over ``$iothub/credentials`` (preview), as
+        :meth:`lightclient.device.Device.request_certificate`: returns the
+        :class:`~lightclient.topics.CredentialsAnswer` (``certificates``: the chain, DER, leaf first);
+        :class:`~lightclient.exceptions.RenewalError` for an error status, :class:`OperationTimeout`
+        after ``timeout`` s. The chain takes effect through :meth:`replace_context`.
+
+        The shared (blocking) credentials channel waits on a worker thread; its paho calls are made on
+        the loop. Cancelling the await stops nobody: the request runs out on its thread.
+        """
+        loop = asyncio.get_running_loop()
+        self._bind(loop)
+        channel = self._credentials_channel(_PahoOnLoop(self))
+        return await loop.run_in_executor(None, functools.partial(channel.request, csr_der, replace=replace,
+                                                                  timeout=timeout))
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is None:
+            self._loop, self._loop_thread = loop, threading.get_ident()
+
+    def _call_on_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the loop, from any thread, and its result."""
+        if threading.get_ident() == self._loop_thread:
+            return fn(*args, **kwargs)
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(_call(fn, *args, **kwargs), self._loop).result(_LOOP_CALL_TIMEOUT)
 
     # ------------------------------------------------------------------------------------ upload
 
@@ -1005,19 +882,11 @@ class Device:
         """The whole twin; retries and errors as :meth:`lightclient.device.Device.get_twin`."""
         _, payload = await self._twin_request(
             "GET", lambda rid: lcpaho.request_twin(self._client, rid=rid), timeout)
-        try:
-            twin = _sync._json(payload)
-        except ValueError:
-            raise ServiceError("the hub answered the twin GET with a body that is not JSON", 200) from None
-        if not isinstance(twin, dict):
-            raise ServiceError("the hub answered the twin GET with JSON that is not an object", 200)
-        return twin
+        return self._twin_document(payload)
 
     async def patch_reported(self, patch: Dict[str, Any], timeout: Optional[float] = None) -> Optional[int]:
         """Update reported properties (``None`` deletes a key); return the new reported ``$version``."""
-        if not isinstance(patch, dict):
-            raise ConfigError(f"a reported patch is a dict (a JSON object), not {type(patch).__name__}")
-        body = lcpaho.json_body(patch)
+        body = self._reported_body(patch)
         record, _ = await self._twin_request(
             "reported PATCH", lambda rid: lcpaho.patch_reported(self._client, body, rid=rid), timeout)
         return record.version
@@ -1028,23 +897,115 @@ class Device:
                                     or timeout <= 0):
             raise ConfigError(f"timeout must be a positive number of seconds, not {timeout!r}")
         loop = asyncio.get_running_loop()
-        if self._loop is None:
-            self._loop, self._loop_thread = loop, threading.get_ident()
+        self._bind(loop)
         if self._twin_pool is None:
             self._twin_pool = concurrent.futures.ThreadPoolExecutor(
                 _TWIN_WORKERS, thread_name_prefix=f"{self._threads}-twin")
-
-        def publish_on_loop(rid: str) -> None:
-            # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
-            asyncio.run_coroutine_threadsafe(_call(publish, rid), loop).result(10)
-
+        # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
         return await loop.run_in_executor(
-            self._twin_pool, self._twin_requests.request, what, publish_on_loop, lcpaho.new_rid(),
-            self._twin_timeout if timeout is None else float(timeout))
+            self._twin_pool, self._twin_requests.request, what, functools.partial(self._call_on_loop, publish),
+            lcpaho.new_rid(), self._twin_timeout if timeout is None else float(timeout))
 
 
-async def _call(fn: Callable[[str], Any], arg: str) -> Any:
-    return fn(arg)
+async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+class _PahoOnLoop:
+    """The paho client as the shared, blocking credentials channel sees it: the calls it makes from a
+    worker thread (subscribe, publish) run on the loop, where every paho call of this Device happens."""
+
+    def __init__(self, device: Device):
+        self._device = device
+
+    def message_callback_add(self, *args: Any) -> None:
+        self._device._call_on_loop(self._device._client.message_callback_add, *args)
+
+    def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        return self._device._call_on_loop(self._device._client.subscribe, *args, **kwargs)
+
+    def publish(self, *args: Any, **kwargs: Any) -> Any:
+        return self._device._call_on_loop(self._device._client.publish, *args, **kwargs)
+
+
+class _FromThread:
+    """A blocking face of an aio :class:`Device` for code on another thread: what
+    :class:`lightclient.renewal.Renewer` drives (its worker thread, and ``connect_device`` run off the loop),
+    so the renewal itself (token, DPS, files) is the very code the sync Device uses. Each call runs as a
+    coroutine on the Device's loop while the calling thread waits for it."""
+
+    def __init__(self, device: Device, loop: asyncio.AbstractEventLoop):
+        self.device = device
+        self._loop = loop
+
+    @property
+    def is_connected(self) -> bool:
+        return self.device.is_connected
+
+    def _run(self, coro: Any, timeout: float) -> Any:
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            coro.close()
+            raise ConfigError("a renewal step blocks until the Device's event loop has done it, so it cannot run "
+                              "on that loop: call it from another thread, e.g. "
+                              "await asyncio.to_thread(renewer.renew)")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise OperationTimeout(f"the Device's event loop did not finish the call within {timeout:g} s") from None
+
+    def connect(self, timeout: float = 30.0) -> None:
+        self._run(self.device.connect(timeout), timeout + _LOOP_CALL_TIMEOUT)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._run(self.device.close(timeout), timeout + _LOOP_CALL_TIMEOUT)
+
+    def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *, certificate: Any = None) -> None:
+        # Up to two connects (the new context, then the old one again) and a disconnect.
+        self._run(self.device.replace_context(ssl_context, timeout, certificate=certificate),
+                  2 * timeout + 5.0 + _LOOP_CALL_TIMEOUT)
+
+    def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None, timeout: float = 120.0) -> Any:
+        return self._run(self.device.request_certificate(csr_der, replace=replace, timeout=timeout),
+                         timeout + _LOOP_CALL_TIMEOUT)
+
+
+def for_renewer(device: Any) -> Any:
+    """What :meth:`lightclient.renewal.Renewer.attach` keeps: for an aio :class:`Device`, its blocking face
+    bound to the loop it runs on (attach it on that loop, or after connecting it); anything else as it is."""
+    if not isinstance(device, Device):
+        return device
+    loop = device._loop
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigError("attach a lightclient.aio.Device to a Renewer from a coroutine on its event loop "
+                              "(or once it is connected)") from None
+    return _FromThread(device, loop)
+
+
+async def connect_for_renewer(renewer: Any, device_factory: Callable[[ssl.SSLContext], Device],
+                              timeout: float = 30.0) -> Device:
+    """:meth:`lightclient.renewal.Renewer.connect_device` for an aio :class:`Device` (see
+    :meth:`~lightclient.renewal.Renewer.connect_device_async`): the same steps on a worker thread, with the
+    Device's connects (and the close of a renewed certificate that does not connect) on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def factory(ssl_context: ssl.SSLContext) -> _FromThread:
+        device = device_factory(ssl_context)
+        if not isinstance(device, Device):
+            raise ConfigError("connect_device_async() needs a factory that returns a lightclient.aio.Device, not "
+                              f"{type(device).__name__}; use connect_device() for the sync Device")
+        return _FromThread(device, loop)
+
+    view = await loop.run_in_executor(None, renewer.connect_device, factory, timeout)
+    return view.device
 
 
 __all__ = ["AsyncSendHandle", "ConnectRefusedError", "Device", "Message", "MessageDroppedError",

@@ -16,14 +16,12 @@ Threads (all named ``lightclient-{client id}-…``):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
@@ -34,12 +32,13 @@ if TYPE_CHECKING:
 from . import _transport
 from . import paho as lcpaho
 from . import _fastpath, _sas_session, topics
-from ._pipeline import MessageMaker, Pipeline, SendHandle, queue_settings, wait_all
-from ._twin import DesiredState, TwinRequests
-from ._verify import permanent_tls_error
+from ._device_common import DeviceCore, MethodResponse, check_context
+# Names this module has always offered (tests and applications use them); their home is _device_common.
+from ._device_common import MAX_JSON_DEPTH, MAX_KEEPALIVE, _json, first_connect_retry, paho_log  # noqa: F401
+from ._pipeline import SendHandle, wait_all
 from .backoff import Backoff
 from .exceptions import (ConfigError, ConnectRefusedError, LightClientError, MessageDroppedError, OperationTimeout,
-                         ProxyError, QueueFullError, ServerCertificateError, ServiceError, TlsVersionError)
+                         QueueFullError, ServerCertificateError, ServiceError, TlsVersionError)
 from .identity import API_VERSION, Identity
 from .outbox import Outbox
 from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinResponse
@@ -47,45 +46,8 @@ from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinR
 log = logging.getLogger("lightclient.device")
 
 
-class _QuietReconnects(logging.Filter):
-    # paho logs "Client is not connected" at ERROR on every loop pass between a failed reconnect attempt
-    # and the next one; Device already reports each attempt (at INFO), so this only alarms people.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
 
-
-#: paho's own log lines (callback errors, packet traces at DEBUG) for Device connections.
-paho_log = logging.getLogger("lightclient.device.paho")
-paho_log.addFilter(_QuietReconnects())
-
-#: IoT Hub closes a connection idle for 1.5 x keep-alive, but never later than 1767 s (the Azure load
-#: balancer's idle timeout), so a keep-alive above 1767 / 1.5 = 1177 s would be cut off anyway.
-MAX_KEEPALIVE = 1177
-
-# paho 2 reports MQTT 3.1.1 CONNACK return codes as MQTT 5 reason codes; map them back.
-_CONNACK_RC = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
-_CONNACK_TEXT = {
-    1: "unacceptable protocol version", 2: "client id rejected", 3: "server unavailable",
-    4: "bad user name or password", 5: "not authorized",
-}
-_NOT_AUTHORIZED = (4, 5)
-
-
-@dataclass(frozen=True)
-class MethodResponse:
-    """Return this from a method handler to choose the status: ``MethodResponse(400, {"error": "…"})``.
-
-    Any other return value is sent with status 200.
-    """
-
-    status: int
-    payload: Any = None
-
-
-MethodHandler = Callable[[Any], Any]
-
-
-class Device:
+class Device(DeviceCore):
     """An IoT Hub device (or module) connection with telemetry, direct methods, the twin and C2D.
 
     ::
@@ -170,117 +132,31 @@ class Device:
                  transport: str = "tcp", websocket_port: int = _transport.WEBSOCKET_PORT, proxy: Any = None,
                  gateway_hostname: Optional[str] = None,
                  transport_cache: Union[None, str, "os.PathLike[str]"] = None, sas: Any = None):
-        if not isinstance(identity, Identity):
-            raise ConfigError(f"identity must be a lightclient Identity, not {type(identity).__name__}")
-        if not isinstance(ssl_context, ssl.SSLContext):
-            raise ConfigError("ssl_context must be an ssl.SSLContext with the device key, e.g. from "
-                              f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
-        _sas_session.check(sas)
-        #: SAS authentication (a lightclient.symkey.SasCredential): the password of every CONNECT, renewed
-        #: by reconnecting after 80 % of the token's lifetime (see lightclient._sas_session).
-        self._sas = sas
+        super().__init__(identity, ssl_context, host=host, port=port, keepalive=keepalive, max_inflight=max_inflight,
+                         clean_session=clean_session, backoff=backoff, method_workers=method_workers,
+                         twin_timeout=twin_timeout, api_version=api_version, client_type=client_type,
+                         max_queue=max_queue, max_queue_bytes=max_queue_bytes, full_policy=full_policy, outbox=outbox,
+                         on_connection_state=on_connection_state, transport=transport,
+                         websocket_port=websocket_port, proxy=proxy, gateway_hostname=gateway_hostname,
+                         transport_cache=transport_cache, sas=sas)
         self._sas_renewal: Optional[_sas_session.Renewal] = None
-        self._username = identity.username(api_version, client_type)
-        _check_int("keepalive", keepalive, 1, MAX_KEEPALIVE,
-                   f"IoT Hub drops a connection idle for more than 1767 s (1.5 x keep-alive), so at most "
-                   f"{MAX_KEEPALIVE} s works; 60 is the default")
-        _check_int("port", port, 1, 65535, "IoT Hub listens on 8883 (MQTT over TLS)")
-        _check_int("websocket_port", websocket_port, 1, 65535, "IoT Hub serves MQTT over WebSockets on 443")
-        transport = _transport.check_transport(transport)
-        checked_proxy = _transport.check_proxy(proxy)
-        if gateway_hostname is not None:
-            if not isinstance(gateway_hostname, str) or not gateway_hostname.strip():
-                raise ConfigError(f"gateway_hostname must be the gateway's host name, not {gateway_hostname!r}")
-            if host is not None:
-                raise ConfigError("give host= or gateway_hostname=, not both: both name the server to connect to")
-            host = gateway_hostname.strip()
-        memory = _transport.TransportMemory(transport_cache)
-        _check_int("max_inflight", max_inflight, 1, 65535, "paho needs at least one message in flight")
-        _check_int("method_workers", method_workers, 1, 1024, "give the number of concurrent method handlers")
-        if isinstance(twin_timeout, bool) or not isinstance(twin_timeout, (int, float)) or twin_timeout <= 0:
-            raise ConfigError(f"twin_timeout must be a positive number of seconds, not {twin_timeout!r}")
-        if backoff is not None and not isinstance(backoff, Backoff):
-            raise ConfigError(f"backoff must be a lightclient.backoff.Backoff, not {type(backoff).__name__}")
-        outbox, self._own_outbox, max_queue, max_queue_bytes, full_policy = queue_settings(
-            outbox, max_queue, max_queue_bytes, full_policy)
-        self.outbox: Optional[Outbox] = outbox
-        self.identity = identity
-        self.host = identity.hostname if host is None else host
-        #: The port of the current (or last) connection; ``port`` and ``websocket_port`` are the choices.
-        self.port = websocket_port if transport == _transport.WEBSOCKETS else port
-        self.transport = transport
-        self.proxy = checked_proxy
-        self.websocket_port = websocket_port
-        self._tcp_port = port
-        self._memory = memory
-        self._transport_used: Optional[str] = None
-        self.keepalive = keepalive
         self.on_c2d = on_c2d
         self.on_input = on_input
         self.on_desired = on_desired
-        self.on_connection_state = on_connection_state
-        #: ``on_certificate_renewed(certificate)``: after :meth:`replace_context` connected with a renewed
-        #: certificate (``certificate`` is what the renewer passed, e.g. a lightclient.renewal.Validity).
-        self.on_certificate_renewed: Optional[Callable[[Any], None]] = None
-        self._credentials: Any = None              # lightclient._credentials.CredentialsChannel, on first use
-        self._backoff = backoff or Backoff()
-        self._twin_timeout = float(twin_timeout)
-        self._method_workers = method_workers
-        self._methods: Dict[str, MethodHandler] = {}
-        self._threads = f"lightclient-{identity.client_id}"
-
-        client = lcpaho.new_client(identity, ssl_context=ssl_context, clean_session=clean_session,
-                                 api_version=api_version, client_type=client_type,
-                                 transport=transport, proxy=checked_proxy)
-        if checked_proxy is None:
-            _transport.install_socket_factory(client, None)  # paho must not pick a proxy from the environment
-        client.max_inflight_messages_set(max_inflight)
-        # A bug in a lightclient callback must not kill the network thread: log it and carry on.
-        client.suppress_exceptions = True
-        client.enable_logger(paho_log)
-        client.on_connect = self._on_connect
-        client.on_subscribe = self._on_subscribe
-        client.on_disconnect = self._on_disconnect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_pre_connect = self._on_pre_connect
-        client.on_publish = self._on_publish
-        self._fast_acks = _fastpath.install(client)  # cheaper PUBACKs where this paho allows it
-        lcpaho.route(client, identity,
-                   on_c2d=None if identity.is_module else self._got_message,
-                   on_input=self._got_message if identity.is_module else None,
-                   on_method=self._got_method, on_twin_response=self._got_twin_response,
-                   on_desired=self._got_desired)
-        self._client = client
-        self._ssl_context = ssl_context
-        self._subscriptions = lcpaho.subscriptions(identity)
+        self._client.on_connect_fail = self._on_connect_fail
+        self._fast_acks = _fastpath.install(self._client)  # cheaper PUBACKs where this paho allows it
 
         self._lock = threading.Lock()             # connection lifecycle
-        self._running = False
-        self._stopping = threading.Event()
-        self._connected = threading.Event()
         self._outcome = threading.Event()         # first connect: CONNACK+SUBACK, or a refusal
         self._first_error: Optional[LightClientError] = None
-        self._sub_mid: Optional[int] = None
-        self._attempt = 0                          # reconnect failures in a row
         self._attempt_failed = False               # this connection (attempt) already counted as a failure
-        self._refused: Optional[int] = None        # return code of the last refused CONNACK
-        self._twin_requests = TwinRequests(self._backoff, self._connected, self._stopping)
-        self._desired_state = DesiredState()
         self._events: Optional["ThreadPoolExecutor"] = None
         self._twin_worker: Optional["ThreadPoolExecutor"] = None
         self._method_pool: Optional["ThreadPoolExecutor"] = None
         self._methods_idle = threading.Condition()
         self._methods_active = 0
-
-        self._acks = Pipeline(client, max_inflight, max_queue, max_queue_bytes, full_policy, outbox)
-        self._maker = MessageMaker(identity, self._acks)
         #: Handles of the messages an earlier run left in the outbox (sent first, in order, once connected).
-        try:
-            self.recovered: List[SendHandle] = self._acks.load(outbox.pending()) if outbox is not None else []
-        except BaseException:
-            if self._own_outbox and outbox is not None:
-                outbox.close()
-            raise
+        self.recovered: List[SendHandle]
 
     # ---------------------------------------------------------------------------------- lifecycle
 
@@ -296,25 +172,13 @@ class Device:
         via = f" via {self.proxy.scheme}://{self.proxy.address}" if self.proxy is not None else ""
         return f"<Device {self.identity.client_id!r} on {self.host}:{self.port} {self.transport}{via} {state}>"
 
-    @property
-    def queued(self) -> int:
-        """Telemetry messages accepted by :meth:`send` (or recovered from the outbox) and not yet acknowledged."""
-        with self._acks.lock:
-            return self._acks.count
-
     def close(self, timeout: float = 5.0) -> None:
         """:meth:`disconnect`, then close the outbox if the Device opened it from a path.
 
         Unacknowledged messages stay in the outbox file for the next run.
         """
         self.disconnect(timeout)
-        if self._own_outbox and self.outbox is not None:
-            self.outbox.close()
-
-    @property
-    def is_connected(self) -> bool:
-        """True while the hub has accepted the connection and the subscriptions."""
-        return self._connected.is_set()
+        self._close_outbox()
 
     def connect(self, timeout: float = 30.0) -> None:
         """Connect, subscribe, and from then on stay connected (reconnecting by itself) until :meth:`disconnect`.
@@ -343,12 +207,7 @@ class Device:
             self._first_connect(deadline, timeout)
             self._client.loop_start()
             if not self._outcome.wait(max(0.0, deadline - time.monotonic())):
-                refused = self._refused
-                why = (f"the last CONNACK was {refused} ({_CONNACK_TEXT.get(refused, '?')})" if refused
-                       else "check that it is an IoT Hub (or MQTT broker) endpoint")
-                raise OperationTimeout(
-                    f"{self.host}:{self.port} accepted the TLS connection but MQTT CONNECT and SUBSCRIBE did "
-                    f"not complete within {timeout} s; {why}")
+                raise self._connect_timeout(timeout)
             if self._first_error is not None:
                 raise self._first_error
             if self._sas is not None and self._sas_renewal is None:
@@ -368,13 +227,10 @@ class Device:
                 used = lcpaho.connect(self._client, self.host, transport=self.transport, port=self._tcp_port,
                                       websocket_port=self.websocket_port, keepalive=self.keepalive,
                                       memory=self._memory)
-                self._transport_used = used
-                self.port = self.websocket_port if used == _transport.WEBSOCKETS else self._tcp_port
+                self._opened(used)
                 return
             except OSError as exc:
-                self.port = self._client.port or self.port
-                delay = first_connect_retry(exc, self.host, self.port, self._ssl_context, self._backoff, attempt,
-                                            deadline, timeout)
+                delay = self._first_retry(exc, attempt, deadline, timeout)
                 attempt += 1
                 if self._stopping.wait(delay):
                     raise OperationTimeout("connect() was interrupted by disconnect()") from exc
@@ -411,16 +267,11 @@ class Device:
         self._client.disconnect()
         self._client.loop_stop()
         self._connected.clear()
-        if self.outbox is not None:
-            try:
-                self.outbox.flush()
-            except Exception:  # the rows are deleted on the next write, or sent again: never lost
-                log.warning("could not delete acknowledged messages from the outbox yet", exc_info=True)
+        self._settle()
         with self._lock:
             self._running = False
             workers = (self._events, self._twin_worker, self._method_pool)
             self._events = self._twin_worker = self._method_pool = None
-        self._twin_requests.fail_all(OperationTimeout("the device was disconnected before the hub answered"))
         # A handler calling disconnect() runs on one of these threads and cannot wait for itself.
         inside = threading.current_thread().name.startswith(self._threads)
         for worker in workers:
@@ -462,54 +313,20 @@ class Device:
 
     # ------------------------------------------------------------------- paho callbacks (network thread)
 
-    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        if reason.is_failure:
-            code = _CONNACK_RC.get(reason.value, reason.value)
-            self._refused = code
-            text = _CONNACK_TEXT.get(code, str(reason))
-            log.warning("%s:%d refused the connection: CONNACK %s (%s)", self.host, self.port, code, text)
-            if not self._outcome.is_set() and code not in ConnectRefusedError.RETRYABLE_CODES:
-                hint = ("check that the device is registered and enabled in the hub, and that its certificate "
-                        "(CN = device id) or CA is registered" if code in _NOT_AUTHORIZED
-                        else "check the identity and api_version")
-                if self._sas is not None and code in _NOT_AUTHORIZED:
-                    hint = ("check that the device is registered with this symmetric key, and the clock "
-                            "(SAS tokens carry their expiry)")
-                self._first_error = ConnectRefusedError(
-                    f"{self.host} refused {self.identity.client_id!r}: CONNACK {code} ({text}); {hint}", code)
-                self._outcome.set()
-            return
-        self._refused = None
-        self._attempt = 0
-        # Subscribe on every connect, even when the hub says the session is present: after a hub
-        # fail-over a "present" session can still lack subscriptions, and subscribing twice is harmless.
-        _, self._sub_mid = client.subscribe(self._subscriptions)
+    def _refused_at_first(self, error: ConnectRefusedError) -> None:
+        if not self._outcome.is_set():
+            self._first_error = error
+            self._outcome.set()
 
-    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
-        if mid != self._sub_mid:
-            if self._credentials is not None:
-                self._credentials.suback(mid)
-            return
-        refused = [sub for (sub, _), rc in zip(self._subscriptions, reason_codes) if rc.is_failure]
-        if refused:
-            log.error("the hub refused the subscriptions %s; those messages will not arrive", refused)
-        # Twin requests sent on the old connection lost their answers (QoS 0): wake them to ask again.
-        # This must happen before connect() can return (_outcome), or a request the caller makes right
-        # after connect() would be taken for an old one and sent twice.
-        self._twin_requests.resend_all()
-        self._connected.set()
+    def _online(self) -> None:
         self._outcome.set()
-        log.info("connected to %s:%d (%s) as %s", self.host, self.port,
-                 self._transport_used or self.transport, self.identity.client_id)
-        self._acks.set_online(True)
         self._submit(self._events, self._notify_state, True, "connected")
         if self.on_desired is not None:
             self._submit(self._twin_worker, self._resync_twin)
 
     def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
         self._attempt_failed = False
-        if self._sas is not None:
-            _sas_session.apply(client, self._username, self._sas)
+        super()._on_pre_connect(client, userdata)
 
     def _renew_sas(self) -> None:
         if not self._running:
@@ -519,9 +336,7 @@ class Device:
         self.connect()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        was_connected = self._connected.is_set()
-        self._connected.clear()
-        self._acks.set_online(False)
+        was_connected = self._went_offline()
         # paho 2 reports a keep-alive timeout twice (its PINGREQ check and its PINGRESP check both close
         # the socket and call on_disconnect): one lost connection is one log line and one back-off step.
         if self._stopping.is_set() or self._attempt_failed:
@@ -537,28 +352,14 @@ class Device:
             return
         self._attempt_failed = True
         # paho calls this from inside its `except OSError:` around reconnect(), so the error is at hand.
-        error = sys.exc_info()[1]
-        delay = self._next_delay()
-        if isinstance(error, OSError):
-            permanent = permanent_tls_error(error, self.host, self.port, self._ssl_context)
-            if permanent is not None:  # retried all the same: the server side may be fixed meanwhile
-                log.error("reconnecting to %s:%d failed: %s; next attempt in %.1f s", self.host, self.port,
-                          permanent, delay)
-                return
-            log.info("reconnecting to %s:%d failed (%s); next attempt in %.1f s", self.host, self.port, error, delay)
-        else:
-            log.info("reconnecting to %s:%d failed; next attempt in %.1f s", self.host, self.port, delay)
+        self._reconnect_failed(sys.exc_info()[1], self._next_delay())
 
     def _next_delay(self) -> float:
         # paho waits reconnect_delay_set()'s min_delay before its next attempt; setting min = max to our
         # own delay each time replaces its jitter-less doubling with Backoff.
-        delay = self._backoff.delay(self._attempt, not_authorized=self._refused in _NOT_AUTHORIZED)
-        self._attempt += 1
+        delay = self._next_backoff()
         self._client.reconnect_delay_set(delay, delay)  # type: ignore[arg-type]  # paho accepts floats
         return delay
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        self._acks.acked(mid)
 
     def _got_message(self, record: Any, payload: bytes) -> None:
         self._submit(self._events, self._deliver_message, record, payload)
@@ -569,9 +370,6 @@ class Device:
     def _got_desired(self, patch: DesiredPatch, payload: bytes) -> None:
         if self.on_desired is not None:
             self._submit(self._twin_worker, self._apply_desired, patch.version, payload)
-
-    def _got_twin_response(self, response: TwinResponse, payload: bytes) -> None:
-        self._twin_requests.answered(response, payload)
 
     # ------------------------------------------------------------------------- workers (user code)
 
@@ -593,44 +391,21 @@ class Device:
             self._call_user("on_input", self.on_input, record, payload)
 
     def _run_method(self, request: MethodRequest, payload: bytes) -> None:
-        status, body = self._method_result(request, payload)
-        try:
-            encoded = lcpaho.json_body(body)
-        except ConfigError:
-            log.error("method %r returned a value that is not JSON-serialisable; answering 500", request.name)
-            status, encoded = 500, lcpaho.json_body({"error": "the method result is not JSON-serialisable"})
-        lcpaho.answer_method(self._client, request, status, encoded)
+        self._answer_method(request, *self._method_result(request, payload))
 
     def _method_result(self, request: MethodRequest, payload: bytes) -> Tuple[int, Any]:
-        handler = self._methods.get(request.name)
+        handler, argument = self._method_call(request, payload)
         if handler is None:
-            return 404, {"error": f"no handler for method {request.name!r} on this device"}
+            return argument
         try:
-            argument = _json(payload) if payload.strip() else None
-        except ValueError:
-            return 400, {"error": "the method payload is not valid JSON"}
-        try:
-            result = handler(argument)
+            return self._method_returned(handler(argument))
         except Exception as exc:
-            log.exception("the handler of method %r raised", request.name)
-            return 500, {"error": f"handler raised {type(exc).__name__}"}
-        if isinstance(result, MethodResponse):
-            return result.status, result.payload
-        return 200, result
+            return self._method_raised(request, exc)
 
     def _apply_desired(self, version: int, payload: bytes) -> None:
-        try:
-            patch = _json(payload)
-        except ValueError:
-            log.warning("dropped desired patch $version=%d: the body is not JSON", version)
-            return
-        if not isinstance(patch, dict):
-            log.warning("dropped desired patch $version=%d: the body is not a JSON object", version)
-            return
-        if not self._desired_state.apply(patch, version):
-            log.debug("dropped desired patch $version=%d: already at %s", version, self._desired_state.version)
-            return
-        self._call_user("on_desired", self.on_desired, patch, version)
+        patch = self._desired_patch(version, payload)
+        if patch is not None:
+            self._call_user("on_desired", self.on_desired, patch, version)
 
     def _resync_twin(self) -> None:
         # Runs on the twin thread, so desired patches that arrive meanwhile queue up behind it and are
@@ -641,21 +416,13 @@ class Device:
                 twin = self.get_twin(self._twin_timeout)
                 break
             except (OperationTimeout, ServiceError) as exc:
-                if isinstance(exc, ServiceError) and not exc.retryable:
-                    log.error("re-reading the twin after connecting failed: %s", exc)
-                    return
-                delay = self._backoff.delay(attempt)
+                delay = self._resync_delay(exc, attempt)
                 attempt += 1
-                log.warning("re-reading the twin after connecting failed (%s); retrying in %.1f s", exc, delay)
-                if self._stopping.wait(delay):
+                if delay is None or self._stopping.wait(delay):
                     return
         else:
             return
-        desired = twin.get("desired") if isinstance(twin, dict) else None
-        if not isinstance(desired, dict):
-            log.warning("the twin has no desired section; nothing to reconcile")
-            return
-        missed = self._desired_state.reconcile(desired)
+        missed = self._missed_desired(twin)
         if missed is not None:
             self._call_user("on_desired", self.on_desired, *missed)
 
@@ -692,14 +459,7 @@ class Device:
             handles = device.send_many([reading.encode() for reading in batch], {"unit": "C"})
             device.wait_all(handles, timeout=30)
         """
-        if "message_id" in system_properties:
-            raise ConfigError("send_many() gives every message its own fresh message_id; to choose message ids, "
-                              "call send(payload, message_id=...) for each message")
-        if isinstance(payloads, (bytes, str, bytearray, memoryview)):
-            raise ConfigError("send_many() takes a list of payloads, not one payload: send_many([payload]) or "
-                              "send(payload)")
-        return self._acks.put_many([self._maker.message(payload, properties, system_properties)
-                                    for payload in payloads])
+        return self._put_many(payloads, properties, system_properties)
 
     @staticmethod
     def wait_all(handles: Iterable[SendHandle], timeout: Optional[float] = 30.0) -> None:
@@ -716,30 +476,6 @@ class Device:
         """:meth:`send`, then wait for the acknowledgement (:class:`OperationTimeout` after ``timeout`` s)."""
         self.send(payload, properties, **system_properties).wait(timeout)
 
-    # ---------------------------------------------------------------------------------- methods
-
-    def add_method_handler(self, name: str, handler: MethodHandler) -> None:
-        """Answer direct method ``name`` with ``handler(payload)``; see the class docstring for statuses.
-
-        IoT Plug and Play component commands arrive as ``"{component}*{command}"``.
-        """
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"a method name must be a non-empty str, not {name!r}")
-        if not callable(handler):
-            raise ConfigError(f"the handler for method {name!r} must be callable, not {type(handler).__name__}")
-        self._methods[name] = handler
-
-    def remove_method_handler(self, name: str) -> None:
-        """Stop handling ``name``; later calls get 404."""
-        self._methods.pop(name, None)
-
-    def method(self, name: str) -> Callable[[MethodHandler], MethodHandler]:
-        """Decorator form of :meth:`add_method_handler`: ``@device.method("reboot")``."""
-        def register(handler: MethodHandler) -> MethodHandler:
-            self.add_method_handler(name, handler)
-            return handler
-        return register
-
     # ------------------------------------------------------------------------- certificate renewal
 
     def replace_context(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, *,
@@ -754,9 +490,7 @@ class Device:
         runs on the events thread. A Device that is not started just takes the context for its next
         :meth:`connect`.
         """
-        if not isinstance(ssl_context, ssl.SSLContext):
-            raise ConfigError("ssl_context must be an ssl.SSLContext with the renewed certificate, e.g. from "
-                              f"lightclient.tls.client_context(), not {type(ssl_context).__name__}")
+        check_context(ssl_context, "the renewed certificate")
         old, running = self._ssl_context, self._running
         if running:
             self.disconnect(min(timeout, 5.0))
@@ -773,12 +507,6 @@ class Device:
             self._submit(self._events, self._call_user, "on_certificate_renewed", self.on_certificate_renewed,
                          certificate)
 
-    def _use_context(self, ssl_context: ssl.SSLContext) -> None:
-        # paho allows tls_set_context() once per client; its next connect wraps the socket with
-        # _ssl_context, so setting that (while disconnected) is the whole swap.
-        self._ssl_context = ssl_context
-        self._client._ssl_context = ssl_context
-
     def request_certificate(self, csr_der: bytes, *, replace: Optional[str] = None, timeout: float = 120.0) -> Any:
         """Ask the hub for a certificate for ``csr_der`` over ``$iothub/credentials`` (preview) and wait.
 
@@ -787,12 +515,7 @@ class Device:
         :class:`OperationTimeout` after ``timeout`` s. The chain takes effect on the next connection
         (:meth:`replace_context`); see :mod:`lightclient.renewal` for the whole renewal.
         """
-        if self._credentials is None:
-            from ._credentials import CredentialsChannel
-
-            self._credentials = CredentialsChannel(self._client, self.identity.device_id, self._subscriptions,
-                                                   self._connected)
-        return self._credentials.request(csr_der, replace=replace, timeout=timeout)
+        return self._credentials_channel(self._client).request(csr_der, replace=replace, timeout=timeout)
 
     def upload_file(self, path_or_fileobj: Any, blob_name: str, progress: Optional[Callable[[int, int], None]] = None,
                     **options: Any) -> Any:
@@ -820,13 +543,7 @@ class Device:
         status (``retryable`` for 429 and 5xx) or :class:`OperationTimeout`. Other statuses raise at once.
         """
         _, payload = self._twin_request("GET", lambda rid: lcpaho.request_twin(self._client, rid=rid), timeout)
-        try:
-            twin = _json(payload)
-        except ValueError:
-            raise ServiceError("the hub answered the twin GET with a body that is not JSON", 200) from None
-        if not isinstance(twin, dict):
-            raise ServiceError("the hub answered the twin GET with JSON that is not an object", 200)
-        return twin
+        return self._twin_document(payload)
 
     def patch_reported(self, patch: Dict[str, Any], timeout: Optional[float] = None) -> Optional[int]:
         """Update reported properties (``None`` deletes a key); return the new reported ``$version``.
@@ -834,9 +551,7 @@ class Device:
         Publishes the JSON patch on ``$iothub/twin/PATCH/properties/reported/?$rid={rid}`` and waits for
         ``$iothub/twin/res/204/?$rid={rid}&$version={v}``. Errors as for :meth:`get_twin`.
         """
-        if not isinstance(patch, dict):
-            raise ConfigError(f"a reported patch is a dict (a JSON object), not {type(patch).__name__}")
-        body = lcpaho.json_body(patch)  # fail here, not on the network thread, if it is not JSON
+        body = self._reported_body(patch)
         record, _ = self._twin_request(
             "reported PATCH", lambda rid: lcpaho.patch_reported(self._client, body, rid=rid), timeout)
         return record.version
@@ -845,69 +560,6 @@ class Device:
                       timeout: Optional[float]) -> Tuple[TwinResponse, bytes]:
         return self._twin_requests.request(what, publish, lcpaho.new_rid(),
                                            self._twin_timeout if timeout is None else timeout)
-
-
-#: Deeper JSON from the network is refused: IoT Hub itself allows 10 levels in twins, and the recursive
-#: code that handles documents (merge patches, diffs, copies) must not meet Python's recursion limit.
-MAX_JSON_DEPTH = 64
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # json.loads would accept NaN and Infinity
-
-
-def _json(payload: bytes) -> Any:
-    """``json.loads`` for data from the network: every failure (bad UTF-8, bad JSON, nesting deeper than
-    :data:`MAX_JSON_DEPTH`) is a ValueError."""
-    try:
-        value = json.loads(payload, parse_constant=_not_json)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return value
-
-
-def first_connect_retry(exc: OSError, host: str, port: int, ssl_context: ssl.SSLContext, backoff: Backoff,
-                        attempt: int, deadline: float, timeout: float) -> float:
-    """How long to wait before the next try of a FIRST connect that failed with ``exc`` (attempt ``attempt``,
-    0-based), or the typed error to raise: what no retry can cure (a proxy that refuses, an untrusted
-    certificate, no TLS version in common) at once, anything else once ``deadline`` would pass.
-
-    Shared by :class:`Device` and :class:`lightclient.aio.Device`, which differ only in how they wait.
-    """
-    if isinstance(exc, ProxyError) and not exc.retryable:
-        raise exc
-    permanent = permanent_tls_error(exc, host, port, ssl_context)
-    if permanent is not None:
-        raise permanent from exc
-    delay = backoff.delay(attempt)
-    if time.monotonic() + delay >= deadline:
-        if isinstance(exc, ProxyError):
-            raise ProxyError(f"could not connect to {host} within {timeout} s ({attempt + 1} attempts): {exc}",
-                             proxy=exc.proxy, reason=exc.reason, status=exc.status) from None
-        raise OperationTimeout(f"could not connect to {host}:{port}{_ws_hint(exc)} within {timeout} s "
-                               f"({attempt + 1} attempts); last error: {exc}") from exc
-    log.info("connecting to %s:%d failed (%s); retrying in %.1f s", host, port, exc, delay)
-    return delay
-
-
-def _ws_hint(exc: BaseException) -> str:
-    """paho says only "WebSocket handshake error" when the server refuses the upgrade; say where to look."""
-    if type(exc).__name__ == "WebsocketConnectionError":
-        return (f" (the server did not accept the WebSocket upgrade on {_transport.WEBSOCKET_PATH} with "
-                "subprotocol mqtt: is websocket_port an IoT Hub WebSocket endpoint?)")
-    return ""
-
-
-def _check_int(name: str, value: Any, low: int, high: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an int from {low} to {high}, not {value!r}: {hint}")
 
 
 __all__ = ["ConnectRefusedError", "Device", "MAX_KEEPALIVE", "MessageDroppedError", "MethodResponse", "Outbox",

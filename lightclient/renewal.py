@@ -263,6 +263,9 @@ class Renewer:
         renewer.attach(device); device.connect()
         renewer.start()                            # renews in the background, hot-swaps the Device
 
+    With :mod:`lightclient.aio`: ``device = await renewer.connect_device_async(lambda ctx: aio.Device(identity,
+    ctx))``, then ``renewer.start()``; the renewal runs on the Renewer's thread and swaps the Device on its loop.
+
     ``routes`` is the order in which renewal paths are tried (``"hub"``: the credentials API over the
     Device's connection; ``"dps"``: re-registration); the next one is tried when one fails. Each failure
     keeps the old credential, is reported to ``on_failure(error)`` and delays the next try (back-off).
@@ -452,8 +455,19 @@ class Renewer:
         self.attach(device)
         return device
 
+    async def connect_device_async(self, device_factory: Callable[[ssl.SSLContext], Any], timeout: float = 30.0) -> Any:
+        """:meth:`connect_device` for a :class:`lightclient.aio.Device` (the factory makes one): the same
+        steps, the token and file work on a worker thread, the connects on this event loop."""
+        from . import aio
+
+        return await aio.connect_for_renewer(self, device_factory, timeout)
+
     def attach(self, device: Any) -> None:
-        self.device = device
+        """Renew through ``device`` and hot-swap it. A :class:`lightclient.aio.Device` is attached from a
+        coroutine on its loop; this Renewer's thread then makes its calls there."""
+        from . import aio
+
+        self.device = aio.for_renewer(device)
 
     # ----------------------------------------------------------------------------- renewal
 

@@ -275,6 +275,20 @@ def test_aio_twin(lab, run_example):
     no_deviations(lab, "ex-aio-twin")
 
 
+def test_aio_renewal(lab, run_example):
+    env = enroll(lab, "ex-aio-renew", LIGHTCLIENT_RENEW_NOW=1, LIGHTCLIENT_RUN_SECONDS=2, LIGHTCLIENT_INTERVAL=0.2)
+    cert = Path(env["PATH_TO_CERTIFICATE_FILE"])
+    before = cert.read_bytes()
+    out = run_example("aio_renewal.py", env).finish(40)
+    assert "connected as ex-aio-renew; certificate valid until" in out
+    assert "certificate renewed: valid until" in out and "renewal failed" not in out
+    sent = int(re.search(r"sent and acknowledged (\d+) readings", out).group(1))
+    assert cert.read_bytes() != before and lab.emu.certificates_issued("ex-aio-renew") == 1
+    assert [json.loads(e.body)["seq"] for e in lab.emu.events("ex-aio-renew")] == list(range(1, sent + 1))
+    assert oct(os.stat(f"{cert}.renewal.json").st_mode & 0o777) == "0o600"
+    no_deviations(lab, "ex-aio-renew")
+
+
 def test_module_identity(lab, run_example):
     env = enroll(lab, "ex-edge", "filter", LIGHTCLIENT_COUNT=3, LIGHTCLIENT_INTERVAL=0, LIGHTCLIENT_OUTPUT_NAME="temperature")
     out = run_example("module_identity.py", env).finish()

@@ -153,3 +153,31 @@ def test_send_many_accepts_the_whole_batch_or_nothing():
     with pytest.raises(OperationTimeout):  # accepted (offline), then waited for in vain
         asyncio.run(device.send_many([b"a", b"b"], timeout=0.01))
     assert device.queued == 2
+
+
+def test_certificate_renewal_calls_check_their_input_and_where_they_run():
+    from lightclient import renewal
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    renewed_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    device = aio.Device(Identity("localhost", "d1"), ctx)
+    with pytest.raises(ConfigError, match="ssl_context must be an ssl.SSLContext with the renewed certificate"):
+        asyncio.run(device.replace_context("cert.pem"))
+    asyncio.run(device.replace_context(renewed_ctx, certificate="v"))  # not started: kept for the next connect
+    assert device._ssl_context is renewed_ctx and device._client._ssl_context is renewed_ctx
+    # A Renewer keeps a blocking face of the aio Device, bound to the loop it was attached on ...
+    renewer = renewal.Renewer(cert="device.pem", key="device.key", device_id="d1", routes=("hub",))
+    with pytest.raises(ConfigError, match="from a coroutine on its event loop"):
+        renewer.attach(device)
+
+    async def on_the_loop():
+        renewer.attach(device)
+        assert renewer.device.device is device and not renewer.device.is_connected
+        # ... whose calls wait for that loop, so making one on the loop itself is an error, not a hang.
+        with pytest.raises(ConfigError, match="asyncio.to_thread"):
+            renewer.device.replace_context(renewed_ctx)
+    asyncio.run(on_the_loop())
+    sync = object()
+    renewer.attach(sync)   # anything else is kept as it is
+    assert renewer.device is sync
+
