@@ -303,6 +303,7 @@ class Device(DeviceCore):
                          websocket_port=websocket_port, proxy=proxy, gateway_hostname=gateway_hostname,
                          transport_cache=transport_cache, sas=sas)
         self._renewing = False          # our own disconnect for a fresh SAS token (see _sas_renewal)
+        self._swapping = False          # replace_context() under way: method handlers carry on (see _swap)
         client = self._client
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
@@ -363,8 +364,9 @@ class Device(DeviceCore):
         self._attempt, self._refused, self._renewing = 0, None, False
         self._queues()
         self._connector = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self._threads}-connect")
-        self._method_pool = concurrent.futures.ThreadPoolExecutor(
-            self._method_workers, thread_name_prefix=f"{self._threads}-methods")
+        if self._method_pool is None:  # kept through a context swap, with the handlers running on it
+            self._method_pool = concurrent.futures.ThreadPoolExecutor(
+                self._method_workers, thread_name_prefix=f"{self._threads}-methods")
         deadline = time.monotonic() + timeout
         try:
             await self._first_connect(deadline, timeout)
@@ -420,13 +422,17 @@ class Device(DeviceCore):
             return
         deadline = time.monotonic() + max(0.0, timeout)
         if self._connected.is_set() and timeout > 0:
-            while self.queued and self._connected.is_set() and time.monotonic() < deadline:
-                await asyncio.sleep(_DRAIN_POLL)
+            await self._drain(deadline)
             current = asyncio.current_task()
             running = [t for t in self._method_tasks if t is not current]
             if running and deadline > time.monotonic():
                 await asyncio.wait(running, timeout=deadline - time.monotonic())
         await self._teardown()
+
+    async def _drain(self, deadline: float) -> None:
+        """Wait until the hub acknowledged the telemetry in flight (or the connection dropped, or ``deadline``)."""
+        while self.queued and self._connected.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(_DRAIN_POLL)
 
     async def close(self, timeout: float = 5.0) -> None:
         """:meth:`disconnect`, then close the outbox if the Device opened it from a path."""
@@ -456,20 +462,34 @@ class Device(DeviceCore):
             if self._client.socket() is not None:
                 self._client._sock_close()  # the peer does not read: give up on a polite goodbye
         current = asyncio.current_task()
-        for task in list(self._tasks) + list(self._method_tasks):
+        # A swap is a reconnect, not a stop: running method handlers (perhaps the one that asked for the
+        # swap) carry on and answer on the new connection, as on the sync Device.
+        stopping = list(self._tasks) + ([] if self._swapping else list(self._method_tasks))
+        for task in stopping:
             if task is not current:
                 task.cancel()
-        pending = [t for t in list(self._tasks) + list(self._method_tasks) if t is not current]
+        pending = [t for t in stopping if t is not current]
         if pending:
             await asyncio.wait(pending)
         self._tasks.clear()
-        self._method_tasks.clear()
         self._settle()
-        for pool in (self._connector, self._method_pool, self._twin_pool):
+        for pool in (self._connector, self._twin_pool):
             if pool is not None:
-                pool.shutdown(wait=False)  # a blocking method handler finishes on its own; nobody waits
-        self._connector = self._method_pool = self._twin_pool = None
+                pool.shutdown(wait=False)
+        self._connector = self._twin_pool = None
+        if not self._swapping:
+            self._stop_methods()
         self._running = False
+
+    def _stop_methods(self) -> None:
+        current = asyncio.current_task()
+        for task in list(self._method_tasks):
+            if task is not current:
+                task.cancel()
+        self._method_tasks.clear()
+        if self._method_pool is not None:
+            self._method_pool.shutdown(wait=False)  # a blocking method handler finishes on its own; nobody waits
+            self._method_pool = None
 
     def _spawn(self, coro: Awaitable[Any], methods: bool = False) -> "asyncio.Task[Any]":
         assert self._loop is not None
@@ -795,7 +815,8 @@ class Device(DeviceCore):
         credential keeps working. On success ``on_certificate_renewed(certificate)`` (a function or a
         coroutine function) runs on the loop. A Device that is not started just takes the context for its
         next :meth:`connect`. Cancelling the await does not stop a swap under way: it completes (or goes
-        back to the old context) as if nobody had waited.
+        back to the old context) as if nobody had waited. Method handlers running meanwhile (a handler may
+        await this itself) carry on and answer on the new connection.
         """
         check_context(ssl_context, "the renewed certificate")
         if not self._running:
@@ -806,16 +827,26 @@ class Device(DeviceCore):
         await asyncio.shield(asyncio.ensure_future(self._swap(ssl_context, timeout, certificate)))
 
     async def _swap(self, ssl_context: ssl.SSLContext, timeout: float, certificate: Any) -> None:
+        # Not disconnect(): that waits for the running method handlers, and this may run for one of them
+        # (awaiting replace_context(), or a Renewer it called), which would then wait for itself.
         old = self._ssl_context
-        await self.disconnect(min(timeout, 5.0))
-        self._use_context(ssl_context)
+        self._swapping = True
         try:
-            await self.connect(timeout)
-        except LightClientError:
-            log.error("could not connect with the renewed certificate; going back to the old one")
-            self._use_context(old)
-            await self.connect(timeout)
-            raise
+            if self._connected.is_set():
+                await self._drain(time.monotonic() + min(timeout, 5.0))
+            await self._teardown()
+            self._use_context(ssl_context)
+            try:
+                await self.connect(timeout)
+            except LightClientError:
+                log.error("could not connect with the renewed certificate; going back to the old one")
+                self._use_context(old)
+                await self.connect(timeout)
+                raise
+        finally:
+            self._swapping = False
+            if not self._running:  # not even the old context connected again: the Device is stopped
+                self._stop_methods()
         if certificate is not None:
             self._spawn(self._call_user("on_certificate_renewed", self.on_certificate_renewed, certificate))
 

@@ -4,8 +4,10 @@ the same lightclient.renewal.Renewer the sync Device uses, the aio Device hot-sw
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import ssl
+import threading
 import time
 
 import pytest
@@ -176,3 +178,90 @@ def test_a_suback_handled_before_subscribe_returned_still_counts(softhsm, emu, t
             assert (await device.request_certificate(csr, timeout=5)).certificates
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("kind", ["sync", "aio"])
+def test_method_handlers_survive_a_context_swap_and_answer(softhsm, emu, tmp_path, kind):
+    # A swap is a reconnect, not a stop: a handler that asks for the swap itself (directly or through the
+    # Renewer) answers 200, and a slow handler started before a swap it did not ask for is answered too.
+    name = f"swap-methods-{kind}"
+    uri, _, cert, _ = _new_device(softhsm, emu, tmp_path, name)
+    key = keys.load_key(uri, pin=PIN)
+    renewer = _renewer(emu, uri, cert, name, tmp_path, routes=("hub",))
+    started, release, swapped = threading.Event(), threading.Event(), []
+
+    def fresh():
+        return tls.client_context(cert=str(cert), key=key, ca=str(emu.ca_path))
+
+    def slow(payload):   # a plain function: on the method threads of either Device
+        started.set()
+        assert release.wait(60)
+        return {"slow": payload}
+
+    def invoke(method, payload=None):
+        result = emu.invoke_method(name, method, payload, timeout=30)   # HubError 504 if never answered
+        return result.status, result.payload
+
+    if kind == "sync":
+        from lightclient.device import Device
+
+        def swap_self(payload):
+            device.replace_context(fresh(), timeout=10)
+            return {"swapped": True}
+
+        def renew_self(payload):
+            renewer.renew("hub")
+            return {"renewed": True}
+
+        device = renewer.connect_device(lambda ctx: Device(Identity("localhost", name), ctx, host="127.0.0.1",
+                                                           port=emu.port, backoff=FAST, twin_timeout=10))
+        device.on_certificate_renewed = swapped.append
+        for method, handler in (("slow", slow), ("swap", swap_self), ("renew", renew_self)):
+            device.add_method_handler(method, handler)
+        try:
+            assert invoke("swap") == (200, {"swapped": True})
+            assert invoke("renew") == (200, {"renewed": True})
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(invoke, "slow", 7)
+                assert started.wait(20)
+                # The sync Device waits up to 5 s for running handlers before the swap's disconnect.
+                threading.Timer(2, release.set).start()
+                device.replace_context(fresh(), timeout=10, certificate="outside")
+                assert answer.result(40) == (200, {"slow": 7})
+            device.send_and_wait(b'{"after": "swaps"}', timeout=10)
+        finally:
+            release.set()
+            device.close()
+    else:
+        async def scenario():
+            device = await renewer.connect_device_async(_factory(emu, name))
+
+            async def swap_self(payload):
+                await device.replace_context(fresh(), timeout=10)
+                return {"swapped": True}
+
+            async def renew_self(payload):
+                await asyncio.to_thread(renewer.renew, "hub")
+                return {"renewed": True}
+
+            device.on_certificate_renewed = swapped.append
+            for method, handler in (("slow", slow), ("swap", swap_self), ("renew", renew_self)):
+                device.add_method_handler(method, handler)
+            try:
+                assert await asyncio.to_thread(invoke, "swap") == (200, {"swapped": True})
+                assert await asyncio.to_thread(invoke, "renew") == (200, {"renewed": True})
+                answer = asyncio.ensure_future(asyncio.to_thread(invoke, "slow", 7))
+                assert await asyncio.to_thread(started.wait, 20)
+                await device.replace_context(fresh(), timeout=10, certificate="outside")
+                # The handler is still running after the swap; its answer goes out on the new connection.
+                assert not answer.done()
+                release.set()
+                assert await answer == (200, {"slow": 7})
+                await device.send(b'{"after": "swaps"}').wait(10)
+            finally:
+                release.set()
+                await device.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    assert [json.loads(e.body) for e in emu.events(name)] == [{"after": "swaps"}]
+    assert swapped[-1] == "outside" and renewer.state.renewals == 1
