@@ -871,12 +871,35 @@ class Device(DeviceCore):
         if self._loop is None:
             self._loop, self._loop_thread = loop, threading.get_ident()
 
-    def _call_on_loop(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """``fn(*args, **kwargs)`` on the loop, from any thread, and its result."""
+    def _call_on_loop(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the loop, from any thread, and its result; :class:`OperationTimeout`
+        naming ``what`` if the loop does not run it soon (blocked, or no longer running)."""
         if threading.get_ident() == self._loop_thread:
             return fn(*args, **kwargs)
         assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(_call(fn, *args, **kwargs), self._loop).result(_LOOP_CALL_TIMEOUT)
+        future: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+        def run() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # the caller gave up on it: it must not run late
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        late = (f"the Device's event loop did not run {what} within {_LOOP_CALL_TIMEOUT:g} s: the loop is blocked "
+                "or no longer running; keep blocking calls off the loop and keep it running while the Device is "
+                "in use")
+        try:
+            self._loop.call_soon_threadsafe(run)
+        except RuntimeError:  # the loop is closed
+            raise OperationTimeout(late) from None
+        try:
+            return future.result(_LOOP_CALL_TIMEOUT)
+        except concurrent.futures.TimeoutError:  # on Python < 3.11 not the builtin TimeoutError
+            if future.cancel():
+                raise OperationTimeout(late) from None
+        return future.result()  # it had just started: a short paho call, its result follows at once
 
     # ------------------------------------------------------------------------------------ upload
 
@@ -934,12 +957,9 @@ class Device(DeviceCore):
                 _TWIN_WORKERS, thread_name_prefix=f"{self._threads}-twin")
         # TwinRequests waits on a pool thread; the publish itself happens on the loop, like all paho calls.
         return await loop.run_in_executor(
-            self._twin_pool, self._twin_requests.request, what, functools.partial(self._call_on_loop, publish),
+            self._twin_pool, self._twin_requests.request, what,
+            functools.partial(self._call_on_loop, f"the twin {what} request's publish", publish),
             lcpaho.new_rid(), self._twin_timeout if timeout is None else float(timeout))
-
-
-async def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    return fn(*args, **kwargs)
 
 
 class _PahoOnLoop:
@@ -950,13 +970,16 @@ class _PahoOnLoop:
         self._device = device
 
     def message_callback_add(self, *args: Any) -> None:
-        self._device._call_on_loop(self._device._client.message_callback_add, *args)
+        self._device._call_on_loop("the certificate request's callback registration",
+                                   self._device._client.message_callback_add, *args)
 
     def subscribe(self, *args: Any, **kwargs: Any) -> Any:
-        return self._device._call_on_loop(self._device._client.subscribe, *args, **kwargs)
+        return self._device._call_on_loop("the certificate request's subscribe to $iothub/credentials",
+                                          self._device._client.subscribe, *args, **kwargs)
 
     def publish(self, *args: Any, **kwargs: Any) -> Any:
-        return self._device._call_on_loop(self._device._client.publish, *args, **kwargs)
+        return self._device._call_on_loop("the certificate request's publish", self._device._client.publish,
+                                          *args, **kwargs)
 
 
 class _FromThread:

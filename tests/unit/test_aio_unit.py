@@ -1,6 +1,7 @@
 """lightclient.aio without sockets: awaitable send handles over the shared pipeline, bad input."""
 import asyncio
 import ssl
+import threading
 
 import pytest
 
@@ -181,3 +182,34 @@ def test_certificate_renewal_calls_check_their_input_and_where_they_run():
     renewer.attach(sync)   # anything else is kept as it is
     assert renewer.device is sync
 
+
+
+def test_a_call_the_blocked_loop_never_runs_is_a_typed_timeout_naming_it(monkeypatch):
+    # A worker thread (the credentials channel, a twin request) hands paho calls to the loop; a blocked
+    # loop must give it OperationTimeout (a LightClientError a Renewer handles), and the call must not run
+    # late, after the caller gave up.
+    monkeypatch.setattr(aio, "_LOOP_CALL_TIMEOUT", 0.2)
+    device = aio.Device(Identity("localhost", "d1"), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    calls = []
+    monkeypatch.setattr(device._client, "subscribe", lambda *a, **kw: calls.append(a))
+    loop = asyncio.new_event_loop()
+    bound, gate = threading.Event(), threading.Event()
+
+    async def bind_then_block():
+        device._bind(asyncio.get_running_loop())
+        bound.set()
+        gate.wait(30)   # blocking the loop, as a blocking call in a coroutine would
+
+    runner = threading.Thread(target=loop.run_until_complete, args=(bind_then_block(),))
+    runner.start()
+    try:
+        assert bound.wait(10)
+        with pytest.raises(OperationTimeout, match=r"did not run the certificate request's subscribe to "
+                                                   r"\$iothub/credentials within 0.2 s: the loop is blocked"):
+            aio._PahoOnLoop(device).subscribe("$iothub/credentials/res/#", qos=1)
+    finally:
+        gate.set()
+        runner.join(10)
+    loop.run_until_complete(asyncio.sleep(0.05))   # whatever was handed over runs now, if it still may
+    loop.close()
+    assert calls == []
