@@ -138,6 +138,13 @@ def setting(args: argparse.Namespace, name: str, required: bool = False, what: s
     return value
 
 
+def setting_source(args: argparse.Namespace, name: str) -> Optional[str]:
+    """Where :func:`setting` takes ``name`` from, for messages: its flag, else the environment variable; None if unset."""
+    if getattr(args, name, None) is not None:
+        return FLAG.get(name, "--" + name.replace("_", "-"))
+    return next((var for var in ENV.get(name, ()) if os.environ.get(var)), None)
+
+
 def add_key_options(parser: argparse.ArgumentParser, key_required: bool = True, sas: bool = True) -> None:
     """``sas=False`` for commands that only make sense with an X.509 key: --sas-key is then refused by name."""
     g = parser.add_argument_group("key and PIN")

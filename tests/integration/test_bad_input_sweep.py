@@ -72,8 +72,8 @@ class Lab:
         return Device(Identity("localhost", f"sw-{uuid.uuid4().hex[:8]}"), self.ctx, port=port, backoff=FAST,
                       **kwargs)
 
-    def cli(self, *args, timeout=30):
-        env = {**self.softhsm.env, "LIGHTCLIENT_MODULE_PATH": self.softhsm.module_path}
+    def cli(self, *args, timeout=30, env=None):
+        env = {**self.softhsm.env, "LIGHTCLIENT_MODULE_PATH": self.softhsm.module_path, **(env or {})}
         env = {k: v for k, v in env.items() if not k.startswith(("IOT_HUB", "DEVICE_ID", "KEY_IDENTIFIER",
                                                                    "PATH_TO_CERT", "PROVISIONING"))}
         env.pop("LIGHTCLIENT_PIN", None)
@@ -553,6 +553,18 @@ def _cli_pin_value_in_key(lab):
     raise CliFailed(out)
 
 
+def _cli_upload_env_sas_key_with_key(lab):
+    # The SAS key from LIGHTCLIENT_SAS_KEY, an X.509 --key on the command line: the error names the variable
+    # the user set, not a --sas-key flag they never gave.
+    proc = lab.cli("upload", __file__, "--hub", "localhost", "--device-id", "sw-sas", "--key", lab.device["ec"]["uri"],
+                   env={"LIGHTCLIENT_SAS_KEY": _sas_ref(lab)})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert "--key is for X.509 devices; LIGHTCLIENT_SAS_KEY (set in the environment)" in out, out
+    assert "unset LIGHTCLIENT_SAS_KEY" in out and "--sas-key" not in out, out
+    raise CliFailed(out)
+
+
 CASES.update({
     "keylog-created-owner-only": (lambda lab: _cli_keylog(lab, None), CliFailed, ""),
     "keylog-existing-world-readable": (lambda lab: _cli_keylog(lab, 0o644), CliFailed, ""),
@@ -713,6 +725,7 @@ CASES.update({
     "cli-upload-sas-key-with-cert": (lambda lab: _cli("upload", __file__, "--hub", "localhost", "--device-id", "sw-sas",
                                                       "--sas-key", _sas_ref(lab), "--cert", lab.device["ec"]["cert"],
                                                       code=2, text="--cert is for X.509 devices")(lab), CliFailed, ""),
+    "cli-upload-env-sas-key-with-key": (_cli_upload_env_sas_key_with_key, CliFailed, ""),
     "cli-upload-sas-key-not-on-token": (lambda lab: _cli("upload", __file__, "--hub", "localhost", "--device-id",
                                                          "sw-sas", "--sas-key", _sas_ref(lab), "--pin-file",
                                                          lab.pin_file, "--ca", lab.ca.cert, "--https-port", 9, code=3,
