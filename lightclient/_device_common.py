@@ -252,8 +252,9 @@ class DeviceCore:
     # ------------------------------------------------------------------- paho callbacks
 
     def _on_pre_connect(self, client: Any, userdata: Any) -> None:
-        # Runs inside connect()/reconnect() (the network or connect thread), so signing a SAS token with a
-        # key in a token never blocks the caller or the loop.
+        # Runs inside paho's connect()/reconnect(): on the aio Device's connect thread, so signing a SAS token
+        # with a key in a token never blocks the loop; on the sync Device's network thread after a drop, but on
+        # the caller's thread for the first connect (which blocks until connected anyway).
         if self._sas is not None:
             _sas_session.apply(client, self._username, self._sas)
 
@@ -464,7 +465,6 @@ class DeviceCore:
             self._credentials = CredentialsChannel(client, self.identity.device_id, self._subscriptions,
                                                    self._connected)
         return self._credentials
-
 
 
 def check_context(ssl_context: Any, holding: str) -> None:

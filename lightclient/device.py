@@ -46,7 +46,6 @@ from .topics import C2DMessage, DesiredPatch, InputMessage, MethodRequest, TwinR
 log = logging.getLogger("lightclient.device")
 
 
-
 class Device(DeviceCore):
     """An IoT Hub device (or module) connection with telemetry, direct methods, the twin and C2D.
 

@@ -465,9 +465,10 @@ class Renewer:
     def attach(self, device: Any) -> None:
         """Renew through ``device`` and hot-swap it. A :class:`lightclient.aio.Device` is attached from a
         coroutine on its loop; this Renewer's thread then makes its calls there."""
-        from . import aio
+        import sys
 
-        self.device = aio.for_renewer(device)
+        aio = sys.modules.get("lightclient.aio")   # not imported: ``device`` cannot be an aio Device
+        self.device = device if aio is None else aio.for_renewer(device)
 
     # ----------------------------------------------------------------------------- renewal
 

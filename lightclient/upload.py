@@ -36,7 +36,7 @@ With ``sas=`` (a :class:`lightclient.symkey.SasCredential` for the device, resou
 the PKCS#11 token for a :class:`~lightclient.symkey.TokenKey`) and goes only to the hub: the storage
 requests carry storage's own SAS and nothing else.
 
-Both SAS tokens are bearer secrets: it appears in no message, log line (urllib3's debug log is filtered
+Both SAS tokens are bearer secrets: they appear in no message, log line (urllib3's debug log is filtered
 while an upload runs), ``repr()`` or exception; URLs are shown with the query replaced by
 ``?<SAS redacted>``. Memory stays bounded: the file is read one block at a time.
 

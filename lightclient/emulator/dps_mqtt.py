@@ -236,7 +236,6 @@ class _DpsConnection:
         elif not self.channel.ssl_object.getpeercert(binary_form=True):
             return await self._refuse("dps.credentials", "the device sent neither a client certificate (X.509) "
                                       "nor a SAS token as the password (symmetric key)", received)
-        self.registration_id = packet.client_id
         self.api_version = version
         self.send(codec.Connack(False, codec.CONNACK_ACCEPTED))
         return True

@@ -59,3 +59,18 @@ def test_dir_all_and_unknown_names():
     # Submodules that are not lazy names still import the usual way.
     from lightclient import topics
     assert topics.__name__ == "lightclient.topics"
+
+
+def test_a_renewer_attaching_a_sync_device_does_not_import_asyncio_support():
+    # Renewer.attach() hands an aio Device its blocking face; a sync user must not pay for lightclient.aio.
+    modules = _fresh(
+        "import json, ssl, sys\n"
+        "from lightclient import renewal\n"
+        "from lightclient.device import Device\n"
+        "from lightclient.identity import Identity\n"
+        "device = Device(Identity('localhost', 'd1'), ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))\n"
+        "renewer = renewal.Renewer(cert='device.pem', key='device.key', device_id='d1', routes=('hub',))\n"
+        "renewer.attach(device)\n"
+        "assert renewer.device is device\n"
+        "print(json.dumps(sorted(sys.modules)))")
+    assert "lightclient.device" in modules and "lightclient.aio" not in modules
