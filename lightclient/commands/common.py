@@ -139,7 +139,7 @@ def setting(args: argparse.Namespace, name: str, required: bool = False, what: s
 
 
 def setting_source(args: argparse.Namespace, name: str) -> Optional[str]:
-    """Where :func:`setting` takes ``name`` from, for messages: its flag, else the environment variable; None if unset."""
+    """Where :func:`setting` takes ``name`` from, for messages: its flag, else the environment variable set."""
     if getattr(args, name, None) is not None:
         return FLAG.get(name, "--" + name.replace("_", "-"))
     return next((var for var in ENV.get(name, ()) if os.environ.get(var)), None)
