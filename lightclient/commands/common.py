@@ -306,6 +306,20 @@ def sas_credential(args: argparse.Namespace, ident):
     return SasCredential.for_identity(ident, sas_token_key(args), lifetime=lifetime)
 
 
+def refuse_x509_flags_with_sas(args: argparse.Namespace) -> None:
+    """A SAS key and --cert/--key together: refused, naming where the SAS key came from (flag or environment),
+    rather than quietly ignoring a flag the user typed."""
+    if setting(args, "sas_key") is None:
+        return
+    source = setting_source(args, "sas_key")
+    for flag, value in (("--cert", getattr(args, "cert", None)), ("--key", getattr(args, "key", None))):
+        if value is not None:
+            by, undo = (source, f"drop {flag}") if source == "--sas-key" else (
+                f"{source} (set in the environment)", f"drop {flag}, or unset {source} to use the certificate")
+            raise ConfigError(f"{flag} is for X.509 devices; {by} authenticates with a SAS token signed in "
+                              f"the token: {undo}")
+
+
 def sas_lifetime(args: argparse.Namespace) -> int:
     """--sas-lifetime, checked before any PIN is asked for (0 or a negative value is an error, not the default)."""
     from lightclient.sas import check_lifetime

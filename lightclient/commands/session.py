@@ -14,10 +14,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .. import diagnostics, tls, topics
 from .. import paho as lcpaho
-from .. import diagnostics, tls, topics
-from .. import paho as lcpaho
 from ..exceptions import ConfigError, OperationTimeout, ProtocolError, ProxyError, ServiceError
-from .common import AuthRefused, ConnectionFailed, identity, load_key, proxy_for, sas_credential, setting, warn
+from .common import (AuthRefused, ConnectionFailed, identity, load_key, proxy_for, refuse_x509_flags_with_sas,
+                     sas_credential, setting, warn)
 
 DEFAULT_PORT = 8883
 
@@ -106,6 +105,7 @@ class Session:
         self.proxy = proxy_for(args, self.host)
         self.timeout = getattr(args, "timeout", 15.0)
         if sas is None and ssl_context is None:
+            refuse_x509_flags_with_sas(args)
             sas = sas_credential(args, self.identity)
         if sas is not None and ssl_context is None:
             ssl_context = tls.server_context(ca=setting(args, "ca"))

@@ -9,8 +9,8 @@ from typing import Optional, TextIO
 
 from .. import tls, upload
 from ..exceptions import ConfigError
-from .common import (EXIT_OK, add_identity_options, add_key_options, env_help, identity, load_key, sas_credential,
-                     setting, setting_source)
+from .common import (EXIT_OK, add_identity_options, add_key_options, env_help, identity, load_key,
+                     refuse_x509_flags_with_sas, sas_credential, setting)
 from .progress import eta_text
 
 MiB = 1024 * 1024
@@ -92,14 +92,7 @@ def run(args) -> int:
     ca = setting(args, "ca")
     sas = None
     if setting(args, "sas_key") is not None:
-        # The SAS key may come from the environment; the error names the source the user actually gave.
-        source = setting_source(args, "sas_key")
-        for flag, value in (("--cert", getattr(args, "cert", None)), ("--key", getattr(args, "key", None))):
-            if value is not None:
-                by, undo = (source, f"drop {flag}") if source == "--sas-key" else (
-                    f"{source} (set in the environment)", f"drop {flag}, or unset {source} to use the certificate")
-                raise ConfigError(f"{flag} is for X.509 devices; {by} authenticates with a SAS token signed in "
-                                  f"the token: {undo}")
+        refuse_x509_flags_with_sas(args)
         sas = sas_credential(args, ident)
         ctx = tls.server_context(ca=ca, alpn=["http/1.1"])   # no client certificate: the SAS authenticates
     else:
