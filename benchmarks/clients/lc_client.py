@@ -112,8 +112,10 @@ def send_aio(ctx, count, warmup):
     from lightclient.identity import Identity
 
     async def run():
+        # Room for the whole run, as for the sync Device (raw paho's queue is unbounded).
         dev = aio.Device(Identity("localhost", f"bench-aio-{os.getpid()}"), ctx, port=spec["port"],
-                         max_inflight=spec.get("window", 20))
+                         max_inflight=spec.get("window", 20), max_queue=max(count, 10000) + warmup,
+                         max_queue_bytes=2 ** 40)
         async with dev:
             await asyncio.gather(*[dev.send(PAYLOAD, PROPERTIES) for _ in range(warmup)])
             start, cpu = time.perf_counter(), time.process_time()
