@@ -566,7 +566,7 @@ class Renewer:
         return result.chain_pem()
 
     def _new_key(self, state: RenewalState, now: float) -> None:
-        from .token import run_in_child
+        from .token import generate_keypair_in_process
 
         ref = self._key_ref(state.key)
         old_label = ref.attribute("object") or self.device_id
@@ -576,13 +576,21 @@ class Renewer:
         # Recorded before the key is made, so a crash during keygen still rolls it back.
         state.pending.new_key_label, state.pending.new_key_id = label, key_id
         self._save(state)
-        info = run_in_child("keygen", pin=self.pin, env=self.child_env, module_path=ref.module_path,
-                            token_label=ref.attribute("token"), key_label=label, key_type=self.key_type,
-                            key_id_hex=key_id)
-        state.pending.new_key = info["uri"]
+        # Made through this process's own instance of the module, the one the engine loads keys from:
+        # tpm2-pkcs11 reads its objects once, at C_Initialize, so a key made by a child process would stay
+        # invisible here ("object not found"). One code path for every token.
+        info = generate_keypair_in_process(ref.module_path, ref.attribute("token"), self.pin, label,
+                                           self.key_type, bytes.fromhex(key_id))
+        state.pending.new_key = info.uri()
         self._save(state)
 
     def _destroy_key(self, uri: str, label: Optional[str], key_id: Optional[str]) -> None:
+        # In a child, on purpose: it deletes the key from the token's store (tpm2-pkcs11: its sqlite
+        # database), which is what retiring means. Through this process's module instance it would also
+        # leave a gap in the module's object handles: tpm2-pkcs11 1.9 hands a freed handle to the next
+        # object it makes (and can hand out a duplicate once the first one is freed), while libp11 0.4.12
+        # keeps the objects it found keyed by handle, so it would take the next new key for the deleted
+        # one. This process keeps its in-memory view of the deleted key, and never uses it again.
         from .token import run_in_child
 
         ref = self._key_ref(uri)
