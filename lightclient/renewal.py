@@ -165,6 +165,7 @@ class Retirement:
     label: str
     key_id: Optional[str]
     after: float
+    attempts: int = 0           # failed deletions so far (the next waits longer: back-off)
 
 
 @dataclass
@@ -226,12 +227,14 @@ def failure_delay(backoff: Backoff, failures: int, retry_after: Optional[float],
 
 
 def next_key_label(label: str, now: float) -> str:
-    """``devkey`` -> ``devkey-r{time}``; an earlier ``-r{time}`` suffix is replaced, not stacked."""
+    """``devkey`` -> ``devkey-r{time in ms}``; an earlier ``-r{time}`` suffix is replaced, not stacked.
+    Milliseconds, so the second route tried in the same renewal gets a label of its own: a module such
+    as tpm2-pkcs11 keeps showing this process a key that was deleted (by a child) a moment ago."""
     base = label
     head, sep, tail = label.rpartition("-r")
     if sep and tail.isdigit():
         base = head
-    return f"{base}-r{int(now)}"
+    return f"{base}-r{int(now * 1000)}"
 
 
 # ------------------------------------------------------------------------------------------ I/O
@@ -598,6 +601,12 @@ class Renewer:
                      token_label=ref.attribute("token"), key_label=label or ref.attribute("object"),
                      key_id_hex=key_id)
 
+    def _sibling_uri(self, key: str, label: str, key_id: Optional[str]) -> str:
+        """The pkcs11: URI (no module path, no PIN) of key ``label``/``key_id`` in the token of ``key``."""
+        from .token import KeyInfo
+
+        return KeyInfo(label, key_id or "", "", self._key_ref(key).attribute("token") or "").uri()
+
     def _rollback(self, state: RenewalState) -> None:
         pending = state.pending
         if pending is None:
@@ -607,13 +616,14 @@ class Renewer:
         except FileNotFoundError:
             pass
         if pending.new_key_label and pending.new_key != state.key:
+            # Also when the key generation did not return (a crash, or the token refused): a key with this
+            # label AND this (random) id can only be the one this renewal asked for.
+            uri = pending.new_key or self._sibling_uri(state.key, pending.new_key_label, pending.new_key_id)
             try:
-                self._destroy_key(pending.new_key or f"pkcs11:object={pending.new_key_label}",
-                                  pending.new_key_label, pending.new_key_id)
+                self._destroy_key(uri, pending.new_key_label, pending.new_key_id)
             except LightClientError as exc:  # the key stays; retried as a retirement later
                 log.warning("could not delete the unused new key %r: %s", pending.new_key_label, exc)
-                state.retire.append(Retirement(pending.new_key or "", pending.new_key_label, pending.new_key_id,
-                                               self.clock()))
+                state.retire.append(Retirement(uri, pending.new_key_label, pending.new_key_id, self.clock()))
         state.pending = None
         self._save(state)
 
@@ -650,18 +660,23 @@ class Renewer:
         """Delete old keys whose grace period is over; return their labels."""
         state = self._load_state()
         now = self.clock()
-        done, keep = [], []
+        done, keep, failed = [], [], False
         for item in state.retire:
             if item.after > now or item.key == state.key:
                 keep.append(item)
                 continue
             try:
-                self._destroy_key(item.key, item.label, item.key_id)
+                self._destroy_key(item.key or self._sibling_uri(state.key, item.label, item.key_id), item.label,
+                                  item.key_id)
                 done.append(item.label)
             except LightClientError as exc:
-                log.warning("could not retire the old key %r yet: %s", item.label, exc)
+                item.attempts += 1
+                item.after = now + self.backoff.delay(item.attempts - 1)
+                log.warning("could not retire the old key %r yet (next try in %s): %s", item.label,
+                            format_duration(item.after - now), exc)
                 keep.append(item)
-        if done:
+                failed = True
+        if done or failed:
             state.retire = keep
             self._save(state)
         return done

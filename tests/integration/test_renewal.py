@@ -226,11 +226,11 @@ def test_kill_9_during_renewal_then_restart_completes_or_rolls_back(softhsm, emu
     assert not emu.diagnostics(name, "connect.")
 
 
-def test_tpm_device_sends_through_renewals(tmp_path):
+def test_tpm_device_sends_through_renewals_with_key_rotation(tmp_path):
     """The same as the SoftHSM run, with the key in a (software) TPM through tpm2-pkcs11, in a child
-    process (this process's OpenSSL engine is bound to SoftHSM). Without key rotation: tpm2-pkcs11 reads
-    its objects when the module is initialised, so a key made by another process (the keygen child) is
-    not found by the running one (libp11: "object not found"); rotation on the TPM is left open."""
+    process (this process's OpenSSL engine is bound to SoftHSM), with key rotation. tpm2-pkcs11 reads its
+    objects when the module is initialised, so a key made by another process is not found by the running
+    one (libp11: "object not found"); the renewer makes it through the process's own module instance."""
     from tests import lab
     from ..conftest import SO_PIN
 
@@ -245,30 +245,43 @@ def test_tpm_device_sends_through_renewals(tmp_path):
         config = {"cert": str(tmp_path / "tpm-dev.pem"), "key": uri, "device_id": name, "ca": str(emu.ca_path),
                   "ca_key": str(emu.ca.key_path), "dir": str(tmp_path), "state": str(tmp_path / "tpm.renewal.json"),
                   "port": emu.port, "dps": emu.dps.endpoint, "scope": SCOPE, "duration": 6 * LIFETIME, "pin": PIN,
-                  "rotate": False}
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.renewal_child", "run"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=tpm.env, cwd=ROOT)
+                  "rotate": True}
+        log = tmp_path / "child.log"   # a file, not a pipe: a full stderr pipe would stop the child
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.integration.renewal_child", "run"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    env=tpm.env, cwd=ROOT)
         proc.stdin.write(json.dumps(config))
         proc.stdin.close()
         out = []
-        reader = threading.Thread(target=lambda: out.append((proc.stdout.read(), proc.stderr.read())))
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
         reader.start()
         deadline = time.monotonic() + 8 * LIFETIME
         while emu.certificates_issued(name) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         emu.inject_credentials_fault(name, 500)   # the second renewal goes over DPS
-        proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+        try:
+            proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the TPM device did not finish: " + log.read_text(errors="replace")[-3000:])
         reader.join(10)
-        stdout, stderr = out[0]
+        stdout, stderr = out[0], log.read_text(errors="replace")
         assert proc.returncode == 0, stderr[-3000:]
         report = json.loads(stdout.strip().splitlines()[-1])
-        assert report["renewed"] >= 2 and report["retire"] == 0, (report, stderr[-3000:])
+        assert report["renewed"] >= 2 and report["renewals"] >= 2, (report, stderr[-3000:])
+        assert report["retire"] == 0, ("an old key was not retired", report)
         got = {json.loads(e.body)["n"] for e in emu.events(name)}
         assert got == set(range(report["sent"])), "a message was lost"
         assert emu.certificates_issued(name) >= 1
         assert len([r for r in emu.dps.requests if r[0] == "PUT"]) >= 2, "no DPS re-registration"
         assert not emu.diagnostics(name, "connect.")
+        # The device ended on a key made inside the TPM during a renewal; every earlier key is gone from the
+        # token (a fresh process sees the store as it is on disk).
+        current = keys.parse_key_ref(report["key"]).attribute("object")
+        assert report["key"] != uri and current.startswith("tpmkey-r"), report
         labels = {k["label"] for k in run_in_child("keys", module_path=token.module_path,
                                                    token_label="lc-tpm-renew", pin=PIN, env=tpm.env)}
-        assert labels == {"tpmkey"} and report["key"] == uri, labels
+        assert labels == {current}, labels
+        assert report["cert_matches_key"] is True, report
