@@ -240,6 +240,18 @@ def next_key_label(label: str, now: float) -> str:
 # ------------------------------------------------------------------------------------------ I/O
 
 
+def _replace_keeping_owner(path: str, data: bytes, mode: int) -> None:
+    """:func:`atomic_write`, and when root replaces another user's file, that user keeps owning it."""
+    try:
+        before = os.stat(path)
+    except OSError:
+        before = None
+    atomic_write(path, data, mode)
+    if before is not None and hasattr(os, "geteuid") and os.geteuid() == 0 and \
+            (before.st_uid, before.st_gid) != (os.getuid(), os.getgid()):
+        os.chown(path, before.st_uid, before.st_gid)
+
+
 @dataclass
 class DpsRoute:
     """Renewal by DPS re-registration with a CSR (section 7.2). Authenticates with ``onboarding_cert``
@@ -530,7 +542,7 @@ class Renewer:
             if not _native.cert_matches_key(chain_pem, key):
                 raise RenewalError("the issued certificate is not for the key the CSR came from", route=route)
             validity = validity_of(chain_pem)
-            atomic_write(state.pending.new_cert, chain_pem, 0o644)
+            atomic_write(state.pending.new_cert, chain_pem, self._chain_mode(state.cert))
             self._step(state, "written")
             if self.device is not None:
                 from . import tls
@@ -601,6 +613,14 @@ class Renewer:
                      token_label=ref.attribute("token"), key_label=label or ref.attribute("object"),
                      key_id_hex=key_id)
 
+    @staticmethod
+    def _chain_mode(path: str) -> int:
+        """The renewed chain keeps the permissions of the one it replaces (0600 stays 0600)."""
+        try:
+            return os.stat(path).st_mode & 0o777
+        except OSError:
+            return 0o644
+
     def _sibling_uri(self, key: str, label: str, key_id: Optional[str]) -> str:
         """The pkcs11: URI (no module path, no PIN) of key ``label``/``key_id`` in the token of ``key``."""
         from .token import KeyInfo
@@ -646,7 +666,7 @@ class Renewer:
         state.next_attempt = 0.0
         state.renewals += 1
         self._save(state)
-        atomic_write(state.cert, chain, 0o644)
+        _replace_keeping_owner(state.cert, chain, self._chain_mode(state.cert))
         try:
             os.unlink(new_cert)
         except FileNotFoundError:
