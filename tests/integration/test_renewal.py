@@ -285,3 +285,66 @@ def test_tpm_device_sends_through_renewals_with_key_rotation(tmp_path):
                                                    token_label="lc-tpm-renew", pin=PIN, env=tpm.env)}
         assert labels == {current}, labels
         assert report["cert_matches_key"] is True, report
+
+
+def test_disconnect_on_expiry_closes_an_expired_connection_while_a_renewer_stays_ahead(softhsm, tmp_path):
+    """The emulator's disconnect_on_expiry (--disconnect-on-expiry): a connection whose certificate expires is
+    closed with the diagnostic, and the reconnect is refused with CONNACK 5; a Device whose Renewer renews
+    before notAfter is never cut off and loses nothing."""
+    life = 8
+    with Emulator(tmp_path / "emu", hostname="localhost", cert_lifetime=life, disconnect_on_expiry=True) as emu:
+        emu.start_dps(0, polls=0, retry_after=1)
+        # The renewing device: hub first, DPS as the fallback.
+        r_uri, _, r_cert, _ = _new_device(softhsm, emu, tmp_path, "expiry-renew")
+        renewed = []
+        renewer = _renewer(emu, r_uri, r_cert, "expiry-renew", tmp_path)
+        renewing = renewer.connect_device(lambda ctx: Device(Identity("localhost", "expiry-renew"), ctx,
+                                                             host="127.0.0.1", port=emu.port,
+                                                             backoff=renewal.Backoff(initial=0.2, maximum=1.0)))
+        renewing.on_certificate_renewed = renewed.append
+        renewer.start()
+        # The device without renewal.
+        name = "expiry-plain"
+        uri, _, cert, _ = _new_device(softhsm, emu, tmp_path, name)
+        validity = renewal.validity_of(cert.read_bytes())
+        states = []
+        ctx = tls.client_context(cert=str(cert), key=keys.load_key(uri, pin=PIN), ca=str(emu.ca_path))
+        plain = Device(Identity("localhost", name), ctx, host="127.0.0.1", port=emu.port,
+                       backoff=renewal.Backoff(initial=0.2, maximum=1.0),
+                       on_connection_state=lambda up, why: states.append(up))
+        plain.connect(10)
+        sent = []
+        try:
+            plain.send_and_wait(b'{"before": "expiry"}', timeout=10)
+            while time.time() < validity.not_after - 2:   # connected as long as the certificate is valid
+                sent.append(renewing.send(json.dumps({"n": len(sent)}).encode()))
+                time.sleep(0.1)
+            assert plain.is_connected and not emu.diagnostics(name, "connect.certificate-expired")
+            deadline = time.monotonic() + 4 * life
+            while time.monotonic() < deadline and not (
+                    len(emu.diagnostics(name, "connect.certificate-expired")) >= 2 and len(renewed) >= 2):
+                sent.append(renewing.send(json.dumps({"n": len(sent)}).encode()))
+                time.sleep(0.1)
+            for handle in sent:
+                handle.wait(30)
+        finally:
+            renewer.stop()
+            renewing.close()
+            plain.close()
+        closed, refused = emu.diagnostics(name, "connect.certificate-expired")[:2]
+        assert "expired while connected" in closed.message and "closed" in closed.message
+        assert refused.message.startswith("CONNACK 5") and "expired" in refused.message
+        assert states[:2] == [True, False] and True not in states[2:], states
+        assert not plain.is_connected
+        # A new connection with that certificate is refused the same way, as the code's typed error.
+        again = Device(Identity("localhost", name), ctx, host="127.0.0.1", port=emu.port)
+        with pytest.raises(ConnectRefusedError) as error:
+            again.connect(10)
+        again.close()
+        assert error.value.return_code == 5
+        with pytest.raises(CertificateExpiredError):
+            _renewer(emu, uri, cert, name, tmp_path).credential()
+        # The renewing device: renewed at least twice, never cut off or refused, nothing lost.
+        assert len(renewed) >= 2 and renewer.state.renewals >= 2
+        assert not emu.diagnostics("expiry-renew", "connect.")
+        assert {json.loads(e.body)["n"] for e in emu.events("expiry-renew")} == set(range(len(sent)))
