@@ -348,3 +348,31 @@ def test_disconnect_on_expiry_closes_an_expired_connection_while_a_renewer_stays
         assert len(renewed) >= 2 and renewer.state.renewals >= 2
         assert not emu.diagnostics("expiry-renew", "connect.")
         assert {json.loads(e.body)["n"] for e in emu.events("expiry-renew")} == set(range(len(sent)))
+
+
+def test_failed_key_retirement_backs_off_and_a_half_made_key_is_deleted_from_its_token(softhsm, emu, tmp_path):
+    """A retirement the token refuses is retried later (back-off), not in a busy loop; a rollback after the
+    key generation did not return deletes the key by label and id in the current key's token."""
+    name = "renew-retire"
+    uri, label, cert, _ = _new_device(softhsm, emu, tmp_path, name)
+    now = [time.time()]
+    renewer = _renewer(emu, uri, cert, name, tmp_path, rotate_keys=True, clock=lambda: now[0])
+    state = renewer.state
+    # A half-made key: the state file names it, the generation never returned a URI.
+    orphan = f"{label}-r1"
+    info = softhsm.keygen(TOKEN, PIN, orphan, "ec-p256")
+    state.pending = renewal.Pending(step="csr", route="dps", new_cert=str(cert) + ".new", new_key_label=orphan,
+                                    new_key_id=info["id_hex"])
+    # An old key in a token that is not there: its deletion fails.
+    state.retire.append(renewal.Retirement("pkcs11:token=no-such-token;object=gone;type=private", "gone", "01",
+                                           now[0] - 1))
+    renewer._save(state)
+    assert renewer.recover() == "rollback"
+    assert orphan not in _token_labels(softhsm) and label in _token_labels(softhsm)
+    (item,) = renewer.state.retire
+    assert item.label == "gone" and item.attempts == 1 and item.after > now[0]
+    assert renewer.retire_due() == [] and renewer.state.retire[0].attempts == 1   # not due again yet
+    now[0] = item.after + 0.01
+    assert renewer.retire_due() == []
+    second = renewer.state.retire[0]
+    assert second.attempts == 2 and second.after > now[0]
