@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import topics
 from .exceptions import OperationTimeout, ProtocolError, RenewalError
@@ -31,6 +31,7 @@ class CredentialsChannel:
         self._waiters: Dict[str, "List[CredentialsAnswer]"] = {}
         self._wake = threading.Condition(self._lock)
         self._suback_mid: Optional[int] = None
+        self._early_subacks: Set[int] = set()
         self._subscribed = threading.Event()
         client.message_callback_add(topics.CREDENTIALS_RESPONSE_FILTER, self._on_message)
 
@@ -38,8 +39,13 @@ class CredentialsChannel:
 
     def suback(self, mid: int) -> bool:
         """True if ``mid`` was this channel's SUBSCRIBE (the Device's on_subscribe asks first)."""
-        if mid != self._suback_mid:
-            return False
+        with self._lock:
+            if self._suback_mid is None:
+                # The SUBACK can beat subscribe()'s return to the caller's thread: keep it for then.
+                self._early_subacks.add(mid)
+                return False
+            if mid != self._suback_mid:
+                return False
         self._subscribed.set()
         return True
 
@@ -67,7 +73,12 @@ class CredentialsChannel:
         entry = (topics.CREDENTIALS_RESPONSE_FILTER, 1)
         if entry not in self._subscriptions:
             self._subscriptions.append(entry)
-            _, self._suback_mid = self._client.subscribe([entry])
+            _, mid = self._client.subscribe([entry])
+            with self._lock:
+                self._suback_mid = mid
+                if mid in self._early_subacks:
+                    self._subscribed.set()
+                self._early_subacks.clear()
         elif self._suback_mid is None:
             self._subscribed.set()   # part of the Device's own subscriptions, acknowledged before connected
         if not self._connected.wait(max(0.0, deadline - time.monotonic())):
