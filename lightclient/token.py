@@ -8,7 +8,8 @@ python-pkcs11 load a module once per process and keep its slots logged in), what
 key that OpenSSL's engine has loaded, or before it, runs in a child process: :func:`run_in_child`
 starts ``python -m lightclient.token OP`` with the arguments and PINs as JSON on stdin and reads a
 JSON answer from stdout, re-raising the child's typed error here. The key loader's diagnostics
-(:func:`describe_module`), the doctor's token probe (:func:`probe`) and the test lab use it.
+(:func:`describe_module`), the doctor's token probe (:func:`probe`) and the test lab use it. The one
+exception is :func:`generate_keypair_in_process`, for a key the running process must load next.
 """
 from __future__ import annotations
 
