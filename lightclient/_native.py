@@ -26,6 +26,8 @@ from .exceptions import (
     KeyMismatchError,
     ModuleLoadError,
     NativeError,
+    PinError,
+    TokenNotFoundError,
 )
 
 # The compiled shim is imported on first use, not here: importing lightclient (and paho, for a
@@ -385,3 +387,63 @@ def sign_csr(key: NativeKey, subject: Sequence[Tuple[str, str]], san: Optional[s
         return bytes(ffi.buffer(der[0], der_len[0]))
     finally:
         lib.lc_free(der[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# PKCS#11 key pairs through this process's instance of the module (see lc_shim.h)
+
+#: key type -> (LC_P11_* kind, RSA modulus bits)
+_P11_KINDS = {"ec-p256": (1, 0), "ec-p384": (2, 0), "rsa-2048": (3, 2048), "rsa-3072": (3, 3072)}
+_CKR_PIN = {0xA0: "CKR_PIN_INCORRECT", 0xA1: "CKR_PIN_INVALID", 0xA2: "CKR_PIN_LEN_RANGE", 0xA4: "CKR_PIN_LOCKED"}
+_CKR_FULL = {0x31: "CKR_DEVICE_MEMORY", 0x02: "CKR_HOST_MEMORY"}
+_CKR_UNSUPPORTED = {0x70: "CKR_MECHANISM_INVALID", 0x13: "CKR_ATTRIBUTE_VALUE_INVALID",
+                    0xD1: "CKR_TEMPLATE_INCONSISTENT", 0xD0: "CKR_TEMPLATE_INCOMPLETE",
+                    0x130: "CKR_DOMAIN_PARAMS_INVALID", 0x12: "CKR_ATTRIBUTE_TYPE_INVALID"}
+
+
+def p11_generate_keypair(module_path: str, token_label: str, pin: str, key_label: str, key_type: str,
+                         key_id: bytes) -> None:
+    """Make a sign-only, sensitive, non-extractable key pair on the token through the module instance
+    this process shares with OpenSSL's libp11 engine, so that engine finds it. The PIN crosses into C
+    as a buffer that is wiped afterwards."""
+    ffi, lib = _shim_lib()
+    if key_type not in _P11_KINDS:
+        raise ConfigError(f"unknown key type {key_type!r}: choose one of {', '.join(_P11_KINDS)}")
+    if not os.path.isfile(module_path):
+        raise ModuleLoadError(f"the PKCS#11 module {module_path!r} does not exist: install it or fix the path.")
+    kind, bits = _P11_KINDS[key_type]
+    ckr = ffi.new("unsigned long *")
+    where = ffi.new("char[]", 64)
+    secret = bytearray(pin, "utf-8")
+    try:
+        rc = lib.lc_p11_generate_keypair(module_path.encode(), token_label.encode(),
+                                         ffi.from_buffer("unsigned char[]", secret), len(secret), key_label.encode(),
+                                         ffi.from_buffer("unsigned char[]", key_id), len(key_id), kind, bits,
+                                         ckr, where, 64)
+    finally:
+        secret[:] = bytes(len(secret))
+    if rc == lib.LC_OK:
+        return
+    code, function = ckr[0], ffi.string(where).decode(errors="replace")
+    if rc == lib.LC_E_P11_MODULE:
+        raise ModuleLoadError(f"cannot load the PKCS#11 module {module_path!r} (no C_GetFunctionList in it?)")
+    if rc == lib.LC_E_P11_TOKEN:
+        raise TokenNotFoundError(f"no token labelled {token_label!r} in {module_path!r}")
+    if rc == lib.LC_E_P11_EXISTS:
+        raise ConfigError(f"token {token_label!r} already holds a private key labelled {key_label!r}")
+    if rc == lib.LC_E_P11_NOT_SENSITIVE:
+        raise KeyLoadError(f"the token created {key_label!r} but did not make it sensitive and non-extractable")
+    if rc == lib.LC_E_ARG:
+        raise ConfigError("a key pair needs a module path, a token label, a PIN, a key label and an id")
+    if rc == lib.LC_E_NOMEM:
+        raise MemoryError("out of memory listing the PKCS#11 slots")
+    if code in _CKR_PIN:
+        raise PinError(f"the PIN for token {token_label!r} was refused ({_CKR_PIN[code]})")
+    if code in _CKR_FULL:
+        raise KeyLoadError(f"token {token_label!r} has no room for another key ({_CKR_FULL[code]}): retire keys no "
+                           "longer used, or renew without key rotation")
+    if code in _CKR_UNSUPPORTED:
+        raise KeyLoadError(f"token {token_label!r} cannot make a {key_type} key ({function}: "
+                           f"{_CKR_UNSUPPORTED[code]}); choose another key type")
+    raise KeyLoadError(f"making the key {key_label!r} on token {token_label!r} failed: {function} returned "
+                       f"CKR 0x{code:x}")

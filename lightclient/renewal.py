@@ -165,6 +165,7 @@ class Retirement:
     label: str
     key_id: Optional[str]
     after: float
+    attempts: int = 0           # failed deletions so far (the next waits longer: back-off)
 
 
 @dataclass
@@ -226,15 +227,29 @@ def failure_delay(backoff: Backoff, failures: int, retry_after: Optional[float],
 
 
 def next_key_label(label: str, now: float) -> str:
-    """``devkey`` -> ``devkey-r{time}``; an earlier ``-r{time}`` suffix is replaced, not stacked."""
+    """``devkey`` -> ``devkey-r{time in ms}``; an earlier ``-r{time}`` suffix is replaced, not stacked.
+    Milliseconds, so the second route tried in the same renewal gets a label of its own: a module such
+    as tpm2-pkcs11 keeps showing this process a key that was deleted (by a child) a moment ago."""
     base = label
     head, sep, tail = label.rpartition("-r")
     if sep and tail.isdigit():
         base = head
-    return f"{base}-r{int(now)}"
+    return f"{base}-r{int(now * 1000)}"
 
 
 # ------------------------------------------------------------------------------------------ I/O
+
+
+def _replace_keeping_owner(path: str, data: bytes, mode: int) -> None:
+    """:func:`atomic_write`, and when root replaces another user's file, that user keeps owning it."""
+    try:
+        before = os.stat(path)
+    except OSError:
+        before = None
+    atomic_write(path, data, mode)
+    if before is not None and hasattr(os, "geteuid") and os.geteuid() == 0 and \
+            (before.st_uid, before.st_gid) != (os.getuid(), os.getgid()):
+        os.chown(path, before.st_uid, before.st_gid)
 
 
 @dataclass
@@ -542,7 +557,7 @@ class Renewer:
             if not _native.cert_matches_key(chain_pem, key):
                 raise RenewalError("the issued certificate is not for the key the CSR came from", route=route)
             validity = validity_of(chain_pem)
-            atomic_write(state.pending.new_cert, chain_pem, 0o644)
+            atomic_write(state.pending.new_cert, chain_pem, self._chain_mode(state.cert))
             self._step(state, "written")
             if self.device is not None:
                 from . import tls
@@ -581,7 +596,7 @@ class Renewer:
         return result.chain_pem()
 
     def _new_key(self, state: RenewalState, now: float) -> None:
-        from .token import run_in_child
+        from .token import generate_keypair_in_process
 
         ref = self._key_ref(state.key)
         old_label = ref.attribute("object") or self.device_id
@@ -591,19 +606,41 @@ class Renewer:
         # Recorded before the key is made, so a crash during keygen still rolls it back.
         state.pending.new_key_label, state.pending.new_key_id = label, key_id
         self._save(state)
-        info = run_in_child("keygen", pin=self.pin, env=self.child_env, module_path=ref.module_path,
-                            token_label=ref.attribute("token"), key_label=label, key_type=self.key_type,
-                            key_id_hex=key_id)
-        state.pending.new_key = info["uri"]
+        # Made through this process's own instance of the module, the one the engine loads keys from:
+        # tpm2-pkcs11 reads its objects once, at C_Initialize, so a key made by a child process would stay
+        # invisible here ("object not found"). One code path for every token.
+        info = generate_keypair_in_process(ref.module_path, ref.attribute("token"), self.pin, label,
+                                           self.key_type, bytes.fromhex(key_id))
+        state.pending.new_key = info.uri()
         self._save(state)
 
     def _destroy_key(self, uri: str, label: Optional[str], key_id: Optional[str]) -> None:
+        # In a child, on purpose: it deletes the key from the token's store (tpm2-pkcs11: its sqlite
+        # database), which is what retiring means. Through this process's module instance it would also
+        # leave a gap in the module's object handles: tpm2-pkcs11 1.9 hands a freed handle to the next
+        # object it makes (and can hand out a duplicate once the first one is freed), while libp11 0.4.12
+        # keeps the objects it found keyed by handle, so it would take the next new key for the deleted
+        # one. This process keeps its in-memory view of the deleted key, and never uses it again.
         from .token import run_in_child
 
         ref = self._key_ref(uri)
         run_in_child("destroy-key", pin=self.pin, env=self.child_env, module_path=ref.module_path,
                      token_label=ref.attribute("token"), key_label=label or ref.attribute("object"),
                      key_id_hex=key_id)
+
+    @staticmethod
+    def _chain_mode(path: str) -> int:
+        """The renewed chain keeps the permissions of the one it replaces (0600 stays 0600)."""
+        try:
+            return os.stat(path).st_mode & 0o777
+        except OSError:
+            return 0o644
+
+    def _sibling_uri(self, key: str, label: str, key_id: Optional[str]) -> str:
+        """The pkcs11: URI (no module path, no PIN) of key ``label``/``key_id`` in the token of ``key``."""
+        from .token import KeyInfo
+
+        return KeyInfo(label, key_id or "", "", self._key_ref(key).attribute("token") or "").uri()
 
     def _rollback(self, state: RenewalState) -> None:
         pending = state.pending
@@ -614,13 +651,14 @@ class Renewer:
         except FileNotFoundError:
             pass
         if pending.new_key_label and pending.new_key != state.key:
+            # Also when the key generation did not return (a crash, or the token refused): a key with this
+            # label AND this (random) id can only be the one this renewal asked for.
+            uri = pending.new_key or self._sibling_uri(state.key, pending.new_key_label, pending.new_key_id)
             try:
-                self._destroy_key(pending.new_key or f"pkcs11:object={pending.new_key_label}",
-                                  pending.new_key_label, pending.new_key_id)
+                self._destroy_key(uri, pending.new_key_label, pending.new_key_id)
             except LightClientError as exc:  # the key stays; retried as a retirement later
                 log.warning("could not delete the unused new key %r: %s", pending.new_key_label, exc)
-                state.retire.append(Retirement(pending.new_key or "", pending.new_key_label, pending.new_key_id,
-                                               self.clock()))
+                state.retire.append(Retirement(uri, pending.new_key_label, pending.new_key_id, self.clock()))
         state.pending = None
         self._save(state)
 
@@ -643,7 +681,7 @@ class Renewer:
         state.next_attempt = 0.0
         state.renewals += 1
         self._save(state)
-        atomic_write(state.cert, chain, 0o644)
+        _replace_keeping_owner(state.cert, chain, self._chain_mode(state.cert))
         try:
             os.unlink(new_cert)
         except FileNotFoundError:
@@ -657,18 +695,23 @@ class Renewer:
         """Delete old keys whose grace period is over; return their labels."""
         state = self._load_state()
         now = self.clock()
-        done, keep = [], []
+        done, keep, failed = [], [], False
         for item in state.retire:
             if item.after > now or item.key == state.key:
                 keep.append(item)
                 continue
             try:
-                self._destroy_key(item.key, item.label, item.key_id)
+                self._destroy_key(item.key or self._sibling_uri(state.key, item.label, item.key_id), item.label,
+                                  item.key_id)
                 done.append(item.label)
             except LightClientError as exc:
-                log.warning("could not retire the old key %r yet: %s", item.label, exc)
+                item.attempts += 1
+                item.after = now + self.backoff.delay(item.attempts - 1)
+                log.warning("could not retire the old key %r yet (next try in %s): %s", item.label,
+                            format_duration(item.after - now), exc)
                 keep.append(item)
-        if done:
+                failed = True
+        if done or failed:
             state.retire = keep
             self._save(state)
         return done

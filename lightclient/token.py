@@ -8,7 +8,8 @@ python-pkcs11 load a module once per process and keep its slots logged in), what
 key that OpenSSL's engine has loaded, or before it, runs in a child process: :func:`run_in_child`
 starts ``python -m lightclient.token OP`` with the arguments and PINs as JSON on stdin and reads a
 JSON answer from stdout, re-raising the child's typed error here. The key loader's diagnostics
-(:func:`describe_module`), the doctor's token probe (:func:`probe`) and the test lab use it.
+(:func:`describe_module`), the doctor's token probe (:func:`probe`) and the test lab use it. The one
+exception is :func:`generate_keypair_in_process`, for a key the running process must load next.
 """
 from __future__ import annotations
 
@@ -181,6 +182,35 @@ def generate_keypair(module_path: str, token_label: str, pin: str, key_label: st
                                "keys no longer used, or renew without key rotation") from None
         if priv[Attribute.EXTRACTABLE] or not priv[Attribute.SENSITIVE]:
             raise KeyLoadError(f"the token created {key_label!r} but did not make it sensitive and non-extractable")
+    return KeyInfo(key_label, key_id.hex(), "EC" if key_type.startswith("ec-") else "RSA", token_label)
+
+
+def generate_keypair_in_process(module_path: str, token_label: str, pin: str, key_label: str,
+                                key_type: str = "ec-p256", key_id: Optional[bytes] = None) -> KeyInfo:
+    """:func:`generate_keypair` through THIS process's instance of the module, the one OpenSSL's libp11
+    engine loads keys from, for a key this very process must load next (key rotation during renewal).
+
+    Why not a child (:func:`run_in_child`): tpm2-pkcs11 reads the token's objects from its store when
+    the module is initialised, so libp11 in a running process never finds a key another process made
+    ("object not found"). libp11 0.4.12 searches the token (C_FindObjects) on every key load and adds new
+    handles to its list, so a key made through its own module instance is found. The module is
+    initialised if needed and never finalised, the user is logged in on a session of our own and never
+    logged out (both belong to libp11 as well); same attributes as :func:`generate_keypair`. Deleting keys
+    stays in a child (:func:`destroy_key`): see :meth:`lightclient.renewal.Renewer` for why.
+    """
+    from . import _native
+
+    if key_type not in KEY_TYPES:
+        raise ConfigError(f"unknown key type {key_type!r}: choose one of {', '.join(KEY_TYPES)}")
+    if not key_label:
+        raise ConfigError("key_label must not be empty: it is how the key is found again")
+    if pin is None:
+        raise PinError(f"creating a key on token {token_label!r} needs its user PIN")
+    if key_id is None:
+        import os
+
+        key_id = os.urandom(8)
+    _native.p11_generate_keypair(module_path, token_label, pin, key_label, key_type, key_id)
     return KeyInfo(key_label, key_id.hex(), "EC" if key_type.startswith("ec-") else "RSA", token_label)
 
 

@@ -1016,3 +1016,293 @@ long lc_peer_verify_result(void *pysslobj, void *pyctx, uint64_t expected_option
     lc_copy(text, text_len, X509_verify_cert_error_string(result));
     return result;
 }
+
+/* ------------------------------------------------------------------ PKCS#11 key pairs in this process
+ *
+ * The few PKCS#11 (v2.40) types used here are declared locally, so the build needs no pkcs11.h. On
+ * Unix the structures are not packed and CK_ULONG is unsigned long (the spec's platform notes). */
+
+typedef unsigned long lc_ck_ulong;
+typedef unsigned long lc_ck_rv;
+typedef struct { lc_ck_ulong type; void *value; lc_ck_ulong len; } lc_ck_attribute;
+typedef struct { lc_ck_ulong mechanism; void *param; lc_ck_ulong param_len; } lc_ck_mechanism;
+typedef struct {
+    void *create_mutex, *destroy_mutex, *lock_mutex, *unlock_mutex;
+    lc_ck_ulong flags;
+    void *reserved;
+} lc_ck_init_args;
+typedef struct {
+    unsigned char label[32], manufacturer[32], model[16], serial[16];
+    lc_ck_ulong flags, max_sessions, sessions, max_rw_sessions, rw_sessions, max_pin, min_pin,
+        total_public, free_public, total_private, free_private;
+    unsigned char hw_version[2], fw_version[2], utc_time[16];
+} lc_ck_token_info;
+
+/* CK_FUNCTION_LIST up to C_GenerateKeyPair, in the order of the standard; `unused` fills the
+ * entries this file never calls. */
+typedef struct {
+    unsigned char version[2];
+    lc_ck_rv (*C_Initialize)(void *);
+    lc_ck_rv (*C_Finalize)(void *);
+    void *C_GetInfo, *C_GetFunctionList;
+    lc_ck_rv (*C_GetSlotList)(unsigned char, lc_ck_ulong *, lc_ck_ulong *);
+    void *C_GetSlotInfo;
+    lc_ck_rv (*C_GetTokenInfo)(lc_ck_ulong, lc_ck_token_info *);
+    void *C_GetMechanismList, *C_GetMechanismInfo, *C_InitToken, *C_InitPIN, *C_SetPIN;
+    lc_ck_rv (*C_OpenSession)(lc_ck_ulong, lc_ck_ulong, void *, void *, lc_ck_ulong *);
+    lc_ck_rv (*C_CloseSession)(lc_ck_ulong);
+    void *C_CloseAllSessions, *C_GetSessionInfo, *C_GetOperationState, *C_SetOperationState;
+    lc_ck_rv (*C_Login)(lc_ck_ulong, lc_ck_ulong, const unsigned char *, lc_ck_ulong);
+    void *C_Logout, *C_CreateObject, *C_CopyObject, *C_DestroyObject, *C_GetObjectSize;
+    lc_ck_rv (*C_GetAttributeValue)(lc_ck_ulong, lc_ck_ulong, lc_ck_attribute *, lc_ck_ulong);
+    void *C_SetAttributeValue;
+    lc_ck_rv (*C_FindObjectsInit)(lc_ck_ulong, lc_ck_attribute *, lc_ck_ulong);
+    lc_ck_rv (*C_FindObjects)(lc_ck_ulong, lc_ck_ulong *, lc_ck_ulong, lc_ck_ulong *);
+    lc_ck_rv (*C_FindObjectsFinal)(lc_ck_ulong);
+    void *unused[30]; /* C_EncryptInit .. C_GenerateKey */
+    lc_ck_rv (*C_GenerateKeyPair)(lc_ck_ulong, lc_ck_mechanism *, lc_ck_attribute *, lc_ck_ulong,
+                                  lc_ck_attribute *, lc_ck_ulong, lc_ck_ulong *, lc_ck_ulong *);
+} lc_ck_function_list;
+/* C_GenerateKeyPair is the 60th function pointer of the list (after the padded CK_VERSION). */
+_Static_assert(offsetof(lc_ck_function_list, C_GenerateKeyPair) == 60 * sizeof(void *),
+               "CK_FUNCTION_LIST layout");
+
+#define LC_CKR_CRYPTOKI_ALREADY_INITIALIZED 0x191UL
+#define LC_CKR_USER_ALREADY_LOGGED_IN 0x100UL
+#define LC_CKF_OS_LOCKING_OK 0x2UL
+#define LC_CKF_RW_SERIAL 0x6UL /* CKF_RW_SESSION | CKF_SERIAL_SESSION */
+#define LC_CKU_USER 1UL
+#define LC_CKO_PUBLIC_KEY 2UL
+#define LC_CKO_PRIVATE_KEY 3UL
+#define LC_CKM_RSA_PKCS_KEY_PAIR_GEN 0x0UL
+#define LC_CKM_EC_KEY_PAIR_GEN 0x1040UL
+#define LC_CKA_CLASS 0x0UL
+#define LC_CKA_TOKEN 0x1UL
+#define LC_CKA_PRIVATE 0x2UL
+#define LC_CKA_LABEL 0x3UL
+#define LC_CKA_ID 0x102UL
+#define LC_CKA_SENSITIVE 0x103UL
+#define LC_CKA_ENCRYPT 0x104UL
+#define LC_CKA_DECRYPT 0x105UL
+#define LC_CKA_WRAP 0x106UL
+#define LC_CKA_UNWRAP 0x107UL
+#define LC_CKA_SIGN 0x108UL
+#define LC_CKA_VERIFY 0x10AUL
+#define LC_CKA_DERIVE 0x10CUL
+#define LC_CKA_MODULUS_BITS 0x121UL
+#define LC_CKA_PUBLIC_EXPONENT 0x122UL
+#define LC_CKA_EXTRACTABLE 0x162UL
+#define LC_CKA_EC_PARAMS 0x180UL
+
+/* Modules this process opened for key generation: dlopen()ed once and kept for the life of the process.
+ * dlclose() would unmap a module that is still initialised if libp11 had not loaded it (yet). */
+struct lc_p11_module {
+    char *path;
+    lc_ck_function_list *fl;
+    struct lc_p11_module *next;
+};
+static struct lc_p11_module *lc_p11_modules = NULL;
+
+/* Called with lc_lock held. */
+static lc_ck_function_list *lc_p11_functions(const char *module_path)
+{
+    struct lc_p11_module *m;
+    lc_ck_rv (*get_list)(lc_ck_function_list **);
+    lc_ck_function_list *fl = NULL;
+    void *handle;
+
+    for (m = lc_p11_modules; m != NULL; m = m->next)
+        if (strcmp(m->path, module_path) == 0)
+            return m->fl;
+    /* The same file libp11 loaded gives the same handle (the dynamic linker matches loaded objects by
+     * name and by file identity), so this is libp11's instance of the module, or the one it will get. */
+    handle = dlopen(module_path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+    if (handle == NULL)
+        handle = dlopen(module_path, RTLD_NOW | RTLD_LOCAL);
+    if (handle == NULL)
+        return NULL;
+    *(void **)(&get_list) = dlsym(handle, "C_GetFunctionList");
+    if (get_list == NULL || get_list(&fl) != 0 || fl == NULL || fl->version[0] < 2) {
+        dlclose(handle);
+        return NULL;
+    }
+    m = (struct lc_p11_module *)calloc(1, sizeof(*m));
+    if (m == NULL || (m->path = strdup(module_path)) == NULL) {
+        free(m);
+        return NULL; /* the handle stays open: the module may be initialised by now */
+    }
+    m->fl = fl;
+    m->next = lc_p11_modules;
+    lc_p11_modules = m;
+    return fl;
+}
+
+static int lc_p11_fail(lc_ck_rv rv, const char *function, unsigned long *ckr, char *where, size_t where_len)
+{
+    *ckr = rv;
+    lc_copy(where, where_len, function);
+    return LC_E_P11;
+}
+
+/* Called with lc_lock held: a session logged in as the user on the token labelled `token_label`. */
+static int lc_p11_session(lc_ck_function_list *fl, const char *token_label, const unsigned char *pin,
+                          size_t pin_len, lc_ck_ulong *session, unsigned long *ckr, char *where, size_t where_len)
+{
+    lc_ck_init_args args;
+    lc_ck_ulong count = 0, i, *slots = NULL, slot = 0;
+    lc_ck_token_info info;
+    unsigned char want[32];
+    size_t label_len = strlen(token_label);
+    int found = 0;
+    lc_ck_rv rv;
+
+    /* CKF_OS_LOCKING_OK, as libp11 passes it: the module must be thread-safe whoever initialises it,
+     * since libp11 signs from the connection's thread while a key is made here. */
+    memset(&args, 0, sizeof(args));
+    args.flags = LC_CKF_OS_LOCKING_OK;
+    rv = fl->C_Initialize(&args);
+    if (rv != 0 && rv != LC_CKR_CRYPTOKI_ALREADY_INITIALIZED)
+        return lc_p11_fail(rv, "C_Initialize", ckr, where, where_len);
+    if (label_len > sizeof(want))
+        return LC_E_P11_TOKEN;
+    memset(want, ' ', sizeof(want));
+    memcpy(want, token_label, label_len);
+    rv = fl->C_GetSlotList(1, NULL, &count);
+    if (rv != 0)
+        return lc_p11_fail(rv, "C_GetSlotList", ckr, where, where_len);
+    slots = (lc_ck_ulong *)calloc(count ? count : 1, sizeof(*slots));
+    if (slots == NULL)
+        return LC_E_NOMEM;
+    rv = fl->C_GetSlotList(1, slots, &count);
+    if (rv != 0) {
+        free(slots);
+        return lc_p11_fail(rv, "C_GetSlotList", ckr, where, where_len);
+    }
+    for (i = 0; i < count && !found; i++) {
+        if (fl->C_GetTokenInfo(slots[i], &info) == 0 && memcmp(info.label, want, sizeof(want)) == 0) {
+            slot = slots[i];
+            found = 1;
+        }
+    }
+    free(slots);
+    if (!found)
+        return LC_E_P11_TOKEN;
+    rv = fl->C_OpenSession(slot, LC_CKF_RW_SERIAL, NULL, NULL, session);
+    if (rv != 0)
+        return lc_p11_fail(rv, "C_OpenSession", ckr, where, where_len);
+    /* Login state belongs to the application, not the session: when libp11 logged in already this
+     * says so, and that is fine. */
+    rv = fl->C_Login(*session, LC_CKU_USER, pin, (lc_ck_ulong)pin_len);
+    if (rv != 0 && rv != LC_CKR_USER_ALREADY_LOGGED_IN) {
+        /* Closing our session logs nobody out while libp11 keeps one of its own open. */
+        fl->C_CloseSession(*session);
+        return lc_p11_fail(rv, "C_Login", ckr, where, where_len);
+    }
+    return LC_OK;
+}
+
+int lc_p11_generate_keypair(const char *module_path, const char *token_label,
+                            const unsigned char *pin, size_t pin_len,
+                            const char *key_label, const unsigned char *key_id, size_t key_id_len,
+                            int key_kind, unsigned long bits, unsigned long *ckr, char *where, size_t where_len)
+{
+    static const unsigned char p256[] = {0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07};
+    static const unsigned char p384[] = {0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22};
+    static const unsigned char f65537[] = {0x01, 0x00, 0x01};
+    unsigned char yes = 1, no = 0;
+    lc_ck_ulong pub_class = LC_CKO_PUBLIC_KEY, priv_class = LC_CKO_PRIVATE_KEY, modulus_bits = bits;
+    lc_ck_ulong label_len, session = 0, found = 0, obj, pub = 0, priv = 0;
+    lc_ck_mechanism mech = {LC_CKM_EC_KEY_PAIR_GEN, NULL, 0};
+    lc_ck_attribute pub_t[9], priv_t[12], search[2], check[2];
+    lc_ck_ulong npub = 0, npriv = 0, nsearch = 0, ncheck = 0;
+    unsigned char sensitive = 0, extractable = 1;
+    lc_ck_function_list *fl;
+    lc_ck_rv rv;
+    int rc;
+
+    *ckr = 0;
+    lc_copy(where, where_len, "");
+    if (module_path == NULL || token_label == NULL || key_label == NULL || *key_label == '\0' ||
+        pin == NULL || key_id == NULL || key_id_len == 0 || key_kind < LC_P11_EC_P256 || key_kind > LC_P11_RSA ||
+        (key_kind == LC_P11_RSA && bits < 2048))
+        return LC_E_ARG;
+    label_len = (lc_ck_ulong)strlen(key_label);
+#define LC_ATTR(arr, n, t, v, l) do { (arr)[n].type = (t); (arr)[n].value = (void *)(v); (arr)[n].len = (l); (n)++; } while (0)
+    /* The same templates as lightclient.token.generate_keypair (python-pkcs11's defaults there): the
+     * EC public key's usage flags are left to the module (tpm2-pkcs11 refuses a CKA_VERIFY it did not
+     * derive itself); RSA keys may decrypt, which tpm2-pkcs11 needs to sign PKCS#1 v1.5. */
+    LC_ATTR(pub_t, npub, LC_CKA_CLASS, &pub_class, sizeof(pub_class));
+    LC_ATTR(pub_t, npub, LC_CKA_ID, key_id, key_id_len);
+    LC_ATTR(pub_t, npub, LC_CKA_LABEL, key_label, label_len);
+    LC_ATTR(pub_t, npub, LC_CKA_TOKEN, &yes, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_CLASS, &priv_class, sizeof(priv_class));
+    LC_ATTR(priv_t, npriv, LC_CKA_ID, key_id, key_id_len);
+    LC_ATTR(priv_t, npriv, LC_CKA_LABEL, key_label, label_len);
+    LC_ATTR(priv_t, npriv, LC_CKA_TOKEN, &yes, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_PRIVATE, &yes, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_SENSITIVE, &yes, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_EXTRACTABLE, &no, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_SIGN, &yes, 1);
+    LC_ATTR(priv_t, npriv, LC_CKA_DERIVE, &no, 1);
+    if (key_kind == LC_P11_RSA) {
+        mech.mechanism = LC_CKM_RSA_PKCS_KEY_PAIR_GEN;
+        LC_ATTR(pub_t, npub, LC_CKA_MODULUS_BITS, &modulus_bits, sizeof(modulus_bits));
+        LC_ATTR(pub_t, npub, LC_CKA_PUBLIC_EXPONENT, f65537, sizeof(f65537));
+        LC_ATTR(pub_t, npub, LC_CKA_ENCRYPT, &yes, 1);
+        LC_ATTR(pub_t, npub, LC_CKA_WRAP, &yes, 1);
+        LC_ATTR(pub_t, npub, LC_CKA_VERIFY, &yes, 1);
+        LC_ATTR(priv_t, npriv, LC_CKA_DECRYPT, &yes, 1);
+        LC_ATTR(priv_t, npriv, LC_CKA_UNWRAP, &yes, 1);
+    } else {
+        if (key_kind == LC_P11_EC_P256)
+            LC_ATTR(pub_t, npub, LC_CKA_EC_PARAMS, p256, sizeof(p256));
+        else
+            LC_ATTR(pub_t, npub, LC_CKA_EC_PARAMS, p384, sizeof(p384));
+        LC_ATTR(priv_t, npriv, LC_CKA_DECRYPT, &no, 1);
+        LC_ATTR(priv_t, npriv, LC_CKA_UNWRAP, &no, 1);
+    }
+    LC_ATTR(search, nsearch, LC_CKA_CLASS, &priv_class, sizeof(priv_class));
+    LC_ATTR(search, nsearch, LC_CKA_LABEL, key_label, label_len);
+    LC_ATTR(check, ncheck, LC_CKA_SENSITIVE, &sensitive, 1);
+    LC_ATTR(check, ncheck, LC_CKA_EXTRACTABLE, &extractable, 1);
+
+    /* lc_lock: the engine code may release an engine that never served a key, and libp11 then calls
+     * C_Finalize; holding the lock keeps that from happening in the middle of this. */
+    pthread_mutex_lock(&lc_lock);
+    fl = lc_p11_functions(module_path);
+    if (fl == NULL) {
+        pthread_mutex_unlock(&lc_lock);
+        return LC_E_P11_MODULE;
+    }
+    rc = lc_p11_session(fl, token_label, pin, pin_len, &session, ckr, where, where_len);
+    if (rc != LC_OK) {
+        pthread_mutex_unlock(&lc_lock);
+        return rc;
+    }
+    rv = fl->C_FindObjectsInit(session, search, nsearch);
+    if (rv == 0) {
+        rv = fl->C_FindObjects(session, &obj, 1, &found);
+        fl->C_FindObjectsFinal(session);
+    }
+    if (rv != 0) {
+        rc = lc_p11_fail(rv, "C_FindObjects", ckr, where, where_len);
+    } else if (found) {
+        rc = LC_E_P11_EXISTS;
+    } else {
+        rv = fl->C_GenerateKeyPair(session, &mech, pub_t, npub, priv_t, npriv, &pub, &priv);
+        if (rv != 0) {
+            rc = lc_p11_fail(rv, "C_GenerateKeyPair", ckr, where, where_len);
+        } else {
+            rv = fl->C_GetAttributeValue(session, priv, check, ncheck);
+            if (rv != 0)
+                rc = lc_p11_fail(rv, "C_GetAttributeValue", ckr, where, where_len);
+            else if (!sensitive || extractable)
+                rc = LC_E_P11_NOT_SENSITIVE;
+        }
+    }
+#undef LC_ATTR
+    /* No C_Logout (it would log libp11's sessions out) and no C_Finalize (libp11 owns the module). */
+    fl->C_CloseSession(session);
+    pthread_mutex_unlock(&lc_lock);
+    return rc;
+}

@@ -102,3 +102,25 @@ int lc_ctx_accept_any_peer(void *pyobj, uint64_t expected_options);
  * ssl.SSLObject's _sslobj, proven to belong to the context `pyctx`; <0 is -LC_E_*. The text of the
  * code goes to `text`. */
 long lc_peer_verify_result(void *pysslobj, void *pyctx, uint64_t expected_options, char *text, size_t text_len);
+
+/* PKCS#11 key pairs made through THIS process's instance of a module, the one OpenSSL's libp11 engine
+ * uses (dlopen of the same path returns the same handle). A module such as tpm2-pkcs11 reads its
+ * objects when it is initialised, so a key made by another process stays invisible to libp11 here.
+ * The module is initialised if needed (CKR_CRYPTOKI_ALREADY_INITIALIZED is fine) and never finalised:
+ * libp11 owns it. The user is logged in on a session of our own (CKR_USER_ALREADY_LOGGED_IN is fine)
+ * and never logged out, which would log libp11's sessions out too. On LC_E_P11 `ckr` holds the CK_RV
+ * and `where` the function that returned it. */
+#define LC_E_P11_MODULE 25       /* the module could not be loaded, or has no C_GetFunctionList */
+#define LC_E_P11_TOKEN 26        /* no token with that label */
+#define LC_E_P11 27              /* a PKCS#11 call failed: see ckr / where */
+#define LC_E_P11_EXISTS 28       /* a private key with that label exists already */
+#define LC_E_P11_NOT_SENSITIVE 29 /* the token made the key but not sensitive and non-extractable */
+#define LC_P11_EC_P256 1
+#define LC_P11_EC_P384 2
+#define LC_P11_RSA 3
+/* A token key pair: private key private, sensitive, non-extractable, for signing; `bits` for RSA only.
+ * `pin` is not kept or copied. */
+int lc_p11_generate_keypair(const char *module_path, const char *token_label,
+                            const unsigned char *pin, size_t pin_len,
+                            const char *key_label, const unsigned char *key_id, size_t key_id_len,
+                            int key_kind, unsigned long bits, unsigned long *ckr, char *where, size_t where_len);

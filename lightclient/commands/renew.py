@@ -1,10 +1,11 @@
 """``lightclient renew``: renew the device certificate now (or only when due), over DPS or the hub."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from .. import dps, renewal
-from ..exceptions import ConfigError
+from ..exceptions import CertificateExpiredError, ConfigError
 from .common import (EXIT_OK, add_key_options, env_help, identity, key_ref, resolve_pin, setting)
 from .status import add_policy_options, policy
 
@@ -24,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--rotate-key", action="store_true", help="make a new key in the same token for the new certificate")
     p.add_argument("--key-type", default=renewal.DEFAULT_KEY_TYPE, choices=("ec-p256", "ec-p384", "rsa-2048", "rsa-3072"),
                    help=f"type of the new key with --rotate-key (default {renewal.DEFAULT_KEY_TYPE})")
+    p.add_argument("--retire-after", type=float, default=24 * 3600.0, metavar="SECONDS",
+                   help="with --rotate-key: delete the old key from the token this long after the switch "
+                        "(default 86400; 0 = at once); a later `lightclient renew` deletes it when due")
     p.add_argument("--state", metavar="FILE", help="renewal state file (default: CERT.renewal.json)")
     g = p.add_argument_group("DPS")
     g.add_argument("--id-scope", help=env_help("id_scope", "the DPS ID scope"))
@@ -68,8 +72,11 @@ def run(args) -> int:
                                  setting(args, "endpoint") or dps.DEFAULT_ENDPOINT, ca=setting(args, "ca"),
                                  onboarding_cert=args.onboarding_cert,
                                  onboarding_key=uri if args.onboarding_cert else None, timeout=args.timeout)
+    if not 0 <= args.retire_after <= 365 * 86400:
+        raise ConfigError(f"--retire-after must be 0 to 31536000 seconds, not {args.retire_after:g}")
     renewer = renewal.Renewer(cert=cert, key=uri, pin=pin, device_id=device_id, state=args.state,
-                              ca=setting(args, "ca"), policy=policy(args), dps=route, routes=routes,
+                              ca=setting(args, "ca"), policy=dataclasses.replace(policy(args), grace=args.retire_after),
+                              dps=route, routes=routes,
                               rotate_keys=args.rotate_key, key_type=args.key_type, hub_timeout=args.timeout)
     action = renewer.recover()
     if action in ("rollback", "commit"):
@@ -79,6 +86,16 @@ def run(args) -> int:
         if time.time() < at:
             print(f"not due: the next renewal is in {renewal.format_duration(at - time.time())}")
             return EXIT_OK
+    if action != "try":
+        validity = renewer.validity()
+        if validity.expired(time.time()):
+            if not (args.onboarding_cert and "dps" in routes):
+                raise CertificateExpiredError(
+                    f"the certificate {renewer.state.cert} expired on "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(validity.not_after))}: neither the hub nor "
+                    "DPS accepts it any more. Register again over DPS with the onboarding credential: "
+                    "`lightclient renew --via dps --id-scope … --onboarding-cert FILE`")
+            routes = ("dps",)   # the only way back: DPS, authenticated by the onboarding certificate
     device = None
     if "hub" in routes:
         from ..device import Device
@@ -89,11 +106,19 @@ def run(args) -> int:
     elif action == "try":
         raise ConfigError("an interrupted renewal waits to be tried on the hub: run again with --hub")
     try:
-        validity = renewer.renew()
+        validity = renewer.renew(routes[0] if len(routes) == 1 else None)
     finally:
         if device is not None:
             device.close()
-    print(f"renewed {renewer.state.cert}: valid until "
+    retired = renewer.retire_due()
+    state = renewer.state
+    print(f"renewed {state.cert}: valid until "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(validity.not_after))}"
-          + (f" on the new key {renewer.state.key.split('?')[0]}" if args.rotate_key else ""))
+          + (f" on the new key {state.key.split('?')[0]}" if args.rotate_key else ""))
+    for label in retired:
+        print(f"retired the old key {label!r}: deleted from the token")
+    for item in state.retire:
+        print(f"the old key {item.label!r} stays until "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(item.after))}; a later `lightclient renew` "
+              "deletes it")
     return EXIT_OK

@@ -56,8 +56,13 @@ def run(cfg) -> int:
         renewer.stop()
         device.close()
     state = renewer.state
+    from lightclient import _native
+
+    # The certificate in use belongs to the key the state file names (the last one made in the token).
+    ref = keys.parse_key_ref(state.key).with_options(module_path=keys.parse_key_ref(cfg["key"]).module_path)
+    matches = _native.cert_matches_key(Path(state.cert).read_bytes(), keys.load_key(ref, pin=cfg["pin"]))
     print(json.dumps({"sent": len(handles), "renewed": len(renewed), "renewals": state.renewals,
-                      "key": state.key, "retire": len(state.retire)}))
+                      "key": state.key, "retire": len(state.retire), "cert_matches_key": matches}))
     return 0
 
 

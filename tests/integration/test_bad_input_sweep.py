@@ -740,6 +740,20 @@ CASES.update({
 })
 
 
+# Key rotation (issue 17): a key made through this process's module instance; `renew` options.
+CASES.update({
+    "keygen-in-process-no-such-token": (lambda lab: __import__("lightclient.token").token.generate_keypair_in_process(
+        lab.softhsm.module_path, "no-such-token", PIN, "rot"), TokenNotFoundError, "no token labelled 'no-such-token'"),
+    "keygen-in-process-unknown-type": (lambda lab: __import__("lightclient.token").token.generate_keypair_in_process(
+        lab.softhsm.module_path, "lc-test", PIN, "rot", "ec-p521"), ConfigError, "unknown key type 'ec-p521'"),
+    "keygen-in-process-no-module": (lambda lab: __import__("lightclient.token").token.generate_keypair_in_process(
+        str(lab.tmp / "missing.so"), "lc-test", PIN, "rot"), ModuleLoadError, "does not exist"),
+    "cli-renew-retire-after-negative": (_cli_row(("renew",), "--id-scope", "0ne00000001", "--retire-after", "-1",
+                                                 code=2, text="--retire-after must be 0 to 31536000 seconds"),
+                                        CliFailed, ""),
+})
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_sweep(lab_, name, capfd, caplog):
     caplog.set_level(logging.DEBUG)

@@ -226,11 +226,11 @@ def test_kill_9_during_renewal_then_restart_completes_or_rolls_back(softhsm, emu
     assert not emu.diagnostics(name, "connect.")
 
 
-def test_tpm_device_sends_through_renewals(tmp_path):
+def test_tpm_device_sends_through_renewals_with_key_rotation(tmp_path):
     """The same as the SoftHSM run, with the key in a (software) TPM through tpm2-pkcs11, in a child
-    process (this process's OpenSSL engine is bound to SoftHSM). Without key rotation: tpm2-pkcs11 reads
-    its objects when the module is initialised, so a key made by another process (the keygen child) is
-    not found by the running one (libp11: "object not found"); rotation on the TPM is left open."""
+    process (this process's OpenSSL engine is bound to SoftHSM), with key rotation. tpm2-pkcs11 reads its
+    objects when the module is initialised, so a key made by another process is not found by the running
+    one (libp11: "object not found"); the renewer makes it through the process's own module instance."""
     from tests import lab
     from ..conftest import SO_PIN
 
@@ -245,30 +245,134 @@ def test_tpm_device_sends_through_renewals(tmp_path):
         config = {"cert": str(tmp_path / "tpm-dev.pem"), "key": uri, "device_id": name, "ca": str(emu.ca_path),
                   "ca_key": str(emu.ca.key_path), "dir": str(tmp_path), "state": str(tmp_path / "tpm.renewal.json"),
                   "port": emu.port, "dps": emu.dps.endpoint, "scope": SCOPE, "duration": 6 * LIFETIME, "pin": PIN,
-                  "rotate": False}
-        proc = subprocess.Popen([sys.executable, "-m", "tests.integration.renewal_child", "run"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=tpm.env, cwd=ROOT)
+                  "rotate": True}
+        log = tmp_path / "child.log"   # a file, not a pipe: a full stderr pipe would stop the child
+        with open(log, "wb") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.integration.renewal_child", "run"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    env=tpm.env, cwd=ROOT)
         proc.stdin.write(json.dumps(config))
         proc.stdin.close()
         out = []
-        reader = threading.Thread(target=lambda: out.append((proc.stdout.read(), proc.stderr.read())))
+        reader = threading.Thread(target=lambda: out.append(proc.stdout.read()))
         reader.start()
         deadline = time.monotonic() + 8 * LIFETIME
         while emu.certificates_issued(name) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         emu.inject_credentials_fault(name, 500)   # the second renewal goes over DPS
-        proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+        try:
+            proc.wait(timeout=max(10.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the TPM device did not finish: " + log.read_text(errors="replace")[-3000:])
         reader.join(10)
-        stdout, stderr = out[0]
+        stdout, stderr = out[0], log.read_text(errors="replace")
         assert proc.returncode == 0, stderr[-3000:]
         report = json.loads(stdout.strip().splitlines()[-1])
-        assert report["renewed"] >= 2 and report["retire"] == 0, (report, stderr[-3000:])
+        assert report["renewed"] >= 2 and report["renewals"] >= 2, (report, stderr[-3000:])
+        assert report["retire"] == 0, ("an old key was not retired", report)
         got = {json.loads(e.body)["n"] for e in emu.events(name)}
         assert got == set(range(report["sent"])), "a message was lost"
         assert emu.certificates_issued(name) >= 1
         assert len([r for r in emu.dps.requests if r[0] == "PUT"]) >= 2, "no DPS re-registration"
         assert not emu.diagnostics(name, "connect.")
+        # The device ended on a key made inside the TPM during a renewal; every earlier key is gone from the
+        # token (a fresh process sees the store as it is on disk).
+        current = keys.parse_key_ref(report["key"]).attribute("object")
+        assert report["key"] != uri and current.startswith("tpmkey-r"), report
         labels = {k["label"] for k in run_in_child("keys", module_path=token.module_path,
                                                    token_label="lc-tpm-renew", pin=PIN, env=tpm.env)}
-        assert labels == {"tpmkey"} and report["key"] == uri, labels
+        assert labels == {current}, labels
+        assert report["cert_matches_key"] is True, report
+
+
+def test_disconnect_on_expiry_closes_an_expired_connection_while_a_renewer_stays_ahead(softhsm, tmp_path):
+    """The emulator's disconnect_on_expiry (--disconnect-on-expiry): a connection whose certificate expires is
+    closed with the diagnostic, and the reconnect is refused with CONNACK 5; a Device whose Renewer renews
+    before notAfter is never cut off and loses nothing."""
+    life = 8
+    with Emulator(tmp_path / "emu", hostname="localhost", cert_lifetime=life, disconnect_on_expiry=True) as emu:
+        emu.start_dps(0, polls=0, retry_after=1)
+        # The renewing device: hub first, DPS as the fallback.
+        r_uri, _, r_cert, _ = _new_device(softhsm, emu, tmp_path, "expiry-renew")
+        renewed = []
+        renewer = _renewer(emu, r_uri, r_cert, "expiry-renew", tmp_path)
+        renewing = renewer.connect_device(lambda ctx: Device(Identity("localhost", "expiry-renew"), ctx,
+                                                             host="127.0.0.1", port=emu.port,
+                                                             backoff=renewal.Backoff(initial=0.2, maximum=1.0)))
+        renewing.on_certificate_renewed = renewed.append
+        renewer.start()
+        # The device without renewal.
+        name = "expiry-plain"
+        uri, _, cert, _ = _new_device(softhsm, emu, tmp_path, name)
+        validity = renewal.validity_of(cert.read_bytes())
+        states = []
+        ctx = tls.client_context(cert=str(cert), key=keys.load_key(uri, pin=PIN), ca=str(emu.ca_path))
+        plain = Device(Identity("localhost", name), ctx, host="127.0.0.1", port=emu.port,
+                       backoff=renewal.Backoff(initial=0.2, maximum=1.0),
+                       on_connection_state=lambda up, why: states.append(up))
+        plain.connect(10)
+        sent = []
+        try:
+            plain.send_and_wait(b'{"before": "expiry"}', timeout=10)
+            while time.time() < validity.not_after - 2:   # connected as long as the certificate is valid
+                sent.append(renewing.send(json.dumps({"n": len(sent)}).encode()))
+                time.sleep(0.1)
+            assert plain.is_connected and not emu.diagnostics(name, "connect.certificate-expired")
+            deadline = time.monotonic() + 4 * life
+            while time.monotonic() < deadline and not (
+                    len(emu.diagnostics(name, "connect.certificate-expired")) >= 2 and len(renewed) >= 2):
+                sent.append(renewing.send(json.dumps({"n": len(sent)}).encode()))
+                time.sleep(0.1)
+            for handle in sent:
+                handle.wait(30)
+        finally:
+            renewer.stop()
+            renewing.close()
+            plain.close()
+        closed, refused = emu.diagnostics(name, "connect.certificate-expired")[:2]
+        assert "expired while connected" in closed.message and "closed" in closed.message
+        assert refused.message.startswith("CONNACK 5") and "expired" in refused.message
+        assert states[:2] == [True, False] and True not in states[2:], states
+        assert not plain.is_connected
+        # A new connection with that certificate is refused the same way, as the code's typed error.
+        again = Device(Identity("localhost", name), ctx, host="127.0.0.1", port=emu.port)
+        with pytest.raises(ConnectRefusedError) as error:
+            again.connect(10)
+        again.close()
+        assert error.value.return_code == 5
+        with pytest.raises(CertificateExpiredError):
+            _renewer(emu, uri, cert, name, tmp_path).credential()
+        # The renewing device: renewed at least twice, never cut off or refused, nothing lost.
+        assert len(renewed) >= 2 and renewer.state.renewals >= 2
+        assert not emu.diagnostics("expiry-renew", "connect.")
+        assert {json.loads(e.body)["n"] for e in emu.events("expiry-renew")} == set(range(len(sent)))
+
+
+def test_failed_key_retirement_backs_off_and_a_half_made_key_is_deleted_from_its_token(softhsm, emu, tmp_path):
+    """A retirement the token refuses is retried later (back-off), not in a busy loop; a rollback after the
+    key generation did not return deletes the key by label and id in the current key's token."""
+    name = "renew-retire"
+    uri, label, cert, _ = _new_device(softhsm, emu, tmp_path, name)
+    now = [time.time()]
+    renewer = _renewer(emu, uri, cert, name, tmp_path, rotate_keys=True, clock=lambda: now[0])
+    state = renewer.state
+    # A half-made key: the state file names it, the generation never returned a URI.
+    orphan = f"{label}-r1"
+    info = softhsm.keygen(TOKEN, PIN, orphan, "ec-p256")
+    state.pending = renewal.Pending(step="csr", route="dps", new_cert=str(cert) + ".new", new_key_label=orphan,
+                                    new_key_id=info["id_hex"])
+    # An old key in a token that is not there: its deletion fails.
+    state.retire.append(renewal.Retirement("pkcs11:token=no-such-token;object=gone;type=private", "gone", "01",
+                                           now[0] - 1))
+    renewer._save(state)
+    assert renewer.recover() == "rollback"
+    assert orphan not in _token_labels(softhsm) and label in _token_labels(softhsm)
+    (item,) = renewer.state.retire
+    assert item.label == "gone" and item.attempts == 1 and item.after > now[0]
+    assert renewer.retire_due() == [] and renewer.state.retire[0].attempts == 1   # not due again yet
+    now[0] = item.after + 0.01
+    assert renewer.retire_due() == []
+    second = renewer.state.retire[0]
+    assert second.attempts == 2 and second.after > now[0]

@@ -112,9 +112,11 @@ def test_failure_delay_backs_off_and_respects_retry_after_and_expiry():
 
 
 def test_next_key_label():
-    assert renewal.next_key_label("devkey", 1700000000.9) == "devkey-r1700000000"
-    assert renewal.next_key_label("devkey-r1700000000", 1700000500) == "devkey-r1700000500"
-    assert renewal.next_key_label("dev-root", 5) == "dev-root-r5"
+    assert renewal.next_key_label("devkey", 1700000000.9) == "devkey-r1700000000900"
+    assert renewal.next_key_label("devkey-r1700000000900", 1700000500) == "devkey-r1700000500000"
+    assert renewal.next_key_label("dev-root", 5) == "dev-root-r5000"
+    # Two routes tried within one second get two labels.
+    assert renewal.next_key_label("devkey", 1700000000.1) != renewal.next_key_label("devkey", 1700000000.2)
 
 
 # ------------------------------------------------------------------------------------------ state
