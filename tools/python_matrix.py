@@ -34,7 +34,8 @@ INTEGRATION = ["test_tls_softhsm.py", "test_strict_x509.py", "test_level1_raw_pa
                "test_dps.py", "test_bad_input.py", "test_cli.py",
                # code that leans on version-specific behaviour: asyncio (aio), CPython's _ssl layout (the
                # emulator's CONNECT-time certificate check), the proxy and WebSocket transports
-               "test_aio.py", "test_emulator_hub_features.py", "test_connect_anywhere.py", "test_upload.py"]
+               "test_aio.py", "test_aio_renewal.py", "test_emulator_hub_features.py", "test_connect_anywhere.py",
+               "test_upload.py"]
 TEST_TIMEOUT = 15 * 60  # a hung run must not eat CI's whole budget
 PROBE = ("import sys, sysconfig; print(sys.implementation.name, '%d.%d.%d' % sys.version_info[:3], "
          "sysconfig.get_config_var('EXT_SUFFIX'))")
