@@ -14,7 +14,7 @@ from lightclient import tls
 from lightclient.backoff import Backoff
 from lightclient.device import Device
 from lightclient.emulator.service import Emulator
-from lightclient.exceptions import ConnectRefusedError
+from lightclient.exceptions import ConnectRefusedError, ProxyError
 from lightclient.identity import Identity
 from lightclient.symkey import SasCredential, SoftwareKey, TokenKey, from_connection_string
 from lightclient.token import run_in_child
@@ -262,3 +262,36 @@ def test_token_held_key_over_websockets(tmp_path, hsm, caplog):
         assert event.body == b"over-ws"
         assert not emu.diagnostics("sas-ws"), emu.diagnostics("sas-ws")
     assert PIN not in caplog.text and "SharedAccessSignature" not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["http", "socks5"])
+def test_token_held_key_through_a_real_proxy(tmp_path, hsm, caplog, kind):
+    """A network that only lets a proxy out: MQTT over WebSockets through tinyproxy (HTTP CONNECT, Basic auth)
+    or MQTT over TCP through microsocks (SOCKS5 with a password), the SAS signed in the token as ever. Neither
+    the proxy password nor the SAS token reaches a log."""
+    caplog.set_level(logging.DEBUG)
+    proxy_password = "pr0xy-s3cret-77"
+    with Emulator(tmp_path / "emu-px", hostname="localhost", port=free_port(), ws_port=0) as emu:
+        emu.register_device("sas-px", symmetric_keys=(KEY,))
+        if kind == "http":
+            proxy = lab.TinyProxy(tmp_path / "tinyproxy", connect_ports=[emu.ws_port], user="dev",
+                                  password=proxy_password)
+            options = {"transport": "websockets", "websocket_port": emu.ws_port}
+        else:
+            proxy = lab.MicroSocks(user="dev", password=proxy_password)
+            options = {"transport": "tcp"}
+        with proxy:
+            # The proxy is really in the path: a wrong proxy password fails the connect, typed.
+            wrong = _device(emu, hsm, "sas-px", proxy=proxy.url.replace(proxy_password, "wrong-pass"), **options)
+            with pytest.raises(ProxyError):
+                wrong.connect(timeout=10)
+            wrong.close()
+            with _device(emu, hsm, "sas-px", proxy=proxy.url, **options) as dev:
+                dev.send_and_wait(b"via-proxy", timeout=10)
+                assert dev.patch_reported({"proxied": kind}, timeout=5) >= 1
+            if kind == "http":   # the tunnel went through tinyproxy: it logged the CONNECT
+                assert f"127.0.0.1:{emu.ws_port}" in proxy.log.read_text()
+        (event,) = emu.wait_for_events(1, "sas-px")
+        assert event.body == b"via-proxy"
+        assert not emu.diagnostics("sas-px"), emu.diagnostics("sas-px")
+    assert proxy_password not in caplog.text and "SharedAccessSignature" not in caplog.text and PIN not in caplog.text
