@@ -134,6 +134,11 @@ class PahoDevice:
         self.client.on_connect = lambda c, u, flags, rc, p: self.connacks.put((rc, flags.session_present))
         self.client.on_message = self._on_message
         self.client.on_disconnect = lambda *a: self.disconnected.set()
+        # Every socket write on the loop thread. Without a register-write hook (and without loop_start) paho
+        # writes from whichever thread calls publish()/subscribe(), while the loop thread may be reading the
+        # same SSL object: OpenSSL forbids that, and under load it showed as a rare "connection lost". With
+        # the hook, publish() only queues the packet and wakes the loop thread's select() (paho's sockpair).
+        self.client.on_socket_register_write = lambda client, userdata, sock: None
 
     def _on_message(self, client, userdata, message):
         with self._cond:
